@@ -1,0 +1,4 @@
+//! Adapters: one module per backing technology, each implementing a port of `crate::ports`.
+
+pub mod kafka;
+pub mod scylla;

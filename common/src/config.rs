@@ -1,0 +1,233 @@
+//! Command-line flags and `MSGHASH_*` environment variables shared by the services.
+//!
+//! Each binary flattens the groups it needs into its own `clap` parser, so `--help` lists
+//! exactly the settings that binary reads, and a bad value is a one-line error naming the
+//! setting, with exit code 2.
+
+use crate::adapters::kafka::KafkaSettings;
+use crate::adapters::scylla::{valid_keyspace, valid_replication, ScyllaSettings};
+use crate::tls::CertSource;
+use clap::{Args, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The event log (Kafka).
+#[derive(Args, Debug, Clone)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "MSGHASH_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+    /// Topic holding the MessageHashed events.
+    #[arg(long, env = "MSGHASH_TOPIC", default_value = "messages")]
+    pub topic: String,
+    /// Partition count of the topic; every service must use the same value.
+    #[arg(long, env = "MSGHASH_PARTITIONS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub partitions: u32,
+    /// Replication factor used when msghash creates the topic.
+    #[arg(long, env = "MSGHASH_TOPIC_REPLICATION", default_value_t = 1,
+          value_parser = clap::value_parser!(i32).range(1..=16))]
+    pub topic_replication: i32,
+    /// How long the producer retries one event before giving up, in milliseconds.
+    #[arg(long, env = "MSGHASH_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(100..=300_000))]
+    pub kafka_message_timeout_ms: u64,
+    /// Producer compression: none, gzip, snappy, lz4 or zstd.
+    #[arg(long, env = "MSGHASH_KAFKA_COMPRESSION", default_value = "lz4",
+          value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
+    pub kafka_compression: String,
+    /// Consumer-group session timeout in milliseconds (how soon a dead projector's
+    /// partitions are handed to another).
+    #[arg(long, env = "MSGHASH_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1_000..=300_000))]
+    pub kafka_session_timeout_ms: u64,
+}
+
+impl KafkaArgs {
+    pub fn settings(&self) -> KafkaSettings {
+        KafkaSettings {
+            brokers: self.kafka_brokers.clone(),
+            topic: self.topic.clone(),
+            partitions: self.partitions,
+            replication_factor: self.topic_replication,
+            message_timeout: Duration::from_millis(self.kafka_message_timeout_ms),
+            compression: self.kafka_compression.clone(),
+            session_timeout: Duration::from_millis(self.kafka_session_timeout_ms),
+            create_topic: true,
+        }
+    }
+}
+
+/// Consistency levels offered for read-model statements.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[value(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ConsistencyArg {
+    One,
+    LocalOne,
+    LocalQuorum,
+    Quorum,
+    All,
+}
+
+impl From<ConsistencyArg> for scylla::statement::Consistency {
+    fn from(c: ConsistencyArg) -> Self {
+        use scylla::statement::Consistency as C;
+        match c {
+            ConsistencyArg::One => C::One,
+            ConsistencyArg::LocalOne => C::LocalOne,
+            ConsistencyArg::LocalQuorum => C::LocalQuorum,
+            ConsistencyArg::Quorum => C::Quorum,
+            ConsistencyArg::All => C::All,
+        }
+    }
+}
+
+fn parse_keyspace(s: &str) -> Result<String, String> {
+    if valid_keyspace(s) {
+        Ok(s.to_owned())
+    } else {
+        Err("a lower-case identifier of at most 48 characters (a-z, 0-9, _)".into())
+    }
+}
+
+fn parse_replication(s: &str) -> Result<String, String> {
+    if valid_replication(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(
+            "one CQL replication map, e.g. {'class': 'SimpleStrategy', 'replication_factor': 1}"
+                .into(),
+        )
+    }
+}
+
+/// The read model (ScyllaDB).
+#[derive(Args, Debug, Clone)]
+pub struct ScyllaArgs {
+    /// ScyllaDB contact points, comma-separated host:port.
+    #[arg(
+        long,
+        env = "MSGHASH_SCYLLA_NODES",
+        default_value = "127.0.0.1:9042",
+        value_delimiter = ','
+    )]
+    pub scylla_nodes: Vec<String>,
+    /// Keyspace of the read model; created if missing.
+    #[arg(long, env = "MSGHASH_KEYSPACE", default_value = "msghash", value_parser = parse_keyspace)]
+    pub keyspace: String,
+    /// Replication map used when msghash creates the keyspace.
+    #[arg(long, env = "MSGHASH_KEYSPACE_REPLICATION",
+          default_value = "{'class': 'SimpleStrategy', 'replication_factor': 1}",
+          value_parser = parse_replication)]
+    pub keyspace_replication: String,
+    /// Consistency level of every read-model statement.
+    #[arg(
+        long,
+        env = "MSGHASH_SCYLLA_CONSISTENCY",
+        value_enum,
+        default_value = "LOCAL_QUORUM"
+    )]
+    pub scylla_consistency: ConsistencyArg,
+}
+
+impl ScyllaArgs {
+    pub fn settings(&self) -> ScyllaSettings {
+        ScyllaSettings {
+            nodes: self.scylla_nodes.clone(),
+            keyspace: self.keyspace.clone(),
+            replication: self.keyspace_replication.clone(),
+            consistency: self.scylla_consistency.into(),
+        }
+    }
+}
+
+/// TLS of the listening socket.
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// PEM certificate chain to serve (with --tls-key). Without it a self-signed certificate
+    /// is reused from, or generated into, --cert-dir.
+    #[arg(long, env = "MSGHASH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MSGHASH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Where a generated certificate is written (localhost.crt, localhost.key).
+    #[arg(long, env = "MSGHASH_CERT_DIR", default_value = "certs")]
+    pub cert_dir: PathBuf,
+}
+
+impl TlsArgs {
+    pub fn source(&self) -> CertSource {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => CertSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => CertSource::Generated {
+                dir: self.cert_dir.clone(),
+            },
+        }
+    }
+}
+
+/// Parses a listen address, naming the setting on error.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?} is not an ip:port address (e.g. 0.0.0.0:8443)"))
+}
+
+/// Log output.
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log format on stdout: json (one object per line) or text.
+    #[arg(long, env = "MSGHASH_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    pub log_format: String,
+    /// Log filter, in tracing's EnvFilter syntax (e.g. info,msghash_common=debug).
+    #[arg(long, env = "MSGHASH_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        scylla: ScyllaArgs,
+        #[command(flatten)]
+        tls: TlsArgs,
+    }
+
+    #[test]
+    fn defaults_are_a_local_stack() {
+        let cli = Cli::try_parse_from(["x"]).expect("defaults parse");
+        assert_eq!(cli.kafka.partitions, 8);
+        assert_eq!(cli.scylla.scylla_nodes, vec!["127.0.0.1:9042"]);
+        assert!(matches!(cli.tls.source(), CertSource::Generated { .. }));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_setting_named() {
+        for args in [
+            vec!["x", "--partitions", "0"],
+            vec!["x", "--keyspace", "Bad-Name"],
+            vec!["x", "--keyspace-replication", "{'a':1}; DROP"],
+            vec!["x", "--tls-cert", "only-cert.pem"],
+            vec!["x", "--scylla-consistency", "SOMETIMES"],
+        ] {
+            let err = Cli::try_parse_from(&args).expect_err("must be refused");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            let flag = args[1];
+            let text = err.to_string();
+            assert!(
+                text.contains(flag) || text.contains("--tls-key"),
+                "{args:?}: {text}"
+            );
+        }
+    }
+}

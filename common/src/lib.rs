@@ -1,0 +1,27 @@
+//! Shared code of msghash, the content-addressed message store.
+//!
+//! Layout, in the order a request meets it:
+//! - [`digest`]: the `Digest` newtype (SHA-256, parsed only from 64 hex characters);
+//! - [`event`]: the `MessageHashed` event and its versioned JSON envelope;
+//! - [`partition`]: the pure digest → partition function every service agrees on;
+//! - [`ports`]: the `EventLog` and `ReadModel` traits the services depend on;
+//! - [`adapters`]: their implementations (Kafka through rdkafka, ScyllaDB through scylla);
+//! - [`http`]: the error type and its single mapping to HTTP, bounded JSON bodies, the TLS
+//!   server; [`tls`]: certificates; [`config`]: flags and `MSGHASH_*` variables;
+//!   [`telemetry`]: logging; [`shutdown`]: the signal-driven cancellation token.
+
+pub mod adapters;
+pub mod config;
+pub mod digest;
+pub mod event;
+pub mod http;
+pub mod partition;
+pub mod ports;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
+
+pub use digest::Digest;
+pub use event::MessageHashed;
+pub use partition::partition_for;
+pub use ports::{EventLog, LogError, ModelError, Offset, ProjectionBatch, ReadModel};

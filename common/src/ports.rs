@@ -1,0 +1,132 @@
+//! The two ports the services depend on. The domain never sees rdkafka or scylla types:
+//! each adapter implements these traits, and one conformance suite checks every adapter.
+
+use crate::{Digest, MessageHashed};
+use async_trait::async_trait;
+use std::time::Duration;
+
+/// A Kafka-style offset: the position of a record inside its partition.
+pub type Offset = i64;
+
+/// One record read from the event log, undecoded, so that the projector can dead-letter a
+/// record it cannot read instead of stopping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    pub partition: u32,
+    pub offset: Offset,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Why the event log could not do what was asked. Every variant is worth a retry later:
+/// callers map them to 503, never to 500.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The broker did not acknowledge in time or is unreachable.
+    #[error("event log unavailable: {0}")]
+    Unavailable(String),
+    /// The broker refused the request (topic missing, partition out of range, ...).
+    #[error("event log rejected the request: {0}")]
+    Rejected(String),
+}
+
+/// The append-only, partitioned log of `MessageHashed` events.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// How many partitions the topic has; `partition_for` maps digests onto them.
+    fn partitions(&self) -> u32;
+
+    /// Appends one event to the given partition and returns its offset once the log has
+    /// durably acknowledged it (for Kafka: acks=all).
+    async fn append(&self, partition: u32, event: &MessageHashed) -> Result<Offset, LogError>;
+
+    /// The offset the next appended record of `partition` will get (Kafka's high watermark).
+    async fn end_offset(&self, partition: u32) -> Result<Offset, LogError>;
+
+    /// Joins consumer group `group`. A group with no committed positions starts at offset 0
+    /// of every partition, so a new group name replays the whole log.
+    async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, LogError>;
+}
+
+/// A consumer-group member reading the log in order within each partition.
+#[async_trait]
+pub trait Subscription: Send {
+    /// Up to `max` records; waits at most `max_wait` for the first one and returns an empty
+    /// batch if none came.
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        max_wait: Duration,
+    ) -> Result<Vec<LogRecord>, LogError>;
+
+    /// Records that every record up to and including `offset` of each listed partition is
+    /// done, so a restarted group resumes after it.
+    async fn commit(&mut self, done: &[(u32, Offset)]) -> Result<(), LogError>;
+}
+
+/// What one projector step writes: the rows, then the applied offsets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProjectionBatch {
+    pub messages: Vec<(Digest, String)>,
+    /// Per partition, the highest offset whose event (or dead letter) this batch covers.
+    pub applied: Vec<(u32, Offset)>,
+}
+
+impl ProjectionBatch {
+    /// Adds an event and advances its partition's applied offset.
+    pub fn push_event(&mut self, partition: u32, offset: Offset, event: MessageHashed) {
+        self.messages.push((event.digest, event.message));
+        self.advance(partition, offset);
+    }
+
+    /// Advances a partition's applied offset without a row (a dead-lettered record).
+    pub fn advance(&mut self, partition: u32, offset: Offset) {
+        match self.applied.iter_mut().find(|(p, _)| *p == partition) {
+            Some((_, o)) => *o = (*o).max(offset),
+            None => self.applied.push((partition, offset)),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.applied.is_empty()
+    }
+}
+
+/// Why the read model could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("read model unavailable: {0}")]
+    Unavailable(String),
+    #[error("read model returned unexpected data: {0}")]
+    Corrupt(String),
+}
+
+/// The query side's store: digest → message, plus how far each partition is applied.
+#[async_trait]
+pub trait ReadModel: Send + Sync + 'static {
+    /// Writes the rows first, then the applied offsets. Applying the same batch twice
+    /// changes nothing.
+    async fn apply(&self, batch: &ProjectionBatch) -> Result<(), ModelError>;
+
+    /// The message named by `digest`, if the projection has it.
+    async fn get(&self, digest: &Digest) -> Result<Option<String>, ModelError>;
+
+    /// The highest offset of `partition` whose event is applied; `None` before the first.
+    async fn applied_offset(&self, partition: u32) -> Result<Option<Offset>, ModelError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_keeps_the_highest_offset_per_partition() {
+        let mut b = ProjectionBatch::default();
+        b.push_event(3, 10, MessageHashed::new("a".into()));
+        b.advance(1, 4);
+        b.push_event(3, 12, MessageHashed::new("b".into()));
+        b.advance(3, 11);
+        assert_eq!(b.applied, vec![(3, 12), (1, 4)]);
+        assert_eq!(b.messages.len(), 2);
+    }
+}

@@ -1,0 +1,130 @@
+//! The Kafka adapter against librdkafka's in-process mock cluster: a real Kafka protocol
+//! peer, fast to start, with fault injection.
+
+use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
+use msghash_common::ports::{LogError, LogRecord, Subscription};
+use msghash_common::{partition_for, EventLog, MessageHashed};
+use rdkafka::mocking::MockCluster;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const TOPIC: &str = "messages";
+
+fn settings(brokers: String, partitions: u32) -> KafkaSettings {
+    let mut s = KafkaSettings::local(brokers, TOPIC, partitions);
+    s.message_timeout = Duration::from_millis(1_500);
+    s.session_timeout = Duration::from_secs(3);
+    // The mock cluster cannot create topics through the admin API; the test does.
+    s.create_topic = false;
+    s
+}
+
+/// Polls until `want` records arrived or `within` passed.
+async fn collect(sub: &mut dyn Subscription, want: usize, within: Duration) -> Vec<LogRecord> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    while got.len() < want && Instant::now() < deadline {
+        let batch = sub
+            .next_batch(100, Duration::from_millis(200))
+            .await
+            .expect("poll");
+        got.extend(batch);
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_resumes_from_commits_and_replays_from_zero() {
+    msghash_common::telemetry::init_for_tests();
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 4, 1).expect("topic");
+    let log = KafkaLog::connect(settings(cluster.bootstrap_servers(), 4))
+        .await
+        .expect("connect");
+
+    let events: Vec<_> = (0..20)
+        .map(|i| MessageHashed::new(format!("message {i}")))
+        .collect();
+    for e in &events {
+        let p = partition_for(&e.digest, 4);
+        let before = log.end_offset(p).await.expect("end offset");
+        let offset = log.append(p, e).await.expect("append");
+        assert_eq!(
+            offset, before,
+            "an append lands at the end of its partition"
+        );
+        assert_eq!(log.end_offset(p).await.expect("end offset"), before + 1);
+    }
+
+    let mut sub = log.subscribe("g1").await.expect("subscribe");
+    let got = collect(sub.as_mut(), 20, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 20);
+    for r in &got {
+        let e = MessageHashed::decode(r.key.as_deref(), r.value.as_deref()).expect("decodes");
+        assert_eq!(
+            r.partition,
+            partition_for(&e.digest, 4),
+            "explicit partition kept"
+        );
+        assert!(events
+            .iter()
+            .any(|x| x.digest == e.digest && x.message == e.message));
+    }
+    let mut done: Vec<(u32, i64)> = Vec::new();
+    for r in &got {
+        match done.iter_mut().find(|(p, _)| *p == r.partition) {
+            Some((_, o)) => *o = (*o).max(r.offset),
+            None => done.push((r.partition, r.offset)),
+        }
+    }
+    sub.commit(&done).await.expect("commit");
+    drop(sub);
+
+    let late = MessageHashed::new("late".into());
+    log.append(partition_for(&late.digest, 4), &late)
+        .await
+        .expect("append");
+
+    // Same group: resumes after its commits, so only the new event comes.
+    let mut again = log.subscribe("g1").await.expect("subscribe");
+    let resumed = collect(again.as_mut(), 1, Duration::from_secs(30)).await;
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    assert_eq!(resumed[0].key.as_deref(), Some(late.key()));
+    drop(again);
+
+    // A new group replays the whole log from offset 0.
+    let mut replay = log.subscribe("g2").await.expect("subscribe");
+    let all = collect(replay.as_mut(), 21, Duration::from_secs(30)).await;
+    assert_eq!(all.len(), 21);
+}
+
+#[tokio::test]
+async fn refuses_a_topic_with_another_partition_count() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 4, 1).expect("topic");
+    let err = KafkaLog::connect(settings(cluster.bootstrap_servers(), 8))
+        .await
+        .err()
+        .expect("must refuse");
+    assert!(matches!(err, LogError::Rejected(_)), "{err}");
+    assert!(err.to_string().contains("4 partitions"), "{err}");
+}
+
+#[tokio::test]
+async fn a_broker_that_is_down_fails_appends_instead_of_hanging() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 2, 1).expect("topic");
+    let log = KafkaLog::connect(settings(cluster.bootstrap_servers(), 2))
+        .await
+        .expect("connect");
+    let e = MessageHashed::new("x".into());
+    log.append(0, &e).await.expect("append while up");
+    cluster.broker_down(1).expect("broker down");
+    let result = tokio::time::timeout(Duration::from_secs(20), log.append(0, &e))
+        .await
+        .expect("append must give up, not hang");
+    assert!(
+        matches!(result, Err(LogError::Unavailable(_))),
+        "{result:?}"
+    );
+}

@@ -1,0 +1,387 @@
+//! The distributed stack end to end, exactly as a client meets it: `scripts/dev-stack`
+//! starts Tansu, the CQL test server, ingest, projector, query and the HAProxy edge as
+//! separate processes; this test talks HTTPS to the edge and kills processes by pid.
+
+use futures::future::join_all;
+use futures::stream::{self, StreamExt};
+use msghash_common::Digest;
+use reqwest::StatusCode;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::{sleep, timeout, Instant};
+
+struct Stack {
+    child: Child,
+    run_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+    edge: String,
+    client: reqwest::Client,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status();
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let run_dir = tmp.path().join("run");
+        let cert_dir = tmp.path().join("certs");
+        let edge_port = free_port();
+        let mut child = Command::new(repo_root().join("scripts/dev-stack"))
+            .env("MSGHASH_EDGE_PORT", edge_port.to_string())
+            .env("MSGHASH_BROKER_PORT", free_port().to_string())
+            .env("MSGHASH_CQL_PORT", free_port().to_string())
+            .env("MSGHASH_INGEST_PORT", free_port().to_string())
+            .env("MSGHASH_QUERY_PORT", free_port().to_string())
+            .env("MSGHASH_RUN_DIR", &run_dir)
+            .env("MSGHASH_CERT_DIR", &cert_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("scripts/dev-stack starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = timeout(Duration::from_secs(600), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.trim() == "ready" {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(ready, Ok(true), "dev-stack never printed `ready`");
+        let pem = std::fs::read(cert_dir.join("localhost.crt")).expect("edge certificate written");
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        Stack {
+            child,
+            run_dir,
+            _tmp: tmp,
+            edge: format!("https://localhost:{edge_port}"),
+            client,
+        }
+    }
+
+    fn pid(&self, name: &str) -> u32 {
+        std::fs::read_to_string(self.run_dir.join("pids").join(format!("{name}.pid")))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+
+    async fn post(&self, message: &str) -> reqwest::Response {
+        self.client
+            .post(format!("{}/messages", self.edge))
+            .json(&serde_json::json!({ "message": message }))
+            .send()
+            .await
+            .expect("POST answered")
+    }
+
+    async fn get(&self, digest: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}/messages/{digest}", self.edge))
+            .send()
+            .await
+            .expect("GET answered")
+    }
+
+    /// POSTs and returns the digest from the 201.
+    async fn store(&self, message: &str) -> String {
+        let r = self.post(message).await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let body: serde_json::Value = r.json().await.expect("json");
+        body["digest"].as_str().expect("digest").to_owned()
+    }
+
+    /// Stops the stack the way a developer does (SIGTERM) and checks nothing is left.
+    async fn stop(mut self) {
+        let services: Vec<u32> = [
+            "broker",
+            "cql-server",
+            "ingest",
+            "projector",
+            "query",
+            "edge",
+        ]
+        .iter()
+        .map(|n| self.pid(n))
+        .collect();
+        if let Some(pid) = self.child.id() {
+            signal(pid, "TERM");
+        }
+        let status = timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("dev-stack exits after SIGTERM")
+            .expect("wait");
+        assert!(status.success(), "dev-stack exit status {status}");
+        for pid in services {
+            assert!(!alive(pid), "process {pid} outlived dev-stack");
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // On a failed assertion: still take the whole stack down.
+        if let Some(pid) = self.child.id() {
+            signal(pid, "TERM");
+        }
+    }
+}
+
+const FOO: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+
+async fn json_of(r: reqwest::Response) -> (StatusCode, serde_json::Value) {
+    let status = r.status();
+    let body = r.json().await.expect("JSON body");
+    (status, body)
+}
+
+async fn http_contract(stack: &Stack) {
+    let r = stack.post("foo").await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.headers()["location"], format!("/messages/{FOO}").as_str());
+    assert_eq!(json_of(r).await.1, serde_json::json!({ "digest": FOO }));
+
+    let (status, body) = json_of(stack.get(FOO).await).await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, serde_json::json!({"message": "foo"}))
+    );
+    let (status, _) = json_of(stack.get(&FOO.to_uppercase()).await).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "upper-case hex names the same message"
+    );
+
+    let not_found = serde_json::json!({"err_msg": "Message not found"});
+    let unknown = Digest::of("never posted by anyone").to_hex();
+    for digest in [unknown.as_str(), "not-a-digest", &FOO[..63]] {
+        let (status, body) = json_of(stack.get(digest).await).await;
+        assert_eq!(
+            (status, &body),
+            (StatusCode::NOT_FOUND, &not_found),
+            "{digest}"
+        );
+    }
+
+    for message in ["", "héllo 🌍 日本 \"quoted\" \\ \n\t"] {
+        let digest = stack.store(message).await;
+        assert_eq!(digest, Digest::of(message).to_hex());
+        let (status, body) = json_of(stack.get(&digest).await).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["message"], message, "byte-exact round trip");
+    }
+
+    let bad_json = stack
+        .client
+        .post(format!("{}/messages", stack.edge))
+        .header("content-type", "application/json")
+        .body("{\"message\":")
+        .send()
+        .await
+        .expect("answered");
+    let (status, body) = json_of(bad_json).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["err_msg"].is_string());
+
+    let wrong_type = stack
+        .client
+        .post(format!("{}/messages", stack.edge))
+        .header("content-type", "text/plain")
+        .body("{\"message\":\"foo\"}")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(
+        json_of(wrong_type).await.0,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+
+    // 8 MiB against the 1 MiB limit: the client must read a real 413, not a reset.
+    let huge = format!("{{\"message\":\"{}\"}}", "x".repeat(8 * 1024 * 1024));
+    let too_large = stack
+        .client
+        .post(format!("{}/messages", stack.edge))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .expect("an oversized body still gets an answer");
+    let (status, body) = json_of(too_large).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(body["err_msg"]
+        .as_str()
+        .is_some_and(|m| m.contains("limit")));
+}
+
+async fn read_your_writes(stack: &Stack, pairs: usize) {
+    let not_found = AtomicUsize::new(0);
+    let results = join_all((0..pairs).map(|i| {
+        let not_found = &not_found;
+        async move {
+            let message = format!("read-your-writes {i}");
+            let digest = stack.store(&message).await;
+            let r = stack.get(&digest).await;
+            if r.status() == StatusCode::NOT_FOUND {
+                not_found.fetch_add(1, Ordering::Relaxed);
+            }
+            let (status, body) = json_of(r).await;
+            (status, body["message"] == message.as_str())
+        }
+    }))
+    .await;
+    assert_eq!(
+        not_found.load(Ordering::Relaxed),
+        0,
+        "a GET after a 201 answered 404"
+    );
+    let ok = results
+        .iter()
+        .filter(|(s, right)| *s == StatusCode::OK && *right)
+        .count();
+    assert_eq!(ok, pairs, "every GET after its POST returns the message");
+}
+
+async fn projector_killed_mid_load(stack: &Stack, messages: usize) {
+    let acked = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let acked = acked.clone();
+        stream::iter(0..messages)
+            .map(move |i| {
+                let acked = acked.clone();
+                async move {
+                    let message = format!("survives a crash {i}");
+                    let r = stack.post(&message).await;
+                    if r.status() == StatusCode::CREATED {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        Some(message)
+                    } else {
+                        None
+                    }
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+    };
+    let killer = async {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while acked.load(Ordering::Relaxed) < messages / 4 && Instant::now() < deadline {
+            sleep(Duration::from_millis(20)).await;
+        }
+        let old = stack.pid("projector");
+        signal(old, "KILL");
+        old
+    };
+    let (stored, old) = tokio::join!(load, killer);
+    let stored: Vec<String> = stored.into_iter().flatten().collect();
+    assert_eq!(
+        stored.len(),
+        messages,
+        "every POST got its 201 while the projector was down"
+    );
+
+    // The supervisor restarts the projector.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (stack.pid("projector") == old || !alive(stack.pid("projector")))
+        && Instant::now() < deadline
+    {
+        sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(stack.pid("projector"), old, "projector restarted");
+
+    // Every acknowledged message is readable; 503 (projector catching up) may be retried,
+    // 404 may not.
+    let lost = stream::iter(&stored)
+        .map(|message| async move {
+            let digest = Digest::of(message).to_hex();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let r = stack.get(&digest).await;
+                match r.status() {
+                    StatusCode::OK => {
+                        let (_, body) = json_of(r).await;
+                        return body["message"] != message.as_str();
+                    }
+                    StatusCode::SERVICE_UNAVAILABLE if Instant::now() < deadline => {
+                        sleep(Duration::from_millis(200)).await;
+                    }
+                    _ => return true,
+                }
+            }
+        })
+        .buffer_unordered(32)
+        .filter(|lost| futures::future::ready(*lost))
+        .count()
+        .await;
+    assert_eq!(lost, 0, "messages lost after kill -9 of the projector");
+}
+
+async fn broker_stopped_gives_503(stack: &Stack) {
+    let broker = stack.pid("broker");
+    signal(broker, "INT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(broker) && Instant::now() < deadline {
+        sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!alive(broker), "broker stopped");
+    let started = Instant::now();
+    let r = stack.post("while the broker is down").await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"));
+    let (_, body) = json_of(r).await;
+    assert_eq!(
+        body["err_msg"],
+        "Service temporarily unavailable, retry later"
+    );
+    // Request deadline is 5 s: generous slack for a loaded machine, but never a hang.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_stack_end_to_end() {
+    let stack = Stack::start().await;
+    http_contract(&stack).await;
+    read_your_writes(&stack, 1_000).await;
+    projector_killed_mid_load(&stack, 2_000).await;
+    broker_stopped_gives_503(&stack).await;
+    stack.stop().await;
+}

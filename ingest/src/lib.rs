@@ -1,0 +1,172 @@
+//! The write path of msghash.
+//!
+//! `POST /messages {"message": "..."}` hashes the message, appends a `MessageHashed` event
+//! to the partition its digest maps to, and answers `201 {"digest": "..."}` only once the
+//! log acknowledged the event. A log that does not acknowledge within the request deadline
+//! (after retries with backoff) yields `503` with `Retry-After`, never a hang or a 500.
+//!
+//! [`router`] is what the standalone binary composes; [`run`] is the service on its own.
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use backon::{ExponentialBuilder, Retryable};
+use clap::Parser;
+use msghash_common::adapters::kafka::KafkaLog;
+use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, TlsArgs};
+use msghash_common::http::{self, ApiError};
+use msghash_common::shutdown::Shutdown;
+use msghash_common::{partition_for, EventLog, LogError, MessageHashed, Offset};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Settings of the write path itself, whatever the log behind it.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// Largest accepted request body, in bytes.
+    pub body_limit: usize,
+    /// How long a POST may wait for the log's acknowledgement, retries included.
+    pub deadline: Duration,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        IngestSettings {
+            body_limit: 1024 * 1024,
+            deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    log: Arc<dyn EventLog>,
+    settings: Arc<IngestSettings>,
+}
+
+/// The write-path routes: `POST /messages`.
+pub fn router(log: Arc<dyn EventLog>, settings: IngestSettings) -> Router {
+    Router::new()
+        .route("/messages", post(post_message))
+        .with_state(AppState {
+            log,
+            settings: Arc::new(settings),
+        })
+}
+
+#[derive(Deserialize)]
+struct PostMessage {
+    message: String,
+}
+
+const BAD_BODY: &str = "Request body must be a JSON object with a string field \"message\"";
+
+/// What a client is told to wait before retrying when the log is down.
+const RETRY_AFTER_SECS: u32 = 1;
+
+async fn post_message(State(state): State<AppState>, request: Request) -> Response {
+    match accept(&state, request).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn accept(state: &AppState, request: Request) -> Result<Response, ApiError> {
+    let body: PostMessage = http::read_json(request, state.settings.body_limit, BAD_BODY).await?;
+    let event = MessageHashed::new(body.message);
+    let partition = partition_for(&event.digest, state.log.partitions());
+    let offset = append_within(
+        state.log.as_ref(),
+        partition,
+        &event,
+        state.settings.deadline,
+    )
+    .await
+    .map_err(|e| {
+        tracing::warn!(digest = %event.digest, partition, error = %e, "event not acknowledged");
+        ApiError::Unavailable {
+            retry_after_secs: RETRY_AFTER_SECS,
+        }
+    })?;
+    let digest = event.digest.to_hex();
+    tracing::debug!(%digest, partition, offset, "message accepted");
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/messages/{digest}"))],
+        Json(serde_json::json!({ "digest": digest })),
+    )
+        .into_response())
+}
+
+/// Appends with exponential backoff on `Unavailable`, all within `deadline`.
+pub async fn append_within(
+    log: &dyn EventLog,
+    partition: u32,
+    event: &MessageHashed,
+    deadline: Duration,
+) -> Result<Offset, LogError> {
+    let attempts = (|| log.append(partition, event))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(1))
+                .with_max_times(usize::MAX)
+                .with_jitter(),
+        )
+        .when(|e| matches!(e, LogError::Unavailable(_)))
+        .notify(|e, after| tracing::debug!(error = %e, ?after, "retrying append"));
+    match tokio::time::timeout(deadline, attempts).await {
+        Ok(result) => result,
+        Err(_) => Err(LogError::Unavailable(format!(
+            "no acknowledgement within {deadline:?}"
+        ))),
+    }
+}
+
+/// `ingest`: the write path as its own service.
+#[derive(Parser, Debug)]
+#[command(
+    name = "ingest",
+    version,
+    about = "msghash write path: POST /messages over TLS"
+)]
+pub struct Cli {
+    /// Address to listen on.
+    #[arg(long, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:8081", value_parser = parse_listen)]
+    pub listen: SocketAddr,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "MSGHASH_BODY_LIMIT", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..=64 * 1024 * 1024))]
+    pub body_limit: u64,
+    /// How long a POST waits for the broker's acknowledgement, retries included (ms).
+    #[arg(long, env = "MSGHASH_REQUEST_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub request_timeout_ms: u64,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Runs the service until `shutdown` is cancelled.
+pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
+    let tls = msghash_common::tls::server_config(&cli.tls.source())?;
+    let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
+    let settings = IngestSettings {
+        body_limit: usize::try_from(cli.body_limit)?,
+        deadline: Duration::from_millis(cli.request_timeout_ms),
+    };
+    let app = http::with_error_fallbacks(
+        router(log.clone(), settings).merge(http::health_routes(http::log_ready(log))),
+    );
+    let listener = http::bind(cli.listen)?;
+    tracing::info!(listen = %listener.local_addr()?, "ingest listening");
+    http::serve_tls(listener, tls, app, shutdown).await?;
+    Ok(())
+}

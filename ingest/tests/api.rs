@@ -1,0 +1,213 @@
+//! The write path's HTTP contract, driven through the router against the Kafka adapter on
+//! librdkafka's mock cluster.
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use ingest::IngestSettings;
+use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
+use msghash_common::{partition_for, EventLog, MessageHashed};
+use rdkafka::mocking::MockCluster;
+use std::sync::Arc;
+use std::time::Duration;
+use tower::ServiceExt;
+
+const PARTITIONS: u32 = 4;
+
+async fn app(
+    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+) -> (Router, Arc<KafkaLog>) {
+    cluster
+        .create_topic("messages", PARTITIONS as i32, 1)
+        .expect("topic");
+    let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
+    settings.message_timeout = Duration::from_millis(800);
+    settings.create_topic = false;
+    let log = Arc::new(KafkaLog::connect(settings).await.expect("connect"));
+    let router = msghash_common::http::with_error_fallbacks(ingest::router(
+        log.clone(),
+        IngestSettings {
+            body_limit: 1024,
+            deadline: Duration::from_secs(3),
+        },
+    ));
+    (router, log)
+}
+
+async fn call(
+    app: &Router,
+    request: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+        panic!(
+            "every answer is JSON, got {:?}",
+            String::from_utf8_lossy(&bytes)
+        )
+    });
+    (status, headers, json)
+}
+
+fn post(body: impl Into<Body>, content_type: Option<&str>) -> Request<Body> {
+    let mut b = Request::post("/messages");
+    if let Some(ct) = content_type {
+        b = b.header(header::CONTENT_TYPE, ct);
+    }
+    b.body(body.into()).expect("request")
+}
+
+#[tokio::test]
+async fn post_answers_201_with_digest_and_location_after_the_event_is_on_the_log() {
+    let cluster = MockCluster::new(1).expect("cluster");
+    let (app, log) = app(&cluster).await;
+    let foo = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+    let p = partition_for(&msghash_common::Digest::of("foo"), PARTITIONS);
+    let before = log.end_offset(p).await.expect("end");
+
+    let (status, headers, body) =
+        call(&app, post(r#"{"message":"foo"}"#, Some("application/json"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(body, serde_json::json!({ "digest": foo }));
+    assert_eq!(
+        headers[header::LOCATION],
+        format!("/messages/{foo}").as_str()
+    );
+    assert_eq!(
+        log.end_offset(p).await.expect("end"),
+        before + 1,
+        "event appended to partition {p}"
+    );
+
+    // The empty string is a message; charset parameters are fine.
+    let (status, _, body) = call(
+        &app,
+        post(r#"{"message":""}"#, Some("application/json; charset=utf-8")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        body["digest"],
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+    let unicode = "héllo 🌍 日本";
+    let (status, _, body) = call(
+        &app,
+        post(
+            serde_json::json!({ "message": unicode }).to_string(),
+            Some("application/json"),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        body["digest"],
+        MessageHashed::new(unicode.into()).digest.to_hex()
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_json_errors_and_nothing_is_appended() {
+    let cluster = MockCluster::new(1).expect("cluster");
+    let (app, log) = app(&cluster).await;
+    let cases: Vec<(Request<Body>, StatusCode)> = vec![
+        (
+            post("{not json", Some("application/json")),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post("{}", Some("application/json")),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post(r#"{"message": 42}"#, Some("application/json")),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post(r#"{"message": null}"#, Some("application/json")),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post(r#"["foo"]"#, Some("application/json")),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post(r#"{"message":"\ud800"}"#, Some("application/json")),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            post(r#"{"message":"foo"}"#, Some("text/plain")),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            post(r#"{"message":"foo"}"#, None),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            post(
+                format!(r#"{{"message":"{}"}}"#, "x".repeat(2000)),
+                Some("application/json"),
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            Request::get("/messages")
+                .body(Body::empty())
+                .expect("request"),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            Request::get("/nowhere")
+                .body(Body::empty())
+                .expect("request"),
+            StatusCode::NOT_FOUND,
+        ),
+    ];
+    for (request, want) in cases {
+        let (status, _, body) = call(&app, request).await;
+        assert_eq!(status, want, "want {want}: {body}");
+        assert!(
+            body["err_msg"].is_string(),
+            "err_msg on every error: {body}"
+        );
+    }
+    for p in 0..PARTITIONS {
+        assert_eq!(log.end_offset(p).await.expect("end"), 0, "nothing appended");
+    }
+}
+
+#[tokio::test]
+async fn a_broker_that_is_down_gets_503_with_retry_after_within_the_deadline() {
+    let cluster = MockCluster::new(1).expect("cluster");
+    let (app, _log) = app(&cluster).await;
+    let (status, _, _) = call(&app, post(r#"{"message":"up"}"#, Some("application/json"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    cluster.broker_down(1).expect("down");
+    let started = std::time::Instant::now();
+    let (status, headers, body) = call(
+        &app,
+        post(r#"{"message":"down"}"#, Some("application/json")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    assert_eq!(
+        body["err_msg"],
+        "Service temporarily unavailable, retry later"
+    );
+    // The deadline is 3 s; allow generous slack for a loaded machine, but no hang.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -1,0 +1,153 @@
+//! The read path of msghash.
+//!
+//! `GET /messages/{digest}` answers `200 {"message"}` from the read model. On a miss it
+//! passes the read-your-writes [`barrier`] before answering `404 {"err_msg": "Message not
+//! found"}`; a malformed digest names no message and gets the 404 at once.
+//!
+//! [`router`] is what the standalone binary composes; [`run`] is the service on its own.
+
+pub mod barrier;
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use barrier::{BarrierError, ReadBarrier};
+use clap::Parser;
+use msghash_common::adapters::kafka::KafkaLog;
+use msghash_common::adapters::scylla::ScyllaModel;
+use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
+use msghash_common::http::{self, ApiError};
+use msghash_common::shutdown::Shutdown;
+use msghash_common::{partition_for, Digest, EventLog, ReadModel};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Settings of the read path itself.
+#[derive(Debug, Clone)]
+pub struct QuerySettings {
+    /// How long a miss may wait for the projector before answering 503.
+    pub read_your_writes_timeout: Duration,
+}
+
+impl Default for QuerySettings {
+    fn default() -> Self {
+        QuerySettings {
+            read_your_writes_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    model: Arc<dyn ReadModel>,
+    partitions: u32,
+    barrier: Arc<ReadBarrier>,
+}
+
+/// The read-path routes: `GET /messages/{digest}`.
+pub fn router(
+    log: Arc<dyn EventLog>,
+    model: Arc<dyn ReadModel>,
+    settings: QuerySettings,
+) -> Router {
+    let state = AppState {
+        partitions: log.partitions(),
+        barrier: Arc::new(ReadBarrier::new(
+            log,
+            model.clone(),
+            settings.read_your_writes_timeout,
+        )),
+        model,
+    };
+    Router::new()
+        .route("/messages/{digest}", get(get_message))
+        .with_state(state)
+}
+
+async fn get_message(
+    State(state): State<AppState>,
+    digest: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    let began = Instant::now();
+    let Some(digest) = digest.ok().and_then(|Path(d)| Digest::parse(&d)) else {
+        return ApiError::MessageNotFound.into_response();
+    };
+    match lookup(&state, &digest, began).await {
+        Ok(message) => Json(serde_json::json!({ "message": message })).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn lookup(state: &AppState, digest: &Digest, began: Instant) -> Result<String, ApiError> {
+    let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::warn!(%digest, error = %e, "{what}");
+        ApiError::Unavailable {
+            retry_after_secs: 1,
+        }
+    };
+    if let Some(m) = state
+        .model
+        .get(digest)
+        .await
+        .map_err(|e| unavailable("read failed", &e))?
+    {
+        return Ok(m);
+    }
+    let partition = partition_for(digest, state.partitions);
+    match state.barrier.wait(partition, began).await {
+        Ok(()) => {}
+        Err(e @ BarrierError::Behind { .. }) => return Err(unavailable("projector behind", &e)),
+        Err(e) => return Err(unavailable("barrier failed", &e)),
+    }
+    state
+        .model
+        .get(digest)
+        .await
+        .map_err(|e| unavailable("read failed", &e))?
+        .ok_or(ApiError::MessageNotFound)
+}
+
+/// `query`: the read path as its own service.
+#[derive(Parser, Debug)]
+#[command(
+    name = "query",
+    version,
+    about = "msghash read path: GET /messages/{digest} over TLS"
+)]
+pub struct Cli {
+    /// Address to listen on.
+    #[arg(long, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:8082", value_parser = parse_listen)]
+    pub listen: SocketAddr,
+    /// How long a miss waits for the projector before answering 503 (ms).
+    #[arg(long, env = "MSGHASH_RYW_TIMEOUT_MS", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub ryw_timeout_ms: u64,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub scylla: ScyllaArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Runs the service until `shutdown` is cancelled.
+pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
+    let tls = msghash_common::tls::server_config(&cli.tls.source())?;
+    let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
+    let model: Arc<dyn ReadModel> = Arc::new(ScyllaModel::connect(&cli.scylla.settings()).await?);
+    let settings = QuerySettings {
+        read_your_writes_timeout: Duration::from_millis(cli.ryw_timeout_ms),
+    };
+    let app = http::with_error_fallbacks(
+        router(log.clone(), model, settings).merge(http::health_routes(http::log_ready(log))),
+    );
+    let listener = http::bind(cli.listen)?;
+    tracing::info!(listen = %listener.local_addr()?, "query listening");
+    http::serve_tls(listener, tls, app, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,8 @@
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = query::Cli::parse();
+    msghash_common::telemetry::init(&cli.log.log_format, &cli.log.log);
+    query::run(cli, msghash_common::shutdown::on_signals()).await
+}
