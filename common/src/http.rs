@@ -273,3 +273,147 @@ pub fn log_ready(
         Box::pin(async move { log.end_offset(0).await.is_ok() })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Deserialize, Debug, PartialEq)]
+    struct Body1 {
+        message: String,
+    }
+
+    async fn body_of(response: Response) -> serde_json::Value {
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        serde_json::from_slice(&bytes).expect("json")
+    }
+
+    #[tokio::test]
+    async fn every_error_is_json_with_err_msg_and_no_internal_text() {
+        let cases = [
+            (ApiError::MessageNotFound, 404, "Message not found"),
+            (ApiError::RouteNotFound, 404, "Not found"),
+            (ApiError::MethodNotAllowed, 405, "Method not allowed"),
+            (ApiError::BadRequest("bad"), 400, "bad"),
+            (
+                ApiError::PayloadTooLarge {
+                    limit: 10,
+                    drained: true,
+                },
+                413,
+                "Request body exceeds the limit of 10 bytes",
+            ),
+            (
+                ApiError::UnsupportedMediaType,
+                415,
+                "Content-Type must be application/json",
+            ),
+            (
+                ApiError::Unavailable {
+                    retry_after_secs: 3,
+                },
+                503,
+                "Service temporarily unavailable, retry later",
+            ),
+            (ApiError::Internal, 500, "Internal server error"),
+        ];
+        for (error, status, text) in cases {
+            let response = error.into_response();
+            assert_eq!(response.status().as_u16(), status);
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            assert_eq!(
+                body_of(response).await,
+                serde_json::json!({ "err_msg": text })
+            );
+        }
+        let response = ApiError::Unavailable {
+            retry_after_secs: 3,
+        }
+        .into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+        let response = ApiError::PayloadTooLarge {
+            limit: 1,
+            drained: false,
+        }
+        .into_response();
+        assert_eq!(response.headers()[header::CONNECTION], "close");
+    }
+
+    fn request(content_type: Option<&str>, body: Body) -> Request {
+        let mut b = axum::http::Request::post("/messages");
+        if let Some(ct) = content_type {
+            b = b.header(header::CONTENT_TYPE, ct);
+        }
+        b.body(body).expect("request")
+    }
+
+    async fn read(r: Request, limit: usize) -> Result<Body1, ApiError> {
+        tokio::time::timeout(Duration::from_secs(5), read_json(r, limit, "bad body"))
+            .await
+            .expect("never hangs")
+    }
+
+    #[tokio::test]
+    async fn json_bodies_are_checked_in_order_type_size_shape() {
+        let ok = r#"{"message":"hi","extra":1}"#;
+        assert_eq!(
+            read(request(Some("application/json"), ok.into()), 100).await,
+            Ok(Body1 {
+                message: "hi".into()
+            })
+        );
+        assert_eq!(
+            read(request(Some("application/problem+json"), ok.into()), 100)
+                .await
+                .map(|b| b.message),
+            Ok("hi".into())
+        );
+        assert_eq!(
+            read(request(None, ok.into()), 100).await,
+            Err(ApiError::UnsupportedMediaType)
+        );
+        assert_eq!(
+            read(request(Some("text/json-ish"), ok.into()), 100).await,
+            Err(ApiError::UnsupportedMediaType)
+        );
+        assert_eq!(
+            read(request(Some("application/json"), ok.into()), 10).await,
+            Err(ApiError::PayloadTooLarge {
+                limit: 10,
+                drained: true
+            })
+        );
+        for bad in [r#"["hi"]"#, "\"hi\"", "{", r#"{"message":1}"#, ""] {
+            assert_eq!(
+                read(request(Some("application/json"), bad.into()), 100).await,
+                Err(ApiError::BadRequest("bad body")),
+                "{bad}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_behind_expect_continue_is_refused_without_reading_it() {
+        // A body that never arrives: reading it would hang the test.
+        let never =
+            Body::from_stream(futures::stream::pending::<Result<Vec<u8>, std::io::Error>>());
+        let mut r = request(Some("application/json"), never);
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(8 * 1024 * 1024));
+        r.headers_mut()
+            .insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        assert_eq!(
+            read(r, 1024).await,
+            Err(ApiError::PayloadTooLarge {
+                limit: 1024,
+                drained: true
+            })
+        );
+    }
+}

@@ -104,17 +104,34 @@ pub fn ensure_generated(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
         path: dir.to_owned(),
         source,
     })?;
-    let sans: Vec<String> = GENERATED_SANS.iter().map(|s| s.to_string()).collect();
-    let generated =
-        rcgen::generate_simple_self_signed(sans).map_err(|e| TlsError::Generate(e.to_string()))?;
-    write_atomically(
-        &key_path,
-        generated.signing_key.serialize_pem().as_bytes(),
-        true,
-    )?;
-    write_atomically(&cert_path, generated.cert.pem().as_bytes(), false)?;
+    let (cert_pem, key_pem) = generate().map_err(|e| TlsError::Generate(e.to_string()))?;
+    write_atomically(&key_path, key_pem.as_bytes(), true)?;
+    write_atomically(&cert_path, cert_pem.as_bytes(), false)?;
     tracing::info!(cert = %cert_path.display(), "generated a self-signed TLS certificate");
     Ok((cert_path, key_path))
+}
+
+/// A self-signed server certificate that strict verifiers accept as its own trust anchor
+/// (Python 3.13's default `VERIFY_X509_STRICT` included): subject and authority key
+/// identifiers, server-auth usage, a common name.
+fn generate() -> Result<(String, String), rcgen::Error> {
+    use rcgen::{DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose};
+    let sans: Vec<String> = GENERATED_SANS.iter().map(|s| s.to_string()).collect();
+    let mut params = rcgen::CertificateParams::new(sans)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "msghash localhost");
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = rcgen::date_time_ymd(2025, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2035, 1, 1);
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 fn write_atomically(path: &Path, contents: &[u8], secret: bool) -> Result<(), TlsError> {

@@ -20,6 +20,8 @@ struct Stack {
     run_dir: PathBuf,
     _tmp: tempfile::TempDir,
     edge: String,
+    edge_port: u16,
+    cert: PathBuf,
     client: reqwest::Client,
 }
 
@@ -89,6 +91,8 @@ impl Stack {
             run_dir,
             _tmp: tmp,
             edge: format!("https://localhost:{edge_port}"),
+            edge_port,
+            cert: cert_dir.join("localhost.crt"),
             client,
         }
     }
@@ -155,9 +159,13 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        // On a failed assertion: still take the whole stack down.
+        // On a failed assertion: still take the whole stack down, and wait for it.
         if let Some(pid) = self.child.id() {
             signal(pid, "TERM");
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while alive(pid) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
 }
@@ -247,6 +255,55 @@ async fn http_contract(stack: &Stack) {
     assert!(body["err_msg"]
         .as_str()
         .is_some_and(|m| m.contains("limit")));
+}
+
+/// The clients users actually run: curl and Python (strict certificate checks), verifying
+/// the generated certificate with `--cacert` / `cafile`.
+async fn external_clients(stack: &Stack) {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--cacert"])
+        .arg(&stack.cert)
+        .args([
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"message":"foo"}"#,
+        ])
+        .arg(format!("{}/messages", stack.edge))
+        .output()
+        .await
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(r#"{{"digest":"{FOO}"}}"#)
+    );
+
+    let out = Command::new("python3")
+        .arg(repo_root().join("scripts/smoke.py"))
+        .args([
+            "--domain",
+            "localhost",
+            "--port",
+            &stack.edge_port.to_string(),
+            "--cert-path",
+        ])
+        .arg(&stack.cert)
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "smoke.py: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 async fn read_your_writes(stack: &Stack, pairs: usize) {
@@ -380,6 +437,7 @@ async fn broker_stopped_gives_503(stack: &Stack) {
 async fn distributed_stack_end_to_end() {
     let stack = Stack::start().await;
     http_contract(&stack).await;
+    external_clients(&stack).await;
     read_your_writes(&stack, 1_000).await;
     projector_killed_mid_load(&stack, 2_000).await;
     broker_stopped_gives_503(&stack).await;
