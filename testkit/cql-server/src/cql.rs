@@ -287,13 +287,38 @@ pub struct Relation {
     pub rhs: Rhs,
 }
 
+/// The right-hand side of a `token(...)` restriction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenValue {
+    /// `token(t1, ...)`: the token of the given partition key values.
+    Token(Vec<Term>),
+    /// A token (`bigint`) literal or marker.
+    Term(Term),
+}
+
+/// `token(k1, ...) <op> <value>`
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRelation {
+    pub columns: Vec<String>,
+    pub op: Op,
+    pub value: TokenValue,
+}
+
+/// One entry of a selection list.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Selector {
+    Column(String),
+    /// `token(k1, ...)`
+    Token(Vec<String>),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Selection {
     All,
     /// `COUNT(*)` / `COUNT(1)`, with the output column name.
     Count(String),
-    /// `(column, alias)` pairs.
-    Columns(Vec<(String, Option<String>)>),
+    /// `(selector, alias)` pairs.
+    Columns(Vec<(Selector, Option<String>)>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -302,6 +327,8 @@ pub struct Select {
     pub distinct: bool,
     pub selection: Selection,
     pub relations: Vec<Relation>,
+    /// `token(...)` restrictions, all of which must hold.
+    pub token_relations: Vec<TokenRelation>,
     /// `(column, descending)`
     pub order_by: Vec<(String, bool)>,
     pub limit: Option<Term>,
@@ -555,10 +582,10 @@ impl Parser {
         let selection = self.selection()?;
         self.expect_kw("from")?;
         let table = self.table_name()?;
-        let relations = if self.eat_kw("where") {
-            self.relations()?
+        let (relations, token_relations) = if self.eat_kw("where") {
+            self.where_clause()?
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         if self.is_kw("group") {
             return unsupported("GROUP BY is not supported by cql-server");
@@ -602,6 +629,7 @@ impl Parser {
             distinct,
             selection,
             relations,
+            token_relations,
             order_by,
             limit,
             allow_filtering,
@@ -636,6 +664,20 @@ impl Parser {
         }
         let mut columns = Vec::new();
         loop {
+            if self.is_kw("token") && self.is_sym_at(1, "(") {
+                self.pos += 1;
+                let args = self.ident_list()?;
+                let alias = if self.eat_kw("as") {
+                    Some(self.ident()?)
+                } else {
+                    None
+                };
+                columns.push((Selector::Token(args), alias));
+                if !self.eat_sym(",") {
+                    break;
+                }
+                continue;
+            }
             let col = self.ident()?;
             if self.is_sym("(") {
                 return unsupported(format!(
@@ -647,7 +689,7 @@ impl Parser {
             } else {
                 None
             };
-            columns.push((col, alias));
+            columns.push((Selector::Column(col), alias));
             if !self.eat_sym(",") {
                 break;
             }
@@ -655,14 +697,40 @@ impl Parser {
         Ok(Selection::Columns(columns))
     }
 
+    /// `( ident [, ident]* )`
+    fn ident_list(&mut self) -> PResult<Vec<String>> {
+        self.expect_sym("(")?;
+        let mut out = vec![self.ident()?];
+        while self.eat_sym(",") {
+            out.push(self.ident()?);
+        }
+        self.expect_sym(")")?;
+        Ok(out)
+    }
+
+    /// Relations of UPDATE / DELETE: no `token(...)` restrictions.
     fn relations(&mut self) -> PResult<Vec<Relation>> {
+        let (relations, token_relations) = self.where_clause()?;
+        if !token_relations.is_empty() {
+            return syntax("token() restrictions are only allowed in SELECT");
+        }
+        Ok(relations)
+    }
+
+    /// The relations of a WHERE clause, `token(...)` ones separately.
+    fn where_clause(&mut self) -> PResult<(Vec<Relation>, Vec<TokenRelation>)> {
         let mut out = Vec::new();
+        let mut tokens = Vec::new();
         loop {
             if self.is_sym("(") {
                 return unsupported("multi-column relations are not supported by cql-server");
             }
             if self.is_kw("token") && self.is_sym_at(1, "(") {
-                return unsupported("token() restrictions are not supported by cql-server");
+                tokens.push(self.token_relation()?);
+                if !self.eat_kw("and") {
+                    break;
+                }
+                continue;
             }
             let column = self.ident()?;
             let rhs = match self.next()? {
@@ -707,7 +775,37 @@ impl Parser {
                 break;
             }
         }
-        Ok(out)
+        Ok((out, tokens))
+    }
+
+    /// `token(k1, ...) <op> token(t1, ...)` or `token(k1, ...) <op> <bigint>`.
+    fn token_relation(&mut self) -> PResult<TokenRelation> {
+        self.expect_kw("token")?;
+        let columns = self.ident_list()?;
+        let op = match self.next()? {
+            Tok::Sym("=") => Op::Eq,
+            Tok::Sym("<") => Op::Lt,
+            Tok::Sym(">") => Op::Gt,
+            Tok::Sym("<=") => Op::Le,
+            Tok::Sym(">=") => Op::Ge,
+            Tok::Ident(w) if w.eq_ignore_ascii_case("in") => {
+                return unsupported("token(...) IN is not supported by cql-server")
+            }
+            Tok::Sym("!=") => return unsupported("'!=' is not supported by cql-server"),
+            other => return syntax(format!("expected an operator but found '{other}'")),
+        };
+        let value = if self.is_kw("token") && self.is_sym_at(1, "(") {
+            self.pos += 2;
+            let mut terms = vec![self.term()?];
+            while self.eat_sym(",") {
+                terms.push(self.term()?);
+            }
+            self.expect_sym(")")?;
+            TokenValue::Token(terms)
+        } else {
+            TokenValue::Term(self.term()?)
+        };
+        Ok(TokenRelation { columns, op, value })
     }
 
     fn insert(&mut self) -> PResult<Insert> {
@@ -1186,13 +1284,62 @@ mod tests {
         assert_eq!(p.markers.len(), 2);
         assert_eq!(
             s.selection,
-            Selection::Columns(vec![("a".into(), Some("x".into())), ("B".into(), None)])
+            Selection::Columns(vec![
+                (Selector::Column("a".into()), Some("x".into())),
+                (Selector::Column("B".into()), None)
+            ])
         );
         assert!(s.allow_filtering);
         assert!(matches!(s.relations[0].rhs, Rhs::InBind(0)));
         assert!(matches!(
             ok("select count(*) from t").statement,
             Statement::Select(_)
+        ));
+    }
+
+    #[test]
+    fn token_forms() {
+        let p = ok("SELECT token(digest), digest AS d FROM ks.messages WHERE token(digest) > token(?) AND TOKEN(digest) <= -5 LIMIT ?");
+        let Statement::Select(s) = p.statement else {
+            panic!()
+        };
+        assert_eq!(p.markers.len(), 2);
+        assert_eq!(
+            s.selection,
+            Selection::Columns(vec![
+                (Selector::Token(vec!["digest".into()]), None),
+                (Selector::Column("digest".into()), Some("d".into())),
+            ])
+        );
+        assert!(s.relations.is_empty());
+        assert_eq!(
+            s.token_relations,
+            vec![
+                TokenRelation {
+                    columns: vec!["digest".into()],
+                    op: Op::Gt,
+                    value: TokenValue::Token(vec![Term::Bind(0)]),
+                },
+                TokenRelation {
+                    columns: vec!["digest".into()],
+                    op: Op::Le,
+                    value: TokenValue::Term(Term::Lit(Lit::Int("-5".into()))),
+                },
+            ]
+        );
+        let p = ok("select * from t where token(a, b) >= token(1, :b) and c = 3 allow filtering");
+        let Statement::Select(s) = p.statement else {
+            panic!()
+        };
+        assert_eq!(p.markers, vec![Some("b".to_owned())]);
+        assert_eq!(s.token_relations[0].columns, vec!["a", "b"]);
+        assert_eq!(s.relations.len(), 1);
+        // A column called "token" is still a column.
+        ok("select token from t where token = 1");
+        assert!(parse("DELETE FROM t WHERE token(k) > 5").is_err());
+        assert!(matches!(
+            parse("SELECT * FROM t WHERE token(k) IN (1, 2)"),
+            Err(ParseError::Unsupported(_))
         ));
     }
 }

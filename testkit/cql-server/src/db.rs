@@ -28,7 +28,12 @@ use kassandra::{
 };
 use uuid::Uuid;
 
-use crate::cql::{self, Lit, Op, ParseError, Parsed, Rhs, Selection, Statement, Term};
+use crate::{
+    cql::{
+        self, Lit, Op, ParseError, Parsed, Rhs, Selection, Selector, Statement, Term, TokenValue,
+    },
+    token::{partition_key_bytes, token_of_bytes, token_of_partition},
+};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -507,6 +512,7 @@ impl Db {
                 let (ks, name) = resolve(&mut sel.table)?;
                 let schema = self.schema(&ks, &name)?;
                 describe_relations(schema, &sel.relations, &mut vars, &mut pk_binds)?;
+                describe_token_relations(schema, sel, &mut vars)?;
                 check_restrictions(schema, &sel.relations, sel.allow_filtering)?;
                 if let Some(Term::Bind(m)) = &sel.limit {
                     vars[*m] = Some(var("[limit]", &ColumnType::Int));
@@ -523,7 +529,8 @@ impl Db {
                 }
                 result_columns = select_columns(schema, &sel.selection)?;
                 if sel.distinct {
-                    for (col, _) in select_names(schema, &sel.selection) {
+                    for out in select_outputs(schema, &sel.selection) {
+                        let Output::Column(col) = out else { continue };
                         if !schema.partition_key.into_iter().any(|c| c == &col) {
                             return Err(invalid(
                                 "SELECT DISTINCT queries must only request partition key columns",
@@ -537,9 +544,17 @@ impl Db {
 
         let vars = vars
             .into_iter()
+            .zip(markers)
             .enumerate()
-            .map(|(i, v)| {
-                v.ok_or_else(|| invalid(format!("bind marker {i} is in an unsupported position")))
+            .map(|(i, (v, marker))| {
+                let mut v = v.ok_or_else(|| {
+                    invalid(format!("bind marker {i} is in an unsupported position"))
+                })?;
+                // A named marker is described (and bound) by its own name.
+                if let Some(name) = marker {
+                    v.name = name;
+                }
+                Ok(v)
             })
             .collect::<Result<Vec<_>>>()?;
         let pk_indexes = match &table {
@@ -1012,6 +1027,7 @@ impl Db {
             };
             restrictions.push((rel.column.clone(), r));
         }
+        let token_bounds = bind_token_relations(&schema, &sel.token_relations, values)?;
         let mut limit = match &sel.limit {
             None => None,
             Some(term) => match bind(term, &ColumnType::Int, values)? {
@@ -1064,7 +1080,7 @@ impl Db {
             ALL_CK
         };
 
-        let columns = select_names(&schema, &sel.selection);
+        let outputs = select_outputs(&schema, &sel.selection);
         let count_only = matches!(sel.selection, Selection::Count(_));
         let page_size = match opts.page_size {
             Some(n) if n > 0 && !count_only => n as usize,
@@ -1085,13 +1101,7 @@ impl Db {
                 };
                 match r {
                     Restriction::Cmp(op, want) => match compare(v, want) {
-                        Some(ord) => match op {
-                            Op::Eq => ord == Ordering::Equal,
-                            Op::Lt => ord == Ordering::Less,
-                            Op::Gt => ord == Ordering::Greater,
-                            Op::Le => ord != Ordering::Greater,
-                            Op::Ge => ord != Ordering::Less,
-                        },
+                        Some(ord) => op_holds(*op, ord),
                         None => false,
                     },
                     Restriction::In(list) => {
@@ -1140,9 +1150,12 @@ impl Db {
                 count += 1;
             } else {
                 rows.push(
-                    columns
+                    outputs
                         .iter()
-                        .map(|(c, _)| row.get(c).cloned().and_then(non_empty))
+                        .map(|out| match out {
+                            Output::Column(c) => row.get(c).cloned().and_then(non_empty),
+                            Output::Token => token_of_partition(pk).map(CqlValue::BigInt),
+                        })
                         .collect(),
                 );
             }
@@ -1163,6 +1176,47 @@ impl Db {
                         if !visit(idx, pk, &e.clustering, &e.row) {
                             break 'outer;
                         }
+                    }
+                }
+            }
+            // Full scans of user tables (and any token-restricted scan) run in
+            // token order, like ScyllaDB, so `token(k) > token(last)` pages.
+            None if !token_bounds.is_empty() || !SYSTEM_KEYSPACES.contains(&ks) => {
+                let resume_at = resume.as_ref().and_then(|r| {
+                    let pk = r.scan_pk.clone()?;
+                    Some((partition_token(&pk), pk, &r.ck))
+                });
+                let mut entries = Vec::new();
+                let mut last: Option<(PartitionKeyValue, i64)> = None;
+                for e in self.engine.scan(ks, name, ALL_PK)? {
+                    let token = match &last {
+                        Some((pk, t)) if *pk == e.partition => *t,
+                        _ => {
+                            let t = partition_token(&e.partition);
+                            last = Some((e.partition.clone(), t));
+                            t
+                        }
+                    };
+                    if !token_bounds
+                        .iter()
+                        .all(|(op, bound)| op_holds(*op, token.cmp(bound)))
+                    {
+                        continue;
+                    }
+                    if let Some((rt, rpk, rck)) = &resume_at {
+                        match (token, &e.partition).cmp(&(*rt, rpk)) {
+                            Ordering::Less => continue,
+                            Ordering::Equal if e.clustering < **rck => continue,
+                            _ => {}
+                        }
+                    }
+                    entries.push((token, e));
+                }
+                // Stable: rows of one partition stay in clustering order.
+                entries.sort_by(|(ta, a), (tb, b)| (ta, &a.partition).cmp(&(tb, &b.partition)));
+                for (_, e) in entries {
+                    if !visit(0, &e.partition, &e.clustering, &e.row) {
+                        break;
                     }
                 }
             }
@@ -1257,6 +1311,127 @@ fn check_restrictions(
 enum Restriction {
     Cmp(Op, CqlValue),
     In(Vec<CqlValue>),
+}
+
+/// Whether `value <op> bound` holds, given `value.cmp(bound)`.
+fn op_holds(op: Op, ord: Ordering) -> bool {
+    match op {
+        Op::Eq => ord == Ordering::Equal,
+        Op::Lt => ord == Ordering::Less,
+        Op::Gt => ord == Ordering::Greater,
+        Op::Le => ord != Ordering::Greater,
+        Op::Ge => ord != Ordering::Less,
+    }
+}
+
+/// Token of a stored partition; keys of unhashable types sort first.
+fn partition_token(pk: &PartitionKeyValue) -> i64 {
+    token_of_partition(pk).unwrap_or(i64::MIN)
+}
+
+/// The partition key columns and their types, in key order.
+fn partition_key_columns(schema: &TableSchema) -> Result<Vec<(&String, &ColumnType)>> {
+    schema
+        .partition_key
+        .into_iter()
+        .map(|c| Ok((c, column_type(schema, c)?)))
+        .collect()
+}
+
+/// `token(...)` must name exactly the partition key columns, in order.
+fn check_token_args(schema: &TableSchema, args: &[String]) -> Result<()> {
+    let pk: Vec<&String> = schema.partition_key.into_iter().collect();
+    if args.len() != pk.len() || args.iter().zip(&pk).any(|(a, k)| a != *k) {
+        for a in args {
+            column_type(schema, a)?;
+        }
+        return Err(invalid(format!(
+            "The token function arguments must be the partition key columns in order: \
+             token({})",
+            pk.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Validates the `token(...)` restrictions of a SELECT and describes their
+/// markers: `token(?)` binds a partition key value, a bare `?` a bigint token.
+fn describe_token_relations(
+    schema: &TableSchema,
+    sel: &cql::Select,
+    vars: &mut [Option<VarSpec>],
+) -> Result<()> {
+    if sel.token_relations.is_empty() {
+        return Ok(());
+    }
+    let pk = partition_key_columns(schema)?;
+    if let Some(rel) = sel
+        .relations
+        .iter()
+        .find(|r| pk.iter().any(|(c, _)| **c == r.column))
+    {
+        return Err(invalid(format!(
+            "Columns \"{}\" cannot be restricted by both a normal relation and a token relation",
+            rel.column
+        )));
+    }
+    for rel in &sel.token_relations {
+        check_token_args(schema, &rel.columns)?;
+        match &rel.value {
+            TokenValue::Term(Term::Bind(m)) => {
+                vars[*m] = Some(var("partition key token", &ColumnType::BigInt));
+            }
+            TokenValue::Term(Term::Lit(_)) => {}
+            TokenValue::Token(terms) => {
+                if terms.len() != pk.len() {
+                    return Err(invalid(format!(
+                        "Invalid number of arguments in call to function token: {} required \
+                         but {} provided",
+                        pk.len(),
+                        terms.len()
+                    )));
+                }
+                for (term, (col, ty)) in terms.iter().zip(&pk) {
+                    if let Term::Bind(m) = term {
+                        vars[*m] = Some(var(col, ty));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Binds the `token(...)` restrictions to `(op, token)` bounds.
+fn bind_token_relations(
+    schema: &TableSchema,
+    relations: &[cql::TokenRelation],
+    values: &[Value<'_>],
+) -> Result<Vec<(Op, i64)>> {
+    let pk = partition_key_columns(schema)?;
+    let mut out = Vec::new();
+    for rel in relations {
+        let token = match &rel.value {
+            TokenValue::Term(term) => {
+                match bind_non_null(term, &ColumnType::BigInt, values, "partition key token")? {
+                    CqlValue::BigInt(t) => t,
+                    _ => return Err(invalid("a token must be a bigint")),
+                }
+            }
+            TokenValue::Token(terms) => {
+                let key = terms
+                    .iter()
+                    .zip(&pk)
+                    .map(|(term, (col, ty))| bind_non_null(term, ty, values, col))
+                    .collect::<Result<Vec<_>>>()?;
+                let bytes = partition_key_bytes(&key)
+                    .ok_or_else(|| invalid("cannot compute the token of this partition key"))?;
+                token_of_bytes(&bytes)
+            }
+        };
+        out.push((rel.op, token));
+    }
+    Ok(out)
 }
 
 fn check_writable(ks: &str) -> Result<()> {
@@ -1366,36 +1541,54 @@ fn describe_relations(
     Ok(())
 }
 
-/// `(name, type)` of the columns a selection reads from a row.
-fn select_names(schema: &TableSchema, selection: &Selection) -> Vec<(String, ColumnType)> {
+/// One value of a result row.
+#[derive(Debug, Clone)]
+enum Output {
+    /// A column of the row.
+    Column(String),
+    /// `token(<partition key>)`.
+    Token,
+}
+
+/// What each result column of a selection is computed from.
+fn select_outputs(schema: &TableSchema, selection: &Selection) -> Vec<Output> {
     match selection {
-        Selection::All => {
-            let mut out: Vec<(String, ColumnType)> = Vec::new();
-            for key in schema
-                .partition_key
-                .into_iter()
-                .chain(&schema.clustering_key)
-            {
-                if let Some(c) = schema.columns.get(key) {
-                    out.push((key.clone(), c.ty.clone()));
-                }
-            }
-            let mut regular: Vec<(String, ColumnType)> = schema
-                .columns
-                .iter()
-                .filter(|(name, _)| !is_key(schema, name))
-                .map(|(name, c)| (name.clone(), c.ty.clone()))
-                .collect();
-            regular.sort_by(|a, b| a.0.cmp(&b.0));
-            out.extend(regular);
-            out
-        }
+        Selection::All => all_columns(schema)
+            .into_iter()
+            .map(|(c, _)| Output::Column(c))
+            .collect(),
         Selection::Count(_) => Vec::new(),
         Selection::Columns(cols) => cols
             .iter()
-            .filter_map(|(c, _)| schema.columns.get(c).map(|col| (c.clone(), col.ty.clone())))
+            .map(|(s, _)| match s {
+                Selector::Column(c) => Output::Column(c.clone()),
+                Selector::Token(_) => Output::Token,
+            })
             .collect(),
     }
+}
+
+/// `(name, type)` of every column, keys first, as `SELECT *` returns them.
+fn all_columns(schema: &TableSchema) -> Vec<(String, ColumnType)> {
+    let mut out: Vec<(String, ColumnType)> = Vec::new();
+    for key in schema
+        .partition_key
+        .into_iter()
+        .chain(&schema.clustering_key)
+    {
+        if let Some(c) = schema.columns.get(key) {
+            out.push((key.clone(), c.ty.clone()));
+        }
+    }
+    let mut regular: Vec<(String, ColumnType)> = schema
+        .columns
+        .iter()
+        .filter(|(name, _)| !is_key(schema, name))
+        .map(|(name, c)| (name.clone(), c.ty.clone()))
+        .collect();
+    regular.sort_by(|a, b| a.0.cmp(&b.0));
+    out.extend(regular);
+    out
 }
 
 /// Result metadata columns (aliases applied).
@@ -1404,13 +1597,20 @@ fn select_columns(
     selection: &Selection,
 ) -> Result<Vec<(String, ColumnType)>> {
     match selection {
-        Selection::All => Ok(select_names(schema, selection)),
+        Selection::All => Ok(all_columns(schema)),
         Selection::Count(name) => Ok(vec![(name.clone(), ColumnType::BigInt)]),
         Selection::Columns(cols) => cols
             .iter()
-            .map(|(c, alias)| {
-                let ty = column_type(schema, c)?;
-                Ok((alias.clone().unwrap_or_else(|| c.clone()), ty.clone()))
+            .map(|(s, alias)| match s {
+                Selector::Column(c) => {
+                    let ty = column_type(schema, c)?;
+                    Ok((alias.clone().unwrap_or_else(|| c.clone()), ty.clone()))
+                }
+                Selector::Token(args) => {
+                    check_token_args(schema, args)?;
+                    let name = format!("system.token({})", args.join(", "));
+                    Ok((alias.clone().unwrap_or(name), ColumnType::BigInt))
+                }
             })
             .collect(),
     }

@@ -64,6 +64,10 @@
 //! primary key), `SELECT` with `*`, column lists, aliases, `COUNT(*)`,
 //! `DISTINCT`, `=`/`IN` on the partition key, `=`/`<`/`>`/`<=`/`>=`/`IN` on
 //! clustering columns, other columns with `ALLOW FILTERING`, `LIMIT`,
+//! `token(<partition key>)` as selector and in `=`/`<`/`>`/`<=`/`>=`
+//! restrictions against `token(...)` or a bigint (Murmur3Partitioner tokens,
+//! see the `token` module; full scans of user tables return partitions in
+//! token order, so `token(k) > token(?)` cursors page correctly),
 //! `ORDER BY <clustering> ASC`; QUERY, PREPARE, EXECUTE and BATCH (logged
 //! and unlogged) requests; paging; named values. Types: ascii, bigint, blob,
 //! boolean, date, double, float, inet, int, smallint, text/varchar, time,
@@ -77,7 +81,7 @@
 //! user types, tuples, decimal/varint/duration, secondary indexes,
 //! materialized views, functions and aggregates other than `COUNT(*)`,
 //! `ORDER BY ... DESC` / `CLUSTERING ORDER ... DESC`, `SELECT JSON`,
-//! `GROUP BY`, `PER PARTITION LIMIT`, `token()`, range deletes, compression,
+//! `GROUP BY`, `PER PARTITION LIMIT`, `token(...) IN`, range deletes, compression,
 //! authentication, TLS, events (REGISTER is accepted, no events are pushed).
 //! Consistency levels are accepted and ignored (there is one replica).
 
@@ -85,5 +89,6 @@ mod cql;
 mod db;
 mod proto;
 mod server;
+mod token;
 
 pub use server::{start, Server};
