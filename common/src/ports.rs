@@ -113,6 +113,11 @@ pub trait ReadModel: Send + Sync + 'static {
 
     /// The highest offset of `partition` whose event is applied; `None` before the first.
     async fn applied_offset(&self, partition: u32) -> Result<Option<Offset>, ModelError>;
+
+    /// Up to `limit` digests that come after `after` in the adapter's listing order (a
+    /// stable order of its choosing: byte order, token order, ...). Paging with the last
+    /// digest of each page as the next `after` visits every stored digest exactly once.
+    async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<Digest>, ModelError>;
 }
 
 #[cfg(test)]

@@ -215,6 +215,35 @@ async fn http_contract(stack: &Stack) {
         assert_eq!(body["message"], message, "byte-exact round trip");
     }
 
+    // The listing pages through what is stored (token order on ScyllaDB).
+    let mut listed = Vec::new();
+    let mut url = format!("{}/messages?limit=2", stack.edge);
+    loop {
+        let (status, page) = json_of(stack.client.get(&url).send().await.expect("list")).await;
+        assert_eq!(status, StatusCode::OK);
+        listed.extend(page["digests"].as_array().expect("digests").iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => url = format!("{}/all-messages?limit=2&after={next}", stack.edge),
+            None => break,
+        }
+    }
+    assert_eq!(
+        listed.len(),
+        3,
+        "foo, the empty string and the Unicode message: {listed:?}"
+    );
+    assert!(listed.contains(&serde_json::json!(FOO)));
+    let (status, _) = json_of(
+        stack
+            .client
+            .get(format!("{}/messages?limit=0", stack.edge))
+            .send()
+            .await
+            .expect("answered"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
     let bad_json = stack
         .client
         .post(format!("{}/messages", stack.edge))

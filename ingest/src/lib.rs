@@ -127,6 +127,28 @@ pub async fn append_within(
     }
 }
 
+/// The write path's own settings, shared by `ingest` and the standalone `msghash`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WriteArgs {
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "MSGHASH_BODY_LIMIT", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..=64 * 1024 * 1024))]
+    pub body_limit: u64,
+    /// How long a POST waits for the event log's acknowledgement, retries included (ms).
+    #[arg(long, env = "MSGHASH_REQUEST_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub request_timeout_ms: u64,
+}
+
+impl WriteArgs {
+    pub fn settings(&self) -> IngestSettings {
+        IngestSettings {
+            body_limit: usize::try_from(self.body_limit).unwrap_or(usize::MAX),
+            deadline: Duration::from_millis(self.request_timeout_ms),
+        }
+    }
+}
+
 /// `ingest`: the write path as its own service.
 #[derive(Parser, Debug)]
 #[command(
@@ -138,14 +160,8 @@ pub struct Cli {
     /// Address to listen on.
     #[arg(long, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:8081", value_parser = parse_listen)]
     pub listen: SocketAddr,
-    /// Largest accepted request body, in bytes.
-    #[arg(long, env = "MSGHASH_BODY_LIMIT", default_value_t = 1024 * 1024,
-          value_parser = clap::value_parser!(u64).range(1..=64 * 1024 * 1024))]
-    pub body_limit: u64,
-    /// How long a POST waits for the broker's acknowledgement, retries included (ms).
-    #[arg(long, env = "MSGHASH_REQUEST_TIMEOUT_MS", default_value_t = 5_000,
-          value_parser = clap::value_parser!(u64).range(100..=600_000))]
-    pub request_timeout_ms: u64,
+    #[command(flatten)]
+    pub write: WriteArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
@@ -158,10 +174,7 @@ pub struct Cli {
 pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     let tls = msghash_common::tls::server_config(&cli.tls.source())?;
     let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
-    let settings = IngestSettings {
-        body_limit: usize::try_from(cli.body_limit)?,
-        deadline: Duration::from_millis(cli.request_timeout_ms),
-    };
+    let settings = cli.write.settings();
     let app = http::with_error_fallbacks(
         router(log.clone(), settings).merge(http::health_routes(http::log_ready(log))),
     );

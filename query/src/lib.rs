@@ -8,7 +8,7 @@
 
 pub mod barrier;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -64,6 +64,8 @@ pub fn router(
     };
     Router::new()
         .route("/messages/{digest}", get(get_message))
+        .route("/messages", get(list_messages))
+        .route("/all-messages", get(list_messages))
         .with_state(state)
 }
 
@@ -78,6 +80,61 @@ async fn get_message(
     match lookup(&state, &digest, began).await {
         Ok(message) => Json(serde_json::json!({ "message": message })).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+/// Page size of `GET /messages` when the client gives none, and the most it may ask for.
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1000;
+
+#[derive(serde::Deserialize)]
+struct ListParams {
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// `GET /messages?limit=&after=`: one page of digests and the cursor of the next page
+/// (`null` on the last page).
+async fn list_messages(
+    State(state): State<AppState>,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(params)) = params else {
+        return ApiError::BadRequest("Query must be ?limit=<1..1000>&after=<digest>")
+            .into_response();
+    };
+    let limit = match params.limit.as_deref().map(str::parse::<usize>) {
+        None => DEFAULT_PAGE,
+        Some(Ok(n)) if (1..=MAX_PAGE).contains(&n) => n,
+        Some(_) => {
+            return ApiError::BadRequest("limit must be an integer from 1 to 1000").into_response()
+        }
+    };
+    let after = match params.after.as_deref() {
+        None | Some("") => None,
+        Some(text) => match Digest::parse(text) {
+            Some(d) => Some(d),
+            None => {
+                return ApiError::BadRequest("after must be a digest (64 hex characters)")
+                    .into_response()
+            }
+        },
+    };
+    match state.model.list(after.as_ref(), limit).await {
+        Ok(digests) => {
+            let next = (digests.len() == limit)
+                .then(|| digests.last().map(Digest::to_hex))
+                .flatten();
+            let digests: Vec<String> = digests.iter().map(Digest::to_hex).collect();
+            Json(serde_json::json!({ "digests": digests, "next": next })).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "listing failed");
+            ApiError::Unavailable {
+                retry_after_secs: 1,
+            }
+            .into_response()
+        }
     }
 }
 
@@ -110,6 +167,23 @@ async fn lookup(state: &AppState, digest: &Digest, began: Instant) -> Result<Str
         .ok_or(ApiError::MessageNotFound)
 }
 
+/// The read path's own settings, shared by `query` and the standalone `msghash`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReadArgs {
+    /// How long a GET that misses waits for the projector before answering 503 (ms).
+    #[arg(long, env = "MSGHASH_RYW_TIMEOUT_MS", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub ryw_timeout_ms: u64,
+}
+
+impl ReadArgs {
+    pub fn settings(&self) -> QuerySettings {
+        QuerySettings {
+            read_your_writes_timeout: Duration::from_millis(self.ryw_timeout_ms),
+        }
+    }
+}
+
 /// `query`: the read path as its own service.
 #[derive(Parser, Debug)]
 #[command(
@@ -121,10 +195,8 @@ pub struct Cli {
     /// Address to listen on.
     #[arg(long, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:8082", value_parser = parse_listen)]
     pub listen: SocketAddr,
-    /// How long a miss waits for the projector before answering 503 (ms).
-    #[arg(long, env = "MSGHASH_RYW_TIMEOUT_MS", default_value_t = 2_000,
-          value_parser = clap::value_parser!(u64).range(0..=60_000))]
-    pub ryw_timeout_ms: u64,
+    #[command(flatten)]
+    pub read: ReadArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
@@ -140,9 +212,7 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     let tls = msghash_common::tls::server_config(&cli.tls.source())?;
     let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
     let model: Arc<dyn ReadModel> = Arc::new(ScyllaModel::connect(&cli.scylla.settings()).await?);
-    let settings = QuerySettings {
-        read_your_writes_timeout: Duration::from_millis(cli.ryw_timeout_ms),
-    };
+    let settings = cli.read.settings();
     let app = http::with_error_fallbacks(
         router(log.clone(), model, settings).merge(http::health_routes(http::log_ready(log))),
     );

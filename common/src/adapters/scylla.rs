@@ -62,6 +62,8 @@ pub struct ScyllaModel {
     select_message: PreparedStatement,
     upsert_offset: PreparedStatement,
     select_offset: PreparedStatement,
+    list_first: PreparedStatement,
+    list_after: PreparedStatement,
 }
 
 /// How many row writes of one batch are in flight at once.
@@ -134,6 +136,13 @@ impl ScyllaModel {
                 "SELECT applied_offset FROM {ks}.projection_offsets WHERE partition = ?"
             ))
             .await?,
+            // Listing walks the token ring: the cursor is the last digest of a page, and
+            // the next page starts after its token.
+            list_first: prepare(format!("SELECT digest FROM {ks}.messages LIMIT ?")).await?,
+            list_after: prepare(format!(
+                "SELECT digest FROM {ks}.messages WHERE token(digest) > token(?) LIMIT ?"
+            ))
+            .await?,
             session,
         })
     }
@@ -196,6 +205,38 @@ impl ReadModel for ScyllaModel {
             .maybe_first_row::<(i64,)>()
             .map_err(|e| ModelError::Corrupt(e.to_string()))?;
         Ok(row.map(|(o,)| o))
+    }
+
+    async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<Digest>, ModelError> {
+        let limit = i32::try_from(limit.max(1)).unwrap_or(i32::MAX);
+        let result = match after {
+            None => {
+                self.session
+                    .execute_unpaged(&self.list_first, (limit,))
+                    .await
+            }
+            Some(d) => {
+                self.session
+                    .execute_unpaged(&self.list_after, (&d.as_bytes()[..], limit))
+                    .await
+            }
+        }
+        .map_err(unavailable)?;
+        let rows = result
+            .into_rows_result()
+            .map_err(|e| ModelError::Corrupt(e.to_string()))?;
+        let mut digests = Vec::new();
+        for row in rows
+            .rows::<(Vec<u8>,)>()
+            .map_err(|e| ModelError::Corrupt(e.to_string()))?
+        {
+            let (bytes,) = row.map_err(|e| ModelError::Corrupt(e.to_string()))?;
+            digests.push(
+                Digest::from_bytes(&bytes)
+                    .ok_or_else(|| ModelError::Corrupt(format!("{}-byte digest", bytes.len())))?,
+            );
+        }
+        Ok(digests)
     }
 }
 

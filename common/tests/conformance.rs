@@ -1,0 +1,201 @@
+//! One conformance suite, run against every adapter pair, so the adapters cannot drift:
+//! - embedded: `EmbeddedLog` + `EmbeddedModel` (redb files);
+//! - Kafka + ScyllaDB: `KafkaLog` on librdkafka's mock cluster + `ScyllaModel` on the CQL
+//!   test server (both real wire protocols).
+
+use msghash_common::adapters::embedded::{EmbeddedLog, EmbeddedModel};
+use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
+use msghash_common::adapters::scylla::{ScyllaModel, ScyllaSettings};
+use msghash_common::ports::{LogRecord, Subscription};
+use msghash_common::{
+    partition_for, Digest, EventLog, MessageHashed, Offset, ProjectionBatch, ReadModel,
+};
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+use tokio::time::Instant;
+
+const PARTITIONS: u32 = 3;
+
+async fn drain(sub: &mut dyn Subscription, want: usize) -> Vec<LogRecord> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = Vec::new();
+    while got.len() < want {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {want} records arrived",
+            got.len()
+        );
+        got.extend(
+            sub.next_batch(50, Duration::from_millis(200))
+                .await
+                .expect("next_batch"),
+        );
+    }
+    got
+}
+
+fn last_per_partition(records: &[LogRecord]) -> Vec<(u32, Offset)> {
+    let mut last = BTreeMap::new();
+    for r in records {
+        let o = last.entry(r.partition).or_insert(r.offset);
+        *o = (*o).max(r.offset);
+    }
+    last.into_iter().collect()
+}
+
+async fn append_all(log: &dyn EventLog, messages: &[String]) -> BTreeMap<u32, Vec<Offset>> {
+    let mut offsets: BTreeMap<u32, Vec<Offset>> = BTreeMap::new();
+    for m in messages {
+        let e = MessageHashed::new(m.clone());
+        let p = partition_for(&e.digest, PARTITIONS);
+        offsets
+            .entry(p)
+            .or_default()
+            .push(log.append(p, &e).await.expect("append"));
+    }
+    offsets
+}
+
+/// append / end offsets / subscribe / commit / resume / replay.
+async fn event_log_conforms(log: &dyn EventLog) {
+    assert_eq!(log.partitions(), PARTITIONS);
+    for p in 0..PARTITIONS {
+        assert_eq!(
+            log.end_offset(p).await.expect("end"),
+            0,
+            "a new log is empty"
+        );
+    }
+    let first: Vec<String> = (0..30).map(|i| format!("conformance {i}")).collect();
+    let offsets = append_all(log, &first).await;
+    for (p, offs) in &offsets {
+        let want: Vec<Offset> = (0..offs.len() as Offset).collect();
+        assert_eq!(
+            offs, &want,
+            "offsets of partition {p} are contiguous from 0"
+        );
+        assert_eq!(log.end_offset(*p).await.expect("end"), offs.len() as Offset);
+    }
+
+    let mut sub = log.subscribe("conformance-a").await.expect("subscribe");
+    let records = drain(sub.as_mut(), 30).await;
+    assert_eq!(records.len(), 30, "no duplicates in one pass");
+    let mut seen = HashSet::new();
+    let mut previous: BTreeMap<u32, Offset> = BTreeMap::new();
+    for r in &records {
+        let e = MessageHashed::decode(r.key.as_deref(), r.value.as_deref()).expect("decodes");
+        assert_eq!(r.partition, partition_for(&e.digest, PARTITIONS));
+        assert!(seen.insert(e.message.clone()));
+        if let Some(prev) = previous.insert(r.partition, r.offset) {
+            assert!(r.offset > prev, "in order within partition {}", r.partition);
+        }
+    }
+    sub.commit(&last_per_partition(&records))
+        .await
+        .expect("commit");
+    drop(sub);
+
+    let more: Vec<String> = (0..5).map(|i| format!("conformance late {i}")).collect();
+    append_all(log, &more).await;
+    let mut resumed = log.subscribe("conformance-a").await.expect("resubscribe");
+    let records = drain(resumed.as_mut(), 5).await;
+    let messages: HashSet<String> = records
+        .iter()
+        .map(|r| {
+            MessageHashed::decode(r.key.as_deref(), r.value.as_deref())
+                .expect("decodes")
+                .message
+        })
+        .collect();
+    assert_eq!(
+        messages,
+        more.iter().cloned().collect(),
+        "resumes after its commit"
+    );
+    drop(resumed);
+
+    let mut replay = log.subscribe("conformance-b").await.expect("new group");
+    assert_eq!(
+        drain(replay.as_mut(), 35).await.len(),
+        35,
+        "a new group replays from 0"
+    );
+}
+
+/// apply / idempotence / get / applied offsets / list with a cursor.
+async fn read_model_conforms(model: &dyn ReadModel) {
+    let nothing = Digest::of("nothing");
+    assert_eq!(model.get(&nothing).await.expect("get"), None);
+    assert_eq!(model.applied_offset(0).await.expect("applied"), None);
+    assert!(model.list(None, 10).await.expect("list").is_empty());
+
+    let messages: Vec<String> = std::iter::once(String::new())
+        .chain(std::iter::once("héllo 🌍 日本 \"q\"\n".to_owned()))
+        .chain((0..98).map(|i| format!("listed {i}")))
+        .collect();
+    let batch = ProjectionBatch {
+        messages: messages
+            .iter()
+            .map(|m| (Digest::of(m), m.clone()))
+            .collect(),
+        applied: vec![(0, 41), (2, 7)],
+    };
+    model.apply(&batch).await.expect("apply");
+    model.apply(&batch).await.expect("apply again is harmless");
+    for m in &messages {
+        assert_eq!(
+            model.get(&Digest::of(m)).await.expect("get").as_deref(),
+            Some(m.as_str())
+        );
+    }
+    assert_eq!(model.applied_offset(0).await.expect("applied"), Some(41));
+    assert_eq!(model.applied_offset(1).await.expect("applied"), None);
+    assert_eq!(model.applied_offset(2).await.expect("applied"), Some(7));
+
+    let mut listed = Vec::new();
+    let mut after: Option<Digest> = None;
+    loop {
+        let page = model.list(after.as_ref(), 7).await.expect("list");
+        assert!(page.len() <= 7);
+        listed.extend(page.iter().copied());
+        match page.last() {
+            Some(last) if page.len() == 7 => after = Some(*last),
+            _ => break,
+        }
+    }
+    let unique: HashSet<Digest> = listed.iter().copied().collect();
+    assert_eq!(unique.len(), listed.len(), "each digest listed once");
+    let want: HashSet<Digest> = messages.iter().map(|m| Digest::of(m)).collect();
+    assert_eq!(unique, want, "the listing is complete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_adapters_conform() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = EmbeddedLog::open(dir.path(), PARTITIONS).expect("log");
+    event_log_conforms(&log).await;
+    let model = EmbeddedModel::open(dir.path()).expect("model");
+    read_model_conforms(&model).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_and_scylla_adapters_conform() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster
+        .create_topic("messages", PARTITIONS as i32, 1)
+        .expect("topic");
+    let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
+    settings.create_topic = false;
+    settings.session_timeout = Duration::from_secs(3);
+    let log = KafkaLog::connect(settings).await.expect("kafka");
+    event_log_conforms(&log).await;
+
+    let cql = cql_server::start("127.0.0.1:0").await.expect("cql server");
+    let model = ScyllaModel::connect(&ScyllaSettings::local(
+        cql.local_addr().to_string(),
+        "conformance",
+    ))
+    .await
+    .expect("scylla");
+    read_model_conforms(&model).await;
+}

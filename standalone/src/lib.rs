@@ -1,0 +1,147 @@
+//! `msghash`: the whole service in one process, with nothing to install.
+//!
+//! It composes the real service libraries — `ingest::router`, `query::router` and
+//! `projector::run_projection` — over the embedded adapters (`EventLog` and `ReadModel`
+//! on redb files in the data directory), on one TLS port. The handlers, the projection
+//! loop and the read-your-writes barrier are the same code the distributed services run.
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+use msghash_common::adapters::embedded::{EmbeddedLog, EmbeddedModel};
+use msghash_common::config::{parse_listen, LogArgs, TlsArgs};
+use msghash_common::http;
+use msghash_common::shutdown::Shutdown;
+use msghash_common::{EventLog, ReadModel};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// `msghash`: flags and `MSGHASH_*` variables.
+#[derive(Parser, Debug)]
+#[command(
+    name = "msghash",
+    version,
+    about = "msghash: POST a message, get its SHA-256; GET the digest, get the message. \
+             One process, one TLS port, embedded storage."
+)]
+pub struct Cli {
+    /// Address of the HTTPS port.
+    #[arg(long, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:5000", value_parser = parse_listen)]
+    pub listen: SocketAddr,
+    /// Directory of the event log and the read model (created if missing; one process at a
+    /// time).
+    #[arg(long, env = "MSGHASH_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// Partitions of the event log; fixed when the data directory is created.
+    #[arg(long, env = "MSGHASH_PARTITIONS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub partitions: u32,
+    #[command(flatten)]
+    pub write: ingest::WriteArgs,
+    #[command(flatten)]
+    pub read: query::ReadArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl Cli {
+    /// Parses the command line; a new user reads text logs, so that is the default here.
+    pub fn try_parse_args() -> Result<Cli, clap::Error> {
+        let command = Cli::command().mut_arg("log_format", |a| a.default_value("text"));
+        Cli::from_arg_matches(&command.try_get_matches()?)
+    }
+}
+
+/// ` (MSGHASH_X)` when a clap error line names a flag that has an environment variable.
+pub fn env_hint(error_line: &str) -> String {
+    Cli::command()
+        .get_arguments()
+        .filter_map(|a| Some((a.get_long()?, a.get_env()?)))
+        .find(|(long, _)| {
+            error_line.contains(&format!("--{long} ")) || error_line.contains(&format!("--{long}'"))
+        })
+        .map(|(_, env)| format!(" (environment: {})", env.to_string_lossy()))
+        .unwrap_or_default()
+}
+
+/// Why `msghash` could not start or stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A setting is wrong or a resource it names is unusable: exit code 2.
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Runs msghash until `shutdown` is cancelled, then stops gracefully: in-flight requests
+/// finish, the projector stops after its current batch, the stores are closed.
+pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<(), RunError> {
+    let tls_source = cli.tls.source();
+    let tls = msghash_common::tls::server_config(&tls_source).map_err(|e| {
+        RunError::Config(format!(
+            "TLS (MSGHASH_TLS_CERT/MSGHASH_TLS_KEY/MSGHASH_CERT_DIR): {e}"
+        ))
+    })?;
+    let data = cli.data_dir.clone();
+    let embedded_log = EmbeddedLog::open(&data, cli.partitions)
+        .map_err(|e| RunError::Config(format!("MSGHASH_DATA_DIR: {e}")))?;
+    let log: Arc<dyn EventLog> = Arc::new(embedded_log);
+    let model: Arc<dyn ReadModel> = Arc::new(
+        EmbeddedModel::open(&data)
+            .map_err(|e| RunError::Config(format!("MSGHASH_DATA_DIR: {e}")))?,
+    );
+    let listener = http::bind(cli.listen)
+        .map_err(|e| RunError::Config(format!("MSGHASH_LISTEN {}: {e}", cli.listen)))?;
+
+    let app = http::with_error_fallbacks(
+        ingest::router(log.clone(), cli.write.settings())
+            .merge(query::router(
+                log.clone(),
+                model.clone(),
+                cli.read.settings(),
+            ))
+            .merge(http::health_routes(http::log_ready(log.clone()))),
+    );
+
+    let projection = tokio::spawn(projector::run_projection(
+        log.clone(),
+        model.clone(),
+        projector::ProjectorSettings::default(),
+        Arc::default(),
+        shutdown.clone(),
+    ));
+
+    let port = listener.local_addr().map_err(anyhow::Error::from)?.port();
+    announce(port, &data, &tls_source);
+    let served = http::serve_tls(listener, tls, app, shutdown.clone()).await;
+    shutdown.cancel();
+    match projection.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "projector failed"),
+        Err(e) => tracing::error!(error = %e, "projector task failed"),
+    }
+    served.map_err(anyhow::Error::from)?;
+    tracing::info!("stopped; data is in {}", data.display());
+    Ok(())
+}
+
+fn announce(port: u16, data: &std::path::Path, tls: &msghash_common::tls::CertSource) {
+    let cacert = match tls {
+        msghash_common::tls::CertSource::Files { cert, .. } => cert.clone(),
+        msghash_common::tls::CertSource::Generated { dir } => {
+            dir.join(msghash_common::tls::CERT_FILE)
+        }
+    };
+    let base = format!("https://localhost:{port}");
+    let c = cacert.display();
+    println!(
+        "msghash is listening on {base} (data in {})",
+        data.display()
+    );
+    println!("  curl --cacert {c} -X POST {base}/messages -H 'Content-Type: application/json' -d '{{\"message\":\"foo\"}}'");
+    println!("  curl --cacert {c} {base}/messages/2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae");
+    println!("  curl --cacert {c} '{base}/messages?limit=10'");
+    println!("Stop with Ctrl-C.");
+}
