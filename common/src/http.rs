@@ -264,6 +264,41 @@ where
         )
 }
 
+/// Everything a service serves on its port: its own `routes`, `/health/live` and
+/// `/health/ready` (from `ready`), `/metrics`, the JSON 404/405 fallbacks, all observed
+/// under `service` (request id, one log event per request, HTTP metrics). Installs the
+/// metrics recorder if that has not happened yet.
+pub fn service_app<F, Fut>(service: &'static str, routes: Router, ready: F) -> Router
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    crate::metrics::install();
+    crate::metrics::observe(
+        with_error_fallbacks(
+            routes
+                .merge(health_routes(ready))
+                .merge(crate::metrics::routes()),
+        ),
+        service,
+    )
+}
+
+/// Readiness of an event log and a read model: both answer (the log an end-offset
+/// request, the model an applied-offset read).
+pub fn log_and_model_ready(
+    log: Arc<dyn crate::EventLog>,
+    model: Arc<dyn crate::ReadModel>,
+) -> impl Fn() -> futures::future::BoxFuture<'static, bool> + Clone + Send + Sync + 'static {
+    move || {
+        let (log, model) = (log.clone(), model.clone());
+        Box::pin(async move {
+            let (l, m) = tokio::join!(log.end_offset(0), model.applied_offset(0));
+            l.is_ok() && m.is_ok()
+        })
+    }
+}
+
 /// Readiness of an event log: it answers an end-offset request.
 pub fn log_ready(
     log: Arc<dyn crate::EventLog>,

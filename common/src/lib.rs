@@ -8,13 +8,15 @@
 //! - [`adapters`]: their implementations (Kafka through rdkafka, ScyllaDB through scylla);
 //! - [`http`]: the error type and its single mapping to HTTP, bounded JSON bodies, the TLS
 //!   server; [`tls`]: certificates; [`config`]: flags and `MSGHASH_*` variables;
-//!   [`telemetry`]: logging; [`shutdown`]: the signal-driven cancellation token.
+//!   [`telemetry`]: logging; [`metrics`]: Prometheus metrics, `/metrics`, the request
+//!   observer; [`shutdown`]: the signal-driven cancellation token.
 
 pub mod adapters;
 pub mod config;
 pub mod digest;
 pub mod event;
 pub mod http;
+pub mod metrics;
 pub mod partition;
 pub mod ports;
 pub mod shutdown;

@@ -1,23 +1,102 @@
-//! One place that sets up logging: JSON lines on stdout by default, text on request.
+//! One place that sets up logging: JSON lines on stdout by default, text on request, and
+//! optionally the same lines in daily-rotated files too.
 
-use tracing_subscriber::EnvFilter;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Layered, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-/// Installs the global subscriber. `format` is `json` or `text`; `filter` uses
-/// EnvFilter syntax. Calling it twice is harmless (the second call does nothing).
+/// Installs the global subscriber, logging to stdout. `format` is `json` or `text`;
+/// `filter` uses EnvFilter syntax. Calling it twice is harmless (the second call does
+/// nothing).
 pub fn init(format: &str, filter: &str) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true);
-    let _ = if format == "text" {
-        builder.try_init()
-    } else {
-        builder
+    // Without files there is no writer thread to keep, and nothing can fail.
+    let _ = init_with_files(format, filter, None);
+}
+
+/// Log files beside stdout: `<dir>/<prefix>.<YYYY-MM-DD>.log`, a new one each day, the
+/// newest `retention` kept.
+#[derive(Debug, Clone)]
+pub struct LogFiles {
+    pub dir: PathBuf,
+    pub prefix: String,
+    pub retention: usize,
+}
+
+/// Keeps the log-file writer alive. Dropping it flushes what is still buffered, so keep it
+/// until the process ends (in `main`).
+#[must_use = "dropping the guard stops writing log files"]
+pub struct LogGuard {
+    _file: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot use log directory {dir}: {reason}")]
+    LogDir { dir: PathBuf, reason: String },
+}
+
+type Base = Layered<EnvFilter, Registry>;
+type BoxedLayer = Box<dyn Layer<Base> + Send + Sync>;
+
+fn fmt_layer<W>(json: bool, writer: W, ansi: bool) -> BoxedLayer
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer()
+        .with_target(true)
+        .with_ansi(ansi)
+        .with_writer(writer);
+    if json {
+        layer
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .try_init()
-    };
+            .boxed()
+    } else {
+        layer.boxed()
+    }
+}
+
+/// [`init`], plus the same lines written to daily-rotated files when `files` is given
+/// (through a background writer: keep the returned guard for the process lifetime).
+pub fn init_with_files(
+    format: &str,
+    filter: &str,
+    files: Option<&LogFiles>,
+) -> Result<LogGuard, TelemetryError> {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = format != "text";
+    let mut layers: Vec<BoxedLayer> = vec![fmt_layer(
+        json,
+        std::io::stdout,
+        std::io::stdout().is_terminal(),
+    )];
+    let mut guard = None;
+    if let Some(files) = files {
+        let err = |reason: String| TelemetryError::LogDir {
+            dir: files.dir.clone(),
+            reason,
+        };
+        std::fs::create_dir_all(&files.dir).map_err(|e| err(e.to_string()))?;
+        let appender = tracing_appender::rolling::RollingFileAppender::builder()
+            .rotation(tracing_appender::rolling::Rotation::DAILY)
+            .filename_prefix(&files.prefix)
+            .filename_suffix("log")
+            .max_log_files(files.retention.max(1))
+            .build(&files.dir)
+            .map_err(|e| err(e.to_string()))?;
+        let (writer, worker) = tracing_appender::non_blocking(appender);
+        layers.push(fmt_layer(json, writer, false));
+        guard = Some(worker);
+    }
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(layers)
+        .try_init();
+    Ok(LogGuard { _file: guard })
 }
 
 /// For tests: logs only when `TEST_LOG` is set, so test output stays readable.

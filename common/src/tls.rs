@@ -3,7 +3,7 @@
 //! With a certificate and key configured, they are served as they are. Without, the
 //! service looks for `<cert dir>/localhost.crt` and `localhost.key` and, when they are not
 //! there, generates a self-signed certificate for `localhost`, `127.0.0.1` and `::1`
-//! (rcgen) and writes it there, so `curl --cacert <cert dir>/localhost.crt` works and every
+//! (rcgen; more names on request, see [`ensure_generated_with`]) and writes it there, so `curl --cacert <cert dir>/localhost.crt` works and every
 //! later start (and every other service sharing the directory) serves the same one.
 
 use rustls::pki_types::pem::PemObject;
@@ -95,6 +95,16 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 /// certificate is missing. The key is written before the certificate (both atomically), so
 /// an existing certificate always has its key beside it.
 pub fn ensure_generated(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
+    ensure_generated_with(dir, &[])
+}
+
+/// [`ensure_generated`], with `extra_sans` (DNS names or IP addresses, see [`valid_san`])
+/// added to [`GENERATED_SANS`] when the certificate is generated. An existing pair is kept
+/// as it is, whatever names it holds.
+pub fn ensure_generated_with(
+    dir: &Path,
+    extra_sans: &[String],
+) -> Result<(PathBuf, PathBuf), TlsError> {
     let cert_path = dir.join(CERT_FILE);
     let key_path = dir.join(KEY_FILE);
     if cert_path.exists() && key_path.exists() {
@@ -104,7 +114,8 @@ pub fn ensure_generated(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
         path: dir.to_owned(),
         source,
     })?;
-    let (cert_pem, key_pem) = generate().map_err(|e| TlsError::Generate(e.to_string()))?;
+    let (cert_pem, key_pem) =
+        generate(extra_sans).map_err(|e| TlsError::Generate(e.to_string()))?;
     write_atomically(&key_path, key_pem.as_bytes(), true)?;
     write_atomically(&cert_path, cert_pem.as_bytes(), false)?;
     tracing::info!(cert = %cert_path.display(), "generated a self-signed TLS certificate");
@@ -114,9 +125,14 @@ pub fn ensure_generated(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
 /// A self-signed server certificate that strict verifiers accept as its own trust anchor
 /// (Python 3.13's default `VERIFY_X509_STRICT` included): subject and authority key
 /// identifiers, server-auth usage, a common name.
-fn generate() -> Result<(String, String), rcgen::Error> {
+fn generate(extra_sans: &[String]) -> Result<(String, String), rcgen::Error> {
     use rcgen::{DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose};
-    let sans: Vec<String> = GENERATED_SANS.iter().map(|s| s.to_string()).collect();
+    let mut sans: Vec<String> = GENERATED_SANS.iter().map(|s| s.to_string()).collect();
+    for san in extra_sans {
+        if !sans.iter().any(|s| s.eq_ignore_ascii_case(san)) {
+            sans.push(san.clone());
+        }
+    }
     let mut params = rcgen::CertificateParams::new(sans)?;
     params
         .distinguished_name
@@ -132,6 +148,26 @@ fn generate() -> Result<(String, String), rcgen::Error> {
     let key = rcgen::KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Whether `name` can be a subject alternative name of a generated certificate: an IP
+/// address, or a DNS name (letters, digits, `-`, dot-separated labels of at most 63
+/// characters, at most 253 in all; a leading `*.` wildcard allowed).
+pub fn valid_san(name: &str) -> bool {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    !host.is_empty()
+        && name.len() <= 253
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 fn write_atomically(path: &Path, contents: &[u8], secret: bool) -> Result<(), TlsError> {
@@ -177,6 +213,38 @@ mod tests {
         };
         let config = server_config(&files).expect("configured files");
         assert_eq!(config.alpn_protocols[0], b"h2");
+    }
+
+    #[test]
+    fn extra_names_are_added_to_a_new_certificate_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let extra = vec![
+            "edge".to_owned(),
+            "10.1.2.3".to_owned(),
+            "LOCALHOST".to_owned(),
+        ];
+        let (cert, _) = ensure_generated_with(dir.path(), &extra).expect("generated");
+        let pem = std::fs::read(&cert).expect("cert");
+        let der = read_certs(&cert).expect("parses").remove(0);
+        let contains = |needle: &[u8]| der.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"edge"), "DNS name edge");
+        assert!(contains(&[10, 1, 2, 3]), "IP address");
+        // Kept as it is on the next call, whatever is asked.
+        ensure_generated_with(dir.path(), &["other".to_owned()]).expect("kept");
+        assert_eq!(std::fs::read(&cert).expect("cert"), pem);
+
+        for ok in [
+            "edge",
+            "query-1.msghash.svc",
+            "*.example.com",
+            "::1",
+            "10.0.0.1",
+        ] {
+            assert!(valid_san(ok), "{ok}");
+        }
+        for bad in ["", "has space", "-x", "a..b", "é.com", &"a".repeat(64)] {
+            assert!(!valid_san(bad), "{bad:?}");
+        }
     }
 
     #[test]

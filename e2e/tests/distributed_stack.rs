@@ -21,6 +21,8 @@ struct Stack {
     _tmp: tempfile::TempDir,
     edge: String,
     edge_port: u16,
+    /// Direct ports of ingest, query and projector (for /metrics).
+    service_ports: [(&'static str, u16); 3],
     cert: PathBuf,
     client: reqwest::Client,
 }
@@ -56,12 +58,18 @@ impl Stack {
         let run_dir = tmp.path().join("run");
         let cert_dir = tmp.path().join("certs");
         let edge_port = free_port();
+        let service_ports = [
+            ("ingest", free_port()),
+            ("query", free_port()),
+            ("projector", free_port()),
+        ];
         let mut child = Command::new(repo_root().join("scripts/dev-stack"))
             .env("MSGHASH_EDGE_PORT", edge_port.to_string())
             .env("MSGHASH_BROKER_PORT", free_port().to_string())
             .env("MSGHASH_CQL_PORT", free_port().to_string())
-            .env("MSGHASH_INGEST_PORT", free_port().to_string())
-            .env("MSGHASH_QUERY_PORT", free_port().to_string())
+            .env("MSGHASH_INGEST_PORT", service_ports[0].1.to_string())
+            .env("MSGHASH_QUERY_PORT", service_ports[1].1.to_string())
+            .env("MSGHASH_PROJECTOR_PORT", service_ports[2].1.to_string())
             .env("MSGHASH_RUN_DIR", &run_dir)
             .env("MSGHASH_CERT_DIR", &cert_dir)
             .stdout(Stdio::piped())
@@ -92,6 +100,7 @@ impl Stack {
             _tmp: tmp,
             edge: format!("https://localhost:{edge_port}"),
             edge_port,
+            service_ports,
             cert: cert_dir.join("localhost.crt"),
             client,
         }
@@ -335,6 +344,69 @@ async fn external_clients(stack: &Stack) {
     );
 }
 
+/// Sum of the samples of `name` whose label set contains every `labels` pair.
+fn sample_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every service's /metrics, scraped from the running processes: the counters moved, and
+/// every metric the Grafana dashboard may use (deploy/metrics.txt) is exported.
+async fn metrics_move(stack: &Stack) {
+    let mut all = String::new();
+    for (name, port) in stack.service_ports {
+        let r = stack
+            .client
+            .get(format!("https://localhost:{port}/metrics"))
+            .send()
+            .await
+            .expect("metrics answered");
+        assert_eq!(r.status(), StatusCode::OK, "{name} /metrics");
+        let text = r.text().await.expect("text");
+        let moved = match name {
+            "ingest" => sample_sum(
+                &text,
+                "msghash_http_requests_total",
+                &[
+                    r#"service="ingest""#,
+                    r#"route="/messages""#,
+                    r#"status="201""#,
+                ],
+            ),
+            "query" => sample_sum(
+                &text,
+                "msghash_http_requests_total",
+                &[
+                    r#"service="query""#,
+                    r#"route="/messages/{digest}""#,
+                    r#"status="200""#,
+                ],
+            ),
+            _ => sample_sum(&text, "msghash_projector_events_applied_total", &[]),
+        };
+        assert!(moved > 0.0, "{name}: counters did not move:\n{text}");
+        all.push_str(&text);
+    }
+    assert!(sample_sum(&all, "msghash_ingest_produce_duration_seconds_count", &[]) > 0.0);
+    let names = std::fs::read_to_string(repo_root().join("deploy/metrics.txt"))
+        .expect("deploy/metrics.txt lists the exported metrics");
+    // Lines are `name type`; `#` starts a comment.
+    for name in names
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        assert!(
+            all.lines().any(|l| l.starts_with(name)),
+            "{name} is used by the dashboard but no service exports it"
+        );
+    }
+}
+
 async fn read_your_writes(stack: &Stack, pairs: usize) {
     let not_found = AtomicUsize::new(0);
     let results = join_all((0..pairs).map(|i| {
@@ -468,6 +540,7 @@ async fn distributed_stack_end_to_end() {
     http_contract(&stack).await;
     external_clients(&stack).await;
     read_your_writes(&stack, 1_000).await;
+    metrics_move(&stack).await;
     projector_killed_mid_load(&stack, 2_000).await;
     broker_stopped_gives_503(&stack).await;
     stack.stop().await;

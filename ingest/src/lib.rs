@@ -5,7 +5,8 @@
 //! log acknowledged the event. A log that does not acknowledge within the request deadline
 //! (after retries with backoff) yields `503` with `Retry-After`, never a hang or a 500.
 //!
-//! [`router`] is what the standalone binary composes; [`run`] is the service on its own.
+//! [`router`] is what the standalone binary composes; [`app`] adds health, `/metrics` and
+//! request observation; [`run`] is the service on its own.
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
@@ -17,6 +18,7 @@ use clap::Parser;
 use msghash_common::adapters::kafka::KafkaLog;
 use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, TlsArgs};
 use msghash_common::http::{self, ApiError};
+use msghash_common::metrics::names;
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{partition_for, EventLog, LogError, MessageHashed, Offset};
 use serde::Deserialize;
@@ -50,6 +52,8 @@ struct AppState {
 
 /// The write-path routes: `POST /messages`.
 pub fn router(log: Arc<dyn EventLog>, settings: IngestSettings) -> Router {
+    // Present (at 0) from the start, so rate() and alerts see the series before a failure.
+    metrics::counter!(names::INGEST_PRODUCE_FAILURES_TOTAL).increment(0);
     Router::new()
         .route("/messages", post(post_message))
         .with_state(AppState {
@@ -102,7 +106,22 @@ async fn accept(state: &AppState, request: Request) -> Result<Response, ApiError
         .into_response())
 }
 
+/// The write path as the `ingest` service serves it: [`router`], health (ready when the
+/// log answers), `/metrics`, JSON fallbacks, request observation.
+pub fn app(log: Arc<dyn EventLog>, settings: IngestSettings) -> Router {
+    msghash_common::metrics::install();
+    http::service_app(
+        "ingest",
+        router(log.clone(), settings),
+        http::log_ready(log),
+    )
+}
+
 /// Appends with exponential backoff on `Unavailable`, all within `deadline`.
+///
+/// Metrics: one `msghash_ingest_produce_duration_seconds` observation per acknowledged
+/// append (first attempt to acknowledgement, retries included), one
+/// `msghash_ingest_produce_failures_total` per append that is not acknowledged.
 pub async fn append_within(
     log: &dyn EventLog,
     partition: u32,
@@ -119,12 +138,19 @@ pub async fn append_within(
         )
         .when(|e| matches!(e, LogError::Unavailable(_)))
         .notify(|e, after| tracing::debug!(error = %e, ?after, "retrying append"));
-    match tokio::time::timeout(deadline, attempts).await {
+    let started = std::time::Instant::now();
+    let result = match tokio::time::timeout(deadline, attempts).await {
         Ok(result) => result,
         Err(_) => Err(LogError::Unavailable(format!(
             "no acknowledgement within {deadline:?}"
         ))),
+    };
+    match &result {
+        Ok(_) => metrics::histogram!(names::INGEST_PRODUCE_DURATION_SECONDS)
+            .record(started.elapsed().as_secs_f64()),
+        Err(_) => metrics::counter!(names::INGEST_PRODUCE_FAILURES_TOTAL).increment(1),
     }
+    result
 }
 
 /// The write path's own settings, shared by `ingest` and the standalone `msghash`.
@@ -172,12 +198,10 @@ pub struct Cli {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
+    msghash_common::metrics::install();
     let tls = msghash_common::tls::server_config(&cli.tls.source())?;
     let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
-    let settings = cli.write.settings();
-    let app = http::with_error_fallbacks(
-        router(log.clone(), settings).merge(http::health_routes(http::log_ready(log))),
-    );
+    let app = app(log, cli.write.settings());
     let listener = http::bind(cli.listen)?;
     tracing::info!(listen = %listener.local_addr()?, "ingest listening");
     http::serve_tls(listener, tls, app, shutdown).await?;

@@ -7,6 +7,7 @@ use axum::Router;
 use http_body_util::BodyExt;
 use ingest::IngestSettings;
 use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
+use msghash_common::metrics::{exposition, names, REQUEST_ID};
 use msghash_common::{partition_for, EventLog, MessageHashed};
 use rdkafka::mocking::MockCluster;
 use std::sync::Arc;
@@ -25,14 +26,31 @@ async fn app(
     settings.message_timeout = Duration::from_millis(800);
     settings.create_topic = false;
     let log = Arc::new(KafkaLog::connect(settings).await.expect("connect"));
-    let router = msghash_common::http::with_error_fallbacks(ingest::router(
+    let router = ingest::app(
         log.clone(),
         IngestSettings {
             body_limit: 1024,
             deadline: Duration::from_secs(3),
         },
-    ));
+    );
     (router, log)
+}
+
+/// `GET /metrics`, checked as Prometheus text.
+async fn scrape(app: &Router) -> exposition::Exposition {
+    let request = Request::get("/metrics")
+        .body(Body::empty())
+        .expect("request");
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let text = String::from_utf8(bytes.to_vec()).expect("utf-8");
+    exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
 async fn call(
@@ -188,8 +206,38 @@ async fn bad_requests_get_json_errors_and_nothing_is_appended() {
 async fn a_broker_that_is_down_gets_503_with_retry_after_within_the_deadline() {
     let cluster = MockCluster::new(1).expect("cluster");
     let (app, _log) = app(&cluster).await;
-    let (status, _, _) = call(&app, post(r#"{"message":"up"}"#, Some("application/json"))).await;
+    let before = scrape(&app).await;
+    let failures = |e: &exposition::Exposition| e.sum(names::INGEST_PRODUCE_FAILURES_TOTAL, &[]);
+    let acked = |e: &exposition::Exposition| {
+        e.sum(
+            &format!("{}_count", names::INGEST_PRODUCE_DURATION_SECONDS),
+            &[],
+        )
+    };
+    assert_eq!(
+        before.type_of(names::INGEST_PRODUCE_FAILURES_TOTAL),
+        Some("counter"),
+        "the failure counter is there before any failure"
+    );
+    let (status, headers, _) =
+        call(&app, post(r#"{"message":"up"}"#, Some("application/json"))).await;
     assert_eq!(status, StatusCode::CREATED);
+    assert!(headers.contains_key(REQUEST_ID));
+    let after_up = scrape(&app).await;
+    assert_eq!(
+        after_up.type_of(names::INGEST_PRODUCE_DURATION_SECONDS),
+        Some("histogram")
+    );
+    assert!(acked(&after_up) >= acked(&before) + 1.0);
+    assert!(after_up.has(
+        names::HTTP_REQUESTS_TOTAL,
+        &[
+            ("service", "ingest"),
+            ("route", "/messages"),
+            ("method", "POST"),
+            ("status", "201")
+        ]
+    ));
 
     cluster.broker_down(1).expect("down");
     let started = std::time::Instant::now();
@@ -210,4 +258,10 @@ async fn a_broker_that_is_down_gets_503_with_retry_after_within_the_deadline() {
         "{:?}",
         started.elapsed()
     );
+    let after_down = scrape(&app).await;
+    assert!(failures(&after_down) >= failures(&after_up) + 1.0);
+    assert!(after_down.has(
+        names::HTTP_REQUESTS_TOTAL,
+        &[("service", "ingest"), ("status", "503")]
+    ));
 }

@@ -7,18 +7,26 @@
 //!
 //! A record that does not decode is poison: it is logged, counted and skipped (its offset
 //! still counts as applied), so it can never block its partition.
+//!
+//! The `projector` service also serves `/health/live`, `/health/ready` (the log and the
+//! read model answer) and `/metrics` over TLS ([`app`]); the projection refreshes
+//! `msghash_projector_lag{partition}` every [`ProjectorSettings::lag_interval`].
 
+use axum::Router;
 use backon::{ExponentialBuilder, Retryable};
 use clap::Parser;
 use msghash_common::adapters::kafka::KafkaLog;
 use msghash_common::adapters::scylla::ScyllaModel;
-use msghash_common::config::{KafkaArgs, LogArgs, ScyllaArgs};
+use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
+use msghash_common::http;
+use msghash_common::metrics::names;
 use msghash_common::ports::{LogRecord, Subscription};
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{EventLog, MessageHashed, ProjectionBatch, ReadModel};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Settings of the projection loop.
 #[derive(Debug, Clone)]
@@ -29,6 +37,8 @@ pub struct ProjectorSettings {
     pub batch_size: usize,
     /// How long one poll waits for the first record (also how often shutdown is checked).
     pub poll_wait: Duration,
+    /// How often `msghash_projector_lag` is refreshed from the log and the read model.
+    pub lag_interval: Duration,
 }
 
 impl Default for ProjectorSettings {
@@ -37,15 +47,32 @@ impl Default for ProjectorSettings {
             group: "msghash-projector".into(),
             batch_size: 500,
             poll_wait: Duration::from_millis(200),
+            lag_interval: Duration::from_secs(2),
         }
     }
 }
 
-/// Counters a running projection exposes.
+/// Counters a running projection exposes. Each count also goes to the process's metrics
+/// (`msghash_projector_events_applied_total`, `msghash_projector_dead_lettered_total`),
+/// which add up every projection of the process.
 #[derive(Debug, Default)]
 pub struct ProjectorStats {
     pub applied_events: AtomicU64,
     pub dead_lettered: AtomicU64,
+}
+
+impl ProjectorStats {
+    /// Counts `n` events written to the read model.
+    pub fn record_applied(&self, n: u64) {
+        self.applied_events.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(names::PROJECTOR_EVENTS_APPLIED_TOTAL).increment(n);
+    }
+
+    /// Counts one record skipped because it does not decode.
+    pub fn record_dead_lettered(&self) {
+        self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::PROJECTOR_DEAD_LETTERED_TOTAL).increment(1);
+    }
 }
 
 /// Turns records into one batch, dead-lettering what does not decode.
@@ -55,7 +82,7 @@ pub fn build_batch(records: &[LogRecord], stats: &ProjectorStats) -> ProjectionB
         match MessageHashed::decode(r.key.as_deref(), r.value.as_deref()) {
             Ok(event) => batch.push_event(r.partition, r.offset, event),
             Err(e) => {
-                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                stats.record_dead_lettered();
                 tracing::warn!(partition = r.partition, offset = r.offset, error = %e,
                     "dead-lettered an undecodable event");
                 batch.advance(r.partition, r.offset);
@@ -75,6 +102,15 @@ pub async fn run_projection(
     stats: Arc<ProjectorStats>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    // Present (at 0) from the start, so rate() and alerts see the series.
+    metrics::counter!(names::PROJECTOR_EVENTS_APPLIED_TOTAL).increment(0);
+    metrics::counter!(names::PROJECTOR_DEAD_LETTERED_TOTAL).increment(0);
+    let _lag = AbortOnDrop(tokio::spawn(refresh_lag(
+        log.clone(),
+        model.clone(),
+        settings.lag_interval,
+        shutdown.clone(),
+    )));
     let mut subscription = subscribe(log.as_ref(), &settings.group, &shutdown).await?;
     let Some(subscription) = subscription.as_mut() else {
         return Ok(());
@@ -100,6 +136,7 @@ pub async fn run_projection(
         if records.is_empty() {
             continue;
         }
+        let started = Instant::now();
         let batch = build_batch(&records, &stats);
         let apply = (|| model.apply(&batch))
             .retry(backoff)
@@ -108,16 +145,60 @@ pub async fn run_projection(
             result = apply => result?,
             _ = shutdown.cancelled() => break,
         }
-        stats
-            .applied_events
-            .fetch_add(batch.messages.len() as u64, Ordering::Relaxed);
+        stats.record_applied(batch.messages.len() as u64);
         if let Err(e) = subscription.commit(&batch.applied).await {
             // Not fatal: the rows and offsets are written; a restart replays the batch.
             tracing::warn!(error = %e, "committing consumer offsets failed");
         }
+        metrics::histogram!(names::PROJECTOR_BATCH_DURATION_SECONDS)
+            .record(started.elapsed().as_secs_f64());
     }
     tracing::info!("projector stopped");
     Ok(())
+}
+
+/// Aborts the task when dropped, whichever way the projection ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Records of a partition not yet applied: `end − 1 − applied` (the whole partition when
+/// nothing is applied yet), never negative.
+pub fn lag(end: msghash_common::Offset, applied: Option<msghash_common::Offset>) -> i64 {
+    (end - 1 - applied.unwrap_or(-1)).max(0)
+}
+
+/// Sets `msghash_projector_lag{partition}` for every partition now, then every `interval`,
+/// until `shutdown`. A partition whose offsets cannot be read keeps its last value.
+async fn refresh_lag(
+    log: Arc<dyn EventLog>,
+    model: Arc<dyn ReadModel>,
+    interval: Duration,
+    shutdown: Shutdown,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        for partition in 0..log.partitions() {
+            let offsets = tokio::join!(log.end_offset(partition), model.applied_offset(partition));
+            match offsets {
+                (Ok(end), Ok(applied)) => {
+                    metrics::gauge!(names::PROJECTOR_LAG, "partition" => partition.to_string())
+                        .set(lag(end, applied) as f64);
+                }
+                (Err(e), _) => tracing::debug!(partition, error = %e, "lag: no end offset"),
+                (_, Err(e)) => tracing::debug!(partition, error = %e, "lag: no applied offset"),
+            }
+        }
+    }
 }
 
 async fn subscribe(
@@ -153,16 +234,35 @@ pub struct Cli {
     #[arg(long, env = "MSGHASH_BATCH_SIZE", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch_size: u64,
+    /// Address of the HTTPS port serving /health/live, /health/ready and /metrics.
+    #[arg(long, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:8083", value_parser = parse_listen)]
+    pub listen: SocketAddr,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub scylla: ScyllaArgs,
     #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
-/// Runs the service until `shutdown` is cancelled.
+/// What the `projector` service serves on its port: `/health/live`, `/health/ready` (the
+/// log and the read model answer), `/metrics`, observed like every other service.
+pub fn app(log: Arc<dyn EventLog>, model: Arc<dyn ReadModel>) -> Router {
+    msghash_common::metrics::install();
+    http::service_app(
+        "projector",
+        Router::new(),
+        http::log_and_model_ready(log, model),
+    )
+}
+
+/// Runs the service until `shutdown` is cancelled: the projection, and the HTTPS port.
+/// Either one ending (an error, or shutdown) stops the other.
 pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
+    msghash_common::metrics::install();
+    let tls = msghash_common::tls::server_config(&cli.tls.source())?;
     let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
     let model: Arc<dyn ReadModel> = Arc::new(ScyllaModel::connect(&cli.scylla.settings()).await?);
     let settings = ProjectorSettings {
@@ -170,7 +270,26 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
         batch_size: usize::try_from(cli.batch_size)?,
         ..ProjectorSettings::default()
     };
-    run_projection(log, model, settings, Arc::default(), shutdown).await
+    let listener = http::bind(cli.listen)?;
+    tracing::info!(listen = %listener.local_addr()?, "projector listening");
+    let stop = shutdown.child_token();
+    let server = http::serve_tls(listener, tls, app(log.clone(), model.clone()), stop.clone());
+    let projection = run_projection(log, model, settings, Arc::default(), stop.clone());
+    let (served, projected) = tokio::join!(
+        async {
+            let r = server.await;
+            stop.cancel();
+            r
+        },
+        async {
+            let r = projection.await;
+            stop.cancel();
+            r
+        }
+    );
+    projected?;
+    served?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -212,5 +331,14 @@ mod tests {
             ]
         );
         assert_eq!(batch.applied, vec![(0, 11), (1, 5)]);
+    }
+
+    #[test]
+    fn lag_counts_the_records_not_yet_applied() {
+        assert_eq!(lag(0, None), 0, "empty partition");
+        assert_eq!(lag(5, None), 5, "nothing applied");
+        assert_eq!(lag(5, Some(4)), 0, "caught up");
+        assert_eq!(lag(10, Some(6)), 3);
+        assert_eq!(lag(3, Some(7)), 0, "never negative");
     }
 }

@@ -54,6 +54,7 @@ fn start(
         group: group.into(),
         batch_size: 7,
         poll_wait: Duration::from_millis(100),
+        lag_interval: Duration::from_millis(200),
     };
     let task = tokio::spawn(run_projection(
         log.clone(),
@@ -139,4 +140,131 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 1);
     shutdown.cancel();
     task.await.expect("join").expect("clean stop");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+async fn https_get(client: &reqwest::Client, url: &str) -> Option<(u16, String)> {
+    let r = client.get(url).send().await.ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.text().await.ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_serves_health_and_metrics_over_tls() {
+    use msghash_common::metrics::{exposition, names};
+    use msghash_common::tls::CERT_FILE;
+
+    let cluster = MockCluster::new(1).expect("cluster");
+    cluster
+        .create_topic("messages", PARTITIONS as i32, 1)
+        .expect("topic");
+    let cql = cql_server::start("127.0.0.1:0").await.expect("cql");
+    let certs = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let cli = <projector::Cli as clap::Parser>::try_parse_from([
+        "projector".to_owned(),
+        format!("--kafka-brokers={}", cluster.bootstrap_servers()),
+        format!("--partitions={PARTITIONS}"),
+        "--kafka-session-timeout-ms=3000".to_owned(),
+        format!("--scylla-nodes={}", cql.local_addr()),
+        format!("--listen=127.0.0.1:{port}"),
+        format!("--cert-dir={}", certs.path().display()),
+        "--group=projector-http".to_owned(),
+    ])
+    .expect("flags parse");
+    let shutdown = Shutdown::new();
+    let service = tokio::spawn(projector::run(cli, shutdown.clone()));
+
+    let base = format!("https://localhost:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = loop {
+        assert!(Instant::now() < deadline, "projector did not serve");
+        assert!(!service.is_finished(), "projector stopped early");
+        if let Ok(pem) = std::fs::read(certs.path().join(CERT_FILE)) {
+            let client = reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("client");
+            if let Some((200, _)) = https_get(&client, &format!("{base}/health/live")).await {
+                break client;
+            }
+        }
+        sleep(Duration::from_millis(100)).await;
+    };
+    let (status, body) = https_get(&client, &format!("{base}/health/ready"))
+        .await
+        .expect("ready answers");
+    assert_eq!(status, 200, "{body}");
+
+    // Events go through; the metrics show them applied, timed, and the lag back at 0.
+    let settings = {
+        let mut s = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
+        s.create_topic = false;
+        s
+    };
+    let log = KafkaLog::connect(settings).await.expect("kafka");
+    let messages: Vec<String> = (0..12).map(|i| format!("observed {i}")).collect();
+    append_all(&log, &messages).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, text) = https_get(&client, &format!("{base}/metrics"))
+            .await
+            .expect("metrics answer");
+        assert_eq!(status, 200);
+        let e = exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let applied = e.sum(names::PROJECTOR_EVENTS_APPLIED_TOTAL, &[]);
+        let lags: Vec<f64> = (0..PARTITIONS)
+            .map(|p| {
+                e.matching(names::PROJECTOR_LAG, &[("partition", &p.to_string())])
+                    .map(|s| s.value)
+                    .next()
+                    .unwrap_or(f64::NAN)
+            })
+            .collect();
+        if applied >= 12.0 && lags.iter().all(|l| *l == 0.0) {
+            assert_eq!(e.type_of(names::PROJECTOR_LAG), Some("gauge"));
+            assert_eq!(
+                e.type_of(names::PROJECTOR_EVENTS_APPLIED_TOTAL),
+                Some("counter")
+            );
+            assert_eq!(
+                e.type_of(names::PROJECTOR_DEAD_LETTERED_TOTAL),
+                Some("counter")
+            );
+            assert_eq!(
+                e.type_of(names::PROJECTOR_BATCH_DURATION_SECONDS),
+                Some("histogram")
+            );
+            let batches = format!("{}_count", names::PROJECTOR_BATCH_DURATION_SECONDS);
+            assert!(e.sum(&batches, &[]) >= 1.0);
+            assert!(e.has(
+                names::HTTP_REQUESTS_TOTAL,
+                &[
+                    ("service", "projector"),
+                    ("route", "/health/ready"),
+                    ("status", "200")
+                ]
+            ));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "applied {applied}, lags {lags:?}\n{text}"
+        );
+        sleep(Duration::from_millis(200)).await;
+    }
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), service)
+        .await
+        .expect("stops")
+        .expect("join")
+        .expect("clean stop");
 }

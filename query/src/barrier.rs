@@ -11,6 +11,7 @@
 //! reuses any read that *started* after the moment it needs, and at most one read per
 //! partition is in flight. Hits never come here.
 
+use msghash_common::metrics::names::QUERY_BARRIER_WAITS_TOTAL;
 use msghash_common::{EventLog, Offset, ReadModel};
 use std::future::Future;
 use std::sync::Arc;
@@ -71,12 +72,22 @@ pub struct ReadBarrier {
     applied: Fresh<Option<Offset>>,
 }
 
+/// The `outcome` label values of `msghash_query_barrier_waits_total`.
+pub const CAUGHT_UP: &str = "caught_up";
+pub const BEHIND: &str = "behind";
+pub const ERROR: &str = "error";
+const OUTCOMES: [&str; 3] = [CAUGHT_UP, BEHIND, ERROR];
+
 const FIRST_POLL: Duration = Duration::from_millis(2);
 const MAX_POLL: Duration = Duration::from_millis(50);
 
 impl ReadBarrier {
     pub fn new(log: Arc<dyn EventLog>, model: Arc<dyn ReadModel>, timeout: Duration) -> Self {
         let partitions = log.partitions();
+        // Every outcome present (at 0) from the start, so rate() and alerts see them.
+        for outcome in OUTCOMES {
+            metrics::counter!(QUERY_BARRIER_WAITS_TOTAL, "outcome" => outcome).increment(0);
+        }
         ReadBarrier {
             log,
             model,
@@ -88,7 +99,20 @@ impl ReadBarrier {
 
     /// Returns once every event appended to `partition` before `began` is applied, or
     /// fails when that does not happen within the timeout (counted from `began`).
+    ///
+    /// Each wait counts once in `msghash_query_barrier_waits_total{outcome}`.
     pub async fn wait(&self, partition: u32, began: Instant) -> Result<(), BarrierError> {
+        let result = self.wait_uncounted(partition, began).await;
+        let outcome = match &result {
+            Ok(()) => CAUGHT_UP,
+            Err(BarrierError::Behind { .. }) => BEHIND,
+            Err(BarrierError::Dependency(_)) => ERROR,
+        };
+        metrics::counter!(QUERY_BARRIER_WAITS_TOTAL, "outcome" => outcome).increment(1);
+        result
+    }
+
+    async fn wait_uncounted(&self, partition: u32, began: Instant) -> Result<(), BarrierError> {
         let deadline = began + self.timeout;
         let end = self
             .ends
@@ -114,6 +138,87 @@ impl ReadBarrier {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(MAX_POLL);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use msghash_common::metrics::{exposition, install};
+    use msghash_common::ports::Subscription;
+    use msghash_common::{Digest, LogError, MessageHashed, ModelError, ProjectionBatch};
+
+    /// A log whose partition 0 ends at `end` (or fails when `end` is `None`).
+    struct Log {
+        end: Option<Offset>,
+    }
+
+    #[async_trait]
+    impl EventLog for Log {
+        fn partitions(&self) -> u32 {
+            1
+        }
+        async fn append(&self, _: u32, _: &MessageHashed) -> Result<Offset, LogError> {
+            Err(LogError::Rejected("read-only".into()))
+        }
+        async fn end_offset(&self, _: u32) -> Result<Offset, LogError> {
+            self.end
+                .ok_or_else(|| LogError::Unavailable("broker down".into()))
+        }
+        async fn subscribe(&self, _: &str) -> Result<Box<dyn Subscription>, LogError> {
+            Err(LogError::Rejected("read-only".into()))
+        }
+    }
+
+    /// A read model that applied nothing.
+    struct Model;
+
+    #[async_trait]
+    impl ReadModel for Model {
+        async fn apply(&self, _: &ProjectionBatch) -> Result<(), ModelError> {
+            Ok(())
+        }
+        async fn get(&self, _: &Digest) -> Result<Option<String>, ModelError> {
+            Ok(None)
+        }
+        async fn applied_offset(&self, _: u32) -> Result<Option<Offset>, ModelError> {
+            Ok(None)
+        }
+        async fn list(&self, _: Option<&Digest>, _: usize) -> Result<Vec<Digest>, ModelError> {
+            Ok(vec![])
+        }
+    }
+
+    fn counts() -> [f64; 3] {
+        let e = exposition::parse(&install().render()).expect("exposition");
+        OUTCOMES.map(|o| e.sum(QUERY_BARRIER_WAITS_TOTAL, &[("outcome", o)]))
+    }
+
+    #[tokio::test]
+    async fn every_wait_counts_once_under_its_outcome() {
+        install();
+        let barrier = |end| {
+            ReadBarrier::new(
+                Arc::new(Log { end }),
+                Arc::new(Model),
+                Duration::from_millis(20),
+            )
+        };
+        let before = counts();
+        assert!(barrier(Some(0)).wait(0, Instant::now()).await.is_ok());
+        assert!(matches!(
+            barrier(Some(3)).wait(0, Instant::now()).await,
+            Err(BarrierError::Behind { .. })
+        ));
+        assert!(matches!(
+            barrier(None).wait(0, Instant::now()).await,
+            Err(BarrierError::Dependency(_))
+        ));
+        let after = counts();
+        for i in 0..3 {
+            assert!(after[i] >= before[i] + 1.0, "{}", OUTCOMES[i]);
         }
     }
 }

@@ -4,7 +4,8 @@
 //! passes the read-your-writes [`barrier`] before answering `404 {"err_msg": "Message not
 //! found"}`; a malformed digest names no message and gets the 404 at once.
 //!
-//! [`router`] is what the standalone binary composes; [`run`] is the service on its own.
+//! [`router`] is what the standalone binary composes; [`app`] adds health, `/metrics` and
+//! request observation; [`run`] is the service on its own.
 
 pub mod barrier;
 
@@ -67,6 +68,17 @@ pub fn router(
         .route("/messages", get(list_messages))
         .route("/all-messages", get(list_messages))
         .with_state(state)
+}
+
+/// The read path as the `query` service serves it: [`router`], health (ready when the log
+/// and the read model answer), `/metrics`, JSON fallbacks, request observation.
+pub fn app(log: Arc<dyn EventLog>, model: Arc<dyn ReadModel>, settings: QuerySettings) -> Router {
+    msghash_common::metrics::install();
+    http::service_app(
+        "query",
+        router(log.clone(), model.clone(), settings),
+        http::log_and_model_ready(log, model),
+    )
 }
 
 async fn get_message(
@@ -209,13 +221,11 @@ pub struct Cli {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
+    msghash_common::metrics::install();
     let tls = msghash_common::tls::server_config(&cli.tls.source())?;
     let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
     let model: Arc<dyn ReadModel> = Arc::new(ScyllaModel::connect(&cli.scylla.settings()).await?);
-    let settings = cli.read.settings();
-    let app = http::with_error_fallbacks(
-        router(log.clone(), model, settings).merge(http::health_routes(http::log_ready(log))),
-    );
+    let app = app(log, model, cli.read.settings());
     let listener = http::bind(cli.listen)?;
     tracing::info!(listen = %listener.local_addr()?, "query listening");
     http::serve_tls(listener, tls, app, shutdown).await?;

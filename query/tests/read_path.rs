@@ -8,6 +8,7 @@ use axum::Router;
 use http_body_util::BodyExt;
 use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
 use msghash_common::adapters::scylla::{ScyllaModel, ScyllaSettings};
+use msghash_common::metrics::{exposition, names};
 use msghash_common::{partition_for, Digest, EventLog, MessageHashed, ProjectionBatch, ReadModel};
 use query::QuerySettings;
 use rdkafka::mocking::MockCluster;
@@ -40,13 +41,13 @@ async fn fixture(cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerCon
         .await
         .expect("scylla"),
     );
-    let app = msghash_common::http::with_error_fallbacks(query::router(
+    let app = query::app(
         log.clone(),
         model.clone(),
         QuerySettings {
             read_your_writes_timeout: Duration::from_millis(500),
         },
-    ));
+    );
     Fixture {
         app,
         log,
@@ -76,6 +77,30 @@ async fn get(app: &Router, digest: &str) -> (StatusCode, Option<String>, serde_j
         retry_after,
         serde_json::from_slice(&bytes).expect("JSON body"),
     )
+}
+
+async fn text(app: &Router, path: &str) -> (StatusCode, String) {
+    let request = Request::get(path).body(Body::empty()).expect("request");
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// `GET /metrics`, checked as Prometheus text.
+async fn scrape(app: &Router) -> exposition::Exposition {
+    let (status, text) = text(app, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+fn waits(e: &exposition::Exposition, outcome: &str) -> f64 {
+    e.sum(names::QUERY_BARRIER_WAITS_TOTAL, &[("outcome", outcome)])
 }
 
 /// Appends like ingest does and returns (partition, offset).
@@ -120,6 +145,13 @@ async fn a_miss_waits_for_the_projector_and_never_answers_a_false_404() {
     let f = fixture(&cluster).await;
     let (p, offset) = append(&f.log, "pending").await;
     let digest = Digest::of("pending").to_hex();
+    let before = scrape(&f.app).await;
+    for outcome in ["caught_up", "behind", "error"] {
+        assert!(
+            before.has(names::QUERY_BARRIER_WAITS_TOTAL, &[("outcome", outcome)]),
+            "{outcome} is there before any wait"
+        );
+    }
 
     // Written but not projected: the truth is unknown within the bound, so 503, not 404.
     let (status, retry_after, body) = get(&f.app, &digest).await;
@@ -145,4 +177,37 @@ async fn a_miss_waits_for_the_projector_and_never_answers_a_false_404() {
         .expect("some digest maps to p");
     let (status, _, _) = get(&f.app, &other.to_hex()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let after = scrape(&f.app).await;
+    assert!(waits(&after, "behind") >= waits(&before, "behind") + 1.0);
+    assert!(waits(&after, "caught_up") >= waits(&before, "caught_up") + 2.0);
+    assert!(after.has(
+        names::HTTP_REQUESTS_TOTAL,
+        &[
+            ("service", "query"),
+            ("route", "/messages/{digest}"),
+            ("method", "GET"),
+            ("status", "503")
+        ]
+    ));
+}
+
+#[tokio::test]
+async fn ready_when_the_log_and_the_read_model_answer() {
+    let cluster = MockCluster::new(1).expect("cluster");
+    let f = fixture(&cluster).await;
+    assert_eq!(text(&f.app, "/health/live").await.0, StatusCode::OK);
+    assert_eq!(text(&f.app, "/health/ready").await.0, StatusCode::OK);
+    // The read model gone: not ready.
+    f._cql.shutdown().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = text(&f.app, "/health/ready").await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still ready: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(text(&f.app, "/health/live").await.0, StatusCode::OK);
 }

@@ -5,7 +5,7 @@
 //! on redb files in the data directory), on one TLS port. The handlers, the projection
 //! loop and the read-your-writes barrier are the same code the distributed services run.
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use msghash_common::adapters::embedded::{EmbeddedLog, EmbeddedModel};
 use msghash_common::config::{parse_listen, LogArgs, TlsArgs};
 use msghash_common::http;
@@ -24,6 +24,8 @@ use std::sync::Arc;
              One process, one TLS port, embedded storage."
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Address of the HTTPS port.
     #[arg(long, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:5000", value_parser = parse_listen)]
     pub listen: SocketAddr,
@@ -43,9 +45,62 @@ pub struct Cli {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    /// Also write the logs to daily-rotated files <dir>/msghash.YYYY-MM-DD.log (unset:
+    /// stdout only).
+    #[arg(long, env = "MSGHASH_LOG_DIR")]
+    pub log_dir: Option<PathBuf>,
+    /// How many daily log files --log-dir keeps.
+    #[arg(long, env = "MSGHASH_LOG_RETENTION", default_value_t = 7,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub log_retention: u64,
+}
+
+/// Subcommands; without one, `msghash` serves.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Write a self-signed certificate (localhost.crt, localhost.key) into --dir, or keep
+    /// the pair already there, and print the certificate's path.
+    Cert(CertArgs),
+}
+
+/// `msghash cert`.
+#[derive(clap::Args, Debug)]
+pub struct CertArgs {
+    /// Directory of localhost.crt and localhost.key (created if missing).
+    #[arg(long, env = "MSGHASH_CERT_DIR", default_value = "certs")]
+    pub dir: PathBuf,
+    /// A name the certificate is also valid for, besides localhost, 127.0.0.1 and ::1: a
+    /// DNS name or an IP address. Repeatable. Only used when the certificate is generated.
+    #[arg(long = "san", value_name = "NAME", value_parser = parse_san)]
+    pub sans: Vec<String>,
+}
+
+fn parse_san(s: &str) -> Result<String, String> {
+    if msghash_common::tls::valid_san(s) {
+        Ok(s.to_owned())
+    } else {
+        Err("a DNS name (letters, digits, '-', dot-separated) or an IP address".into())
+    }
+}
+
+/// `msghash cert`: the certificate's path, once it is in place.
+pub fn cert(args: &CertArgs) -> Result<PathBuf, msghash_common::tls::TlsError> {
+    let (cert, _key) = msghash_common::tls::ensure_generated_with(&args.dir, &args.sans)?;
+    Ok(cert)
 }
 
 impl Cli {
+    /// The log files `--log-dir` asks for.
+    pub fn log_files(&self) -> Option<msghash_common::telemetry::LogFiles> {
+        self.log_dir
+            .as_ref()
+            .map(|dir| msghash_common::telemetry::LogFiles {
+                dir: dir.clone(),
+                prefix: "msghash".into(),
+                retention: usize::try_from(self.log_retention).unwrap_or(usize::MAX),
+            })
+    }
+
     /// Parses the command line; a new user reads text logs, so that is the default here.
     pub fn try_parse_args() -> Result<Cli, clap::Error> {
         let command = Cli::command().mut_arg("log_format", |a| a.default_value("text"));
@@ -75,6 +130,9 @@ pub enum RunError {
     Other(#[from] anyhow::Error),
 }
 
+/// The `service` label of the standalone's HTTP metrics.
+pub const SERVICE: &str = "msghash";
+
 /// Runs msghash until `shutdown` is cancelled, then stops gracefully: in-flight requests
 /// finish, the projector stops after its current batch, the stores are closed.
 pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<(), RunError> {
@@ -95,14 +153,15 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<(), RunError> {
     let listener = http::bind(cli.listen)
         .map_err(|e| RunError::Config(format!("MSGHASH_LISTEN {}: {e}", cli.listen)))?;
 
-    let app = http::with_error_fallbacks(
-        ingest::router(log.clone(), cli.write.settings())
-            .merge(query::router(
-                log.clone(),
-                model.clone(),
-                cli.read.settings(),
-            ))
-            .merge(http::health_routes(http::log_ready(log.clone()))),
+    msghash_common::metrics::install();
+    let app = http::service_app(
+        SERVICE,
+        ingest::router(log.clone(), cli.write.settings()).merge(query::router(
+            log.clone(),
+            model.clone(),
+            cli.read.settings(),
+        )),
+        http::log_and_model_ready(log.clone(), model.clone()),
     );
 
     let projection = tokio::spawn(projector::run_projection(
@@ -143,5 +202,6 @@ fn announce(port: u16, data: &std::path::Path, tls: &msghash_common::tls::CertSo
     println!("  curl --cacert {c} -X POST {base}/messages -H 'Content-Type: application/json' -d '{{\"message\":\"foo\"}}'");
     println!("  curl --cacert {c} {base}/messages/2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae");
     println!("  curl --cacert {c} '{base}/messages?limit=10'");
+    println!("  curl --cacert {c} {base}/metrics");
     println!("Stop with Ctrl-C.");
 }

@@ -21,7 +21,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    msghash_common::telemetry::init(&cli.log.log_format, &cli.log.log);
+    if let Some(msghash::Command::Cert(args)) = &cli.command {
+        return cert(args);
+    }
+    // Kept to the end of main: dropping it flushes the log files.
+    let _log_guard = match msghash_common::telemetry::init_with_files(
+        &cli.log.log_format,
+        &cli.log.log,
+        cli.log_files().as_ref(),
+    ) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("msghash: MSGHASH_LOG_DIR: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -42,4 +56,26 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// `msghash cert`: the certificate's path on stdout (nothing else there, for scripts), what
+/// happened on stderr.
+fn cert(args: &msghash::CertArgs) -> ExitCode {
+    let existed = args.dir.join(msghash_common::tls::CERT_FILE).exists()
+        && args.dir.join(msghash_common::tls::KEY_FILE).exists();
+    match msghash::cert(args) {
+        Ok(path) => {
+            if existed {
+                eprintln!("msghash: kept the existing certificate (delete it to generate another)");
+            } else {
+                eprintln!("msghash: generated a self-signed certificate and its key");
+            }
+            println!("{}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("msghash cert: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The real `msghash` binary, started as a user starts it, driven over HTTPS.
 
 use futures::stream::{self, StreamExt};
+use msghash_common::metrics::{exposition, names};
 use msghash_common::Digest;
 use reqwest::StatusCode;
 use std::collections::HashSet;
@@ -24,6 +25,8 @@ fn command(dir: &Path, port: u16) -> Command {
         .env_remove("MSGHASH_CERT_DIR")
         .env_remove("MSGHASH_TLS_CERT")
         .env_remove("MSGHASH_TLS_KEY")
+        .env_remove("MSGHASH_LOG_DIR")
+        .env_remove("MSGHASH_LOG_RETENTION")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     c
@@ -38,7 +41,19 @@ struct Msghash {
 
 impl Msghash {
     async fn start(dir: &Path, port: u16) -> (Msghash, reqwest::Client) {
-        let child = command(dir, port).spawn().expect("msghash starts");
+        Msghash::start_with(dir, port, &[]).await
+    }
+
+    async fn start_with(
+        dir: &Path,
+        port: u16,
+        env: &[(&str, &Path)],
+    ) -> (Msghash, reqwest::Client) {
+        let mut c = command(dir, port);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c.spawn().expect("msghash starts");
         let mut m = Msghash {
             child,
             base: format!("https://localhost:{port}"),
@@ -310,4 +325,188 @@ fn bad_configuration_is_one_line_naming_the_setting_and_exit_2() {
     ] {
         assert!(text.contains(var), "--help documents {var}");
     }
+}
+
+async fn scrape(client: &reqwest::Client, base: &str) -> exposition::Exposition {
+    let r = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics answer");
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.expect("text");
+    exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_every_family_after_a_post_and_a_get() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (m, client) = Msghash::start(dir.path(), free_port()).await;
+
+    let r = client
+        .post(format!("{}/messages", m.base))
+        .header("x-request-id", "test-post-1")
+        .json(&serde_json::json!({ "message": "observed" }))
+        .send()
+        .await
+        .expect("POST answered");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.headers()["x-request-id"], "test-post-1");
+    let digest = Digest::of("observed").to_hex();
+    let (status, _) = get_message(&client, &m.base, &digest).await;
+    assert_eq!(status, StatusCode::OK);
+    let unknown = Digest::of("never posted").to_hex();
+    let r = client
+        .get(format!("{}/messages/{unknown}", m.base))
+        .send()
+        .await
+        .expect("GET answered");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(r.headers().contains_key("x-request-id"));
+
+    // The projector's batch metric lands just after its commit: poll briefly.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let e = loop {
+        let e = scrape(&client, &m.base).await;
+        let batches = format!("{}_count", names::PROJECTOR_BATCH_DURATION_SECONDS);
+        if e.sum(&batches, &[]) >= 1.0 || Instant::now() > deadline {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for name in names::ALL {
+        assert!(e.type_of(name).is_some(), "# TYPE line of {name}");
+    }
+    let http = [("service", "msghash")];
+    assert!(
+        e.sum(
+            names::HTTP_REQUESTS_TOTAL,
+            &[
+                http[0],
+                ("route", "/messages"),
+                ("method", "POST"),
+                ("status", "201")
+            ]
+        ) >= 1.0
+    );
+    assert!(
+        e.sum(
+            names::HTTP_REQUESTS_TOTAL,
+            &[
+                http[0],
+                ("route", "/messages/{digest}"),
+                ("method", "GET"),
+                ("status", "200")
+            ]
+        ) >= 1.0
+    );
+    assert!(
+        e.sum(
+            &format!("{}_count", names::HTTP_REQUEST_DURATION_SECONDS),
+            &[http[0], ("route", "/messages/{digest}"), ("method", "GET")]
+        ) >= 2.0
+    );
+    assert!(
+        e.sum(
+            &format!("{}_count", names::INGEST_PRODUCE_DURATION_SECONDS),
+            &[]
+        ) >= 1.0
+    );
+    assert_eq!(e.sum(names::INGEST_PRODUCE_FAILURES_TOTAL, &[]), 0.0);
+    assert!(e.sum(names::PROJECTOR_EVENTS_APPLIED_TOTAL, &[]) >= 1.0);
+    assert_eq!(e.sum(names::PROJECTOR_DEAD_LETTERED_TOTAL, &[]), 0.0);
+    assert!(
+        e.sum(
+            &format!("{}_count", names::PROJECTOR_BATCH_DURATION_SECONDS),
+            &[]
+        ) >= 1.0
+    );
+    for p in 0..8 {
+        assert!(
+            e.has(names::PROJECTOR_LAG, &[("partition", &p.to_string())]),
+            "lag of partition {p}"
+        );
+    }
+    assert!(
+        e.sum(
+            names::QUERY_BARRIER_WAITS_TOTAL,
+            &[("outcome", "caught_up")]
+        ) >= 1.0
+    );
+    let ready = client
+        .get(format!("{}/health/ready", m.base))
+        .send()
+        .await
+        .expect("ready answers");
+    assert_eq!(ready.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_command_adds_names_and_log_dir_gets_the_logs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    let cert_cmd = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_msghash"));
+        c.current_dir(dir.path())
+            .env_remove("MSGHASH_CERT_DIR")
+            .arg("cert")
+            .arg("--dir")
+            .arg(&certs)
+            .args(extra);
+        run_to_end(c)
+    };
+    let out = cert_cmd(&["--san", "edge", "--san", "query"]);
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let cert_path = certs.join(msghash_common::tls::CERT_FILE);
+    assert_eq!(Path::new(&printed), cert_path);
+    let pem = std::fs::read(&cert_path).expect("cert written");
+    assert!(certs.join(msghash_common::tls::KEY_FILE).exists());
+    // Present: kept as it is.
+    let again = cert_cmd(&["--san", "other"]);
+    assert!(again.status.success());
+    assert_eq!(std::fs::read(&cert_path).expect("cert"), pem);
+    let bad = cert_cmd(&["--san", "not a name"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+
+    // The binary serves that certificate (./certs is its default), and logs to --log-dir.
+    let logs = dir.path().join("logs");
+    let port = free_port();
+    let (m, _) = Msghash::start_with(dir.path(), port, &[("MSGHASH_LOG_DIR", &logs)]).await;
+    let edge = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
+        .resolve("edge", std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let base = format!("https://edge:{port}");
+    let digest = post(&edge, &base, "via edge")
+        .await
+        .expect("201 over the edge name");
+    let (status, _) = get_message(&edge, &base, &digest).await;
+    assert_eq!(status, StatusCode::OK);
+
+    m.signal("INT");
+    let mut m = m;
+    let status = m.child.wait().expect("exits");
+    assert!(status.success(), "graceful stop: {status}");
+    let files: Vec<_> = std::fs::read_dir(&logs)
+        .expect("log dir created")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("msghash.") && n.ends_with(".log"))
+        })
+        .collect();
+    assert_eq!(files.len(), 1, "one file for today: {files:?}");
+    let text = std::fs::read_to_string(&files[0]).expect("log file");
+    assert!(text.contains("latency_ms"), "request events: {text}");
+    assert!(
+        text.contains("/messages/{digest}"),
+        "route templates: {text}"
+    );
+    assert!(text.contains("stopped"), "flushed on graceful exit: {text}");
+    assert!(!text.contains('\u{1b}'), "no colour codes in files");
 }
