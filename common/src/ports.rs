@@ -43,6 +43,14 @@ pub trait EventLog: Send + Sync + 'static {
     /// The offset the next appended record of `partition` will get (Kafka's high watermark).
     async fn end_offset(&self, partition: u32) -> Result<Offset, LogError>;
 
+    /// Sets aside a record the projector cannot decode, with the reason, outside the main
+    /// log (Kafka: the `<topic>-dlq` topic; embedded: a table), so it never blocks its
+    /// partition and stays inspectable. Durable once it returns.
+    async fn dead_letter(&self, record: &LogRecord, reason: &str) -> Result<(), LogError>;
+
+    /// How many records have been dead-lettered.
+    async fn dead_letter_count(&self) -> Result<u64, LogError>;
+
     /// Joins consumer group `group`. A group with no committed positions starts at offset 0
     /// of every partition, so a new group name replays the whole log.
     async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, LogError>;

@@ -120,6 +120,32 @@ async fn event_log_conforms(log: &dyn EventLog) {
         35,
         "a new group replays from 0"
     );
+
+    // Dead letters: kept outside the main log, counted, and the main log is untouched.
+    assert_eq!(log.dead_letter_count().await.expect("count"), 0);
+    let poison = LogRecord {
+        partition: 1,
+        offset: 3,
+        key: Some(b"not a digest".to_vec()),
+        value: Some(b"\xff not json".to_vec()),
+    };
+    log.dead_letter(&poison, "malformed envelope")
+        .await
+        .expect("dead letter");
+    let keyless = LogRecord {
+        key: None,
+        value: None,
+        ..poison.clone()
+    };
+    log.dead_letter(&keyless, "record has no key")
+        .await
+        .expect("dead letter");
+    assert_eq!(log.dead_letter_count().await.expect("count"), 2);
+    let mut total = 0;
+    for p in 0..PARTITIONS {
+        total += log.end_offset(p).await.expect("end");
+    }
+    assert_eq!(total, 35, "dead letters do not enter the main log");
 }
 
 /// apply / idempotence / get / applied offsets / list with a cursor.
@@ -184,6 +210,9 @@ async fn kafka_and_scylla_adapters_conform() {
     cluster
         .create_topic("messages", PARTITIONS as i32, 1)
         .expect("topic");
+    cluster
+        .create_topic("messages-dlq", 1, 1)
+        .expect("dlq topic");
     let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
     settings.create_topic = false;
     settings.session_timeout = Duration::from_secs(3);

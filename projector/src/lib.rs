@@ -76,20 +76,25 @@ impl ProjectorStats {
 }
 
 /// Turns records into one batch, dead-lettering what does not decode.
-pub fn build_batch(records: &[LogRecord], stats: &ProjectorStats) -> ProjectionBatch {
+pub fn build_batch<'r>(
+    records: &'r [LogRecord],
+    stats: &ProjectorStats,
+) -> (ProjectionBatch, Vec<(&'r LogRecord, String)>) {
     let mut batch = ProjectionBatch::default();
+    let mut poison = Vec::new();
     for r in records {
         match MessageHashed::decode(r.key.as_deref(), r.value.as_deref()) {
             Ok(event) => batch.push_event(r.partition, r.offset, event),
             Err(e) => {
                 stats.record_dead_lettered();
                 tracing::warn!(partition = r.partition, offset = r.offset, error = %e,
-                    "dead-lettered an undecodable event");
+                    "dead-lettering an undecodable event");
                 batch.advance(r.partition, r.offset);
+                poison.push((r, e.to_string()));
             }
         }
     }
-    batch
+    (batch, poison)
 }
 
 /// Runs the projection until `shutdown` is cancelled. Transient failures of the log or the
@@ -137,7 +142,17 @@ pub async fn run_projection(
             continue;
         }
         let started = Instant::now();
-        let batch = build_batch(&records, &stats);
+        let (batch, poison) = build_batch(&records, &stats);
+        // Dead letters first: once the batch's offsets are applied, they are past them.
+        for (record, reason) in &poison {
+            let keep = (|| log.dead_letter(record, reason)).retry(backoff).notify(
+                |e, after| tracing::warn!(error = %e, ?after, "dead-letter failed; retrying"),
+            );
+            tokio::select! {
+                result = keep => result?,
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
         let apply = (|| model.apply(&batch))
             .retry(backoff)
             .notify(|e, after| tracing::warn!(error = %e, ?after, "apply failed; retrying"));
@@ -321,8 +336,10 @@ mod tests {
             record(1, 5, &b),
         ];
         let stats = ProjectorStats::default();
-        let batch = build_batch(&records, &stats);
+        let (batch, poison) = build_batch(&records, &stats);
         assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 1);
+        assert_eq!(poison.len(), 1);
+        assert_eq!(poison[0].0.offset, 11);
         assert_eq!(
             batch.messages,
             vec![

@@ -81,6 +81,9 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
     cluster
         .create_topic("messages", PARTITIONS as i32, 1)
         .expect("topic");
+    cluster
+        .create_topic("messages-dlq", 1, 1)
+        .expect("dlq topic");
     let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
     settings.create_topic = false;
     settings.session_timeout = Duration::from_secs(3);
@@ -117,6 +120,11 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
     wait_until_projected(&log, &model, &first).await;
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 1);
     assert_eq!(stats.applied_events.load(Ordering::Relaxed), 40);
+    assert_eq!(
+        log.dead_letter_count().await.expect("count"),
+        1,
+        "poison kept in the DLQ"
+    );
     shutdown.cancel();
     task.await.expect("join").expect("clean stop");
 
@@ -164,6 +172,9 @@ async fn the_service_serves_health_and_metrics_over_tls() {
     cluster
         .create_topic("messages", PARTITIONS as i32, 1)
         .expect("topic");
+    cluster
+        .create_topic("messages-dlq", 1, 1)
+        .expect("dlq topic");
     let cql = cql_server::start("127.0.0.1:0").await.expect("cql");
     let certs = tempfile::tempdir().expect("tempdir");
     let port = free_port();

@@ -147,7 +147,7 @@ mod tests {
     use super::*;
     use async_trait::async_trait;
     use msghash_common::metrics::{exposition, install};
-    use msghash_common::ports::Subscription;
+    use msghash_common::ports::{LogRecord, Subscription};
     use msghash_common::{Digest, LogError, MessageHashed, ModelError, ProjectionBatch};
 
     /// A log whose partition 0 ends at `end` (or fails when `end` is `None`).
@@ -166,6 +166,12 @@ mod tests {
         async fn end_offset(&self, _: u32) -> Result<Offset, LogError> {
             self.end
                 .ok_or_else(|| LogError::Unavailable("broker down".into()))
+        }
+        async fn dead_letter(&self, _: &LogRecord, _: &str) -> Result<(), LogError> {
+            Err(LogError::Rejected("read-only".into()))
+        }
+        async fn dead_letter_count(&self) -> Result<u64, LogError> {
+            Ok(0)
         }
         async fn subscribe(&self, _: &str) -> Result<Box<dyn Subscription>, LogError> {
             Err(LogError::Rejected("read-only".into()))

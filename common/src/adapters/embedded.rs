@@ -74,7 +74,8 @@ use crate::ports::{
 use crate::{Digest, MessageHashed};
 use async_trait::async_trait;
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
 };
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -109,6 +110,9 @@ type RecordValue = (&'static [u8], &'static [u8]);
 const RECORDS: TableDefinition<RecordKey, RecordValue> = TableDefinition::new("records");
 const GROUP_POSITIONS: TableDefinition<(&str, u32), u64> = TableDefinition::new("group_positions");
 const LOG_META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Sequence number → (partition, offset, key, value, reason) of a dead-lettered record.
+type DeadLetterValue = (u32, u64, &'static [u8], &'static [u8], &'static str);
+const DEAD_LETTERS: TableDefinition<u64, DeadLetterValue> = TableDefinition::new("dead_letters");
 
 const MESSAGES: TableDefinition<&[u8; 32], &str> = TableDefinition::new("messages");
 const PROJECTION_OFFSETS: TableDefinition<u32, i64> = TableDefinition::new("projection_offsets");
@@ -292,6 +296,14 @@ enum Request {
         positions: Vec<(u32, u64)>,
         reply: oneshot::Sender<Result<(), LogError>>,
     },
+    DeadLetter {
+        partition: u32,
+        offset: u64,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        reason: String,
+        reply: oneshot::Sender<Result<(), LogError>>,
+    },
 }
 
 impl Request {
@@ -301,6 +313,9 @@ impl Request {
             Request::Commit {
                 group, positions, ..
             } => group.len() + positions.len() * 12,
+            Request::DeadLetter {
+                key, value, reason, ..
+            } => key.len() + value.len() + reason.len() + 20,
         }
     }
 
@@ -310,7 +325,7 @@ impl Request {
             Request::Append { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
-            Request::Commit { reply, .. } => {
+            Request::Commit { reply, .. } | Request::DeadLetter { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -358,6 +373,8 @@ impl EmbeddedLog {
                 }
             }
             txn.open_table(GROUP_POSITIONS)
+                .map_err(|e| storage(e.into()))?;
+            txn.open_table(DEAD_LETTERS)
                 .map_err(|e| storage(e.into()))?;
             let records = txn.open_table(RECORDS).map_err(|e| storage(e.into()))?;
             for p in 0..partitions {
@@ -492,6 +509,7 @@ impl Writer {
         {
             let mut records = txn.open_table(RECORDS)?;
             let mut positions = txn.open_table(GROUP_POSITIONS)?;
+            let mut dead = txn.open_table(DEAD_LETTERS)?;
             for request in group {
                 match request {
                     Request::Append {
@@ -541,6 +559,27 @@ impl Writer {
                         }
                         outcomes.push(Outcome::Committed);
                     }
+                    Request::DeadLetter {
+                        partition,
+                        offset,
+                        key,
+                        value,
+                        reason,
+                        ..
+                    } => {
+                        let seq = dead.last()?.map_or(0, |(k, _)| k.value() + 1);
+                        dead.insert(
+                            seq,
+                            (
+                                *partition,
+                                *offset,
+                                key.as_slice(),
+                                value.as_slice(),
+                                reason.as_str(),
+                            ),
+                        )?;
+                        outcomes.push(Outcome::Committed);
+                    }
                 }
             }
         }
@@ -555,7 +594,7 @@ fn answer(request: Request, outcome: Outcome) {
         (Request::Append { reply, .. }, Outcome::Appended(offset)) => {
             let _ = reply.send(Ok(offset));
         }
-        (Request::Commit { reply, .. }, Outcome::Committed) => {
+        (Request::Commit { reply, .. } | Request::DeadLetter { reply, .. }, Outcome::Committed) => {
             let _ = reply.send(Ok(()));
         }
         (request, Outcome::Rejected(reason)) => request.fail(LogError::Rejected(reason)),
@@ -596,6 +635,32 @@ impl EventLog for EmbeddedLog {
             .copied()
             .unwrap_or(0);
         to_offset(end)
+    }
+
+    async fn dead_letter(&self, record: &LogRecord, reason: &str) -> Result<(), LogError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner.send(Request::DeadLetter {
+            partition: record.partition,
+            offset: u64::try_from(record.offset).unwrap_or_default(),
+            key: record.key.clone().unwrap_or_default(),
+            value: record.value.clone().unwrap_or_default(),
+            reason: reason.to_owned(),
+            reply,
+        })?;
+        answer.await.map_err(|_| {
+            LogError::Unavailable("embedded event log writer stopped before answering".into())
+        })?
+    }
+
+    async fn dead_letter_count(&self) -> Result<u64, LogError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || -> Result<u64, LogError> {
+            let txn = inner.db.begin_read().map_err(storage_unavailable)?;
+            let table = txn.open_table(DEAD_LETTERS).map_err(storage_unavailable)?;
+            table.len().map_err(storage_unavailable)
+        })
+        .await
+        .map_err(|e| LogError::Unavailable(format!("dead-letter count task: {e}")))?
     }
 
     async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, LogError> {

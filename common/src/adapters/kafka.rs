@@ -12,7 +12,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::TopicPartitionList;
@@ -52,6 +52,11 @@ impl KafkaSettings {
             session_timeout: Duration::from_secs(10),
             create_topic: true,
         }
+    }
+
+    /// Where undecodable records go: `<topic>-dlq`, one partition, kept forever.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}-dlq", self.topic)
     }
 
     fn client_config(&self) -> ClientConfig {
@@ -119,14 +124,22 @@ impl KafkaLog {
             TopicReplication::Fixed(self.settings.replication_factor),
         )
         .set("cleanup.policy", "compact");
+        // Dead letters are few and worth keeping: one partition, no retention limit.
+        let dlq_name = self.settings.dead_letter_topic();
+        let dlq = NewTopic::new(
+            &dlq_name,
+            1,
+            TopicReplication::Fixed(self.settings.replication_factor),
+        )
+        .set("retention.ms", "-1");
         let opts = AdminOptions::new()
             .operation_timeout(Some(METADATA_TIMEOUT))
             .request_timeout(Some(METADATA_TIMEOUT));
-        match admin.create_topics([&topic], &opts).await {
+        match admin.create_topics([&topic, &dlq], &opts).await {
             Ok(results) => {
                 for result in results {
                     match result {
-                        Ok(name) => tracing::info!(topic = %name, partitions, "created topic"),
+                        Ok(name) => tracing::info!(topic = %name, "created topic"),
                         Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                         // Some brokers (and the mock cluster) do not create topics through
                         // the admin API; the partition check below decides.
@@ -216,6 +229,57 @@ impl EventLog for KafkaLog {
                 .client()
                 .fetch_watermarks(&topic, partition, WATERMARK_TIMEOUT)
                 .map(|(_low, high)| high)
+                .map_err(unavailable)
+        })
+        .await
+        .map_err(|e| LogError::Unavailable(format!("watermark task: {e}")))?
+    }
+
+    async fn dead_letter(&self, record: &LogRecord, reason: &str) -> Result<(), LogError> {
+        let topic = self.settings.dead_letter_topic();
+        let (partition, offset) = (record.partition.to_string(), record.offset.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "msghash-reason",
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "msghash-source",
+                value: Some(&self.settings.topic),
+            })
+            .insert(Header {
+                key: "msghash-partition",
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: "msghash-offset",
+                value: Some(&offset),
+            });
+        let key = record.key.as_deref().unwrap_or_default();
+        let value = record.value.as_deref().unwrap_or_default();
+        let letter = FutureRecord::to(&topic)
+            .partition(0)
+            .key(key)
+            .payload(value)
+            .headers(headers);
+        match self
+            .producer
+            .send(letter, Timeout::After(self.settings.message_timeout))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(unavailable(e)),
+        }
+    }
+
+    async fn dead_letter_count(&self) -> Result<u64, LogError> {
+        let producer = self.producer.clone();
+        let topic = self.settings.dead_letter_topic();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_watermarks(&topic, 0, WATERMARK_TIMEOUT)
+                .map(|(low, high)| u64::try_from(high - low).unwrap_or_default())
                 .map_err(unavailable)
         })
         .await
