@@ -23,6 +23,8 @@ struct Stack {
     edge_port: u16,
     /// Direct ports of ingest, query and projector (for /metrics).
     service_ports: [(&'static str, u16); 3],
+    broker_port: u16,
+    cql_port: u16,
     cert: PathBuf,
     client: reqwest::Client,
 }
@@ -63,10 +65,11 @@ impl Stack {
             ("query", free_port()),
             ("projector", free_port()),
         ];
+        let (broker_port, cql_port) = (free_port(), free_port());
         let mut child = Command::new(repo_root().join("scripts/dev-stack"))
             .env("MSGHASH_EDGE_PORT", edge_port.to_string())
-            .env("MSGHASH_BROKER_PORT", free_port().to_string())
-            .env("MSGHASH_CQL_PORT", free_port().to_string())
+            .env("MSGHASH_BROKER_PORT", broker_port.to_string())
+            .env("MSGHASH_CQL_PORT", cql_port.to_string())
             .env("MSGHASH_INGEST_PORT", service_ports[0].1.to_string())
             .env("MSGHASH_QUERY_PORT", service_ports[1].1.to_string())
             .env("MSGHASH_PROJECTOR_PORT", service_ports[2].1.to_string())
@@ -101,6 +104,8 @@ impl Stack {
             edge: format!("https://localhost:{edge_port}"),
             edge_port,
             service_ports,
+            broker_port,
+            cql_port,
             cert: cert_dir.join("localhost.crt"),
             client,
         }
@@ -407,6 +412,39 @@ async fn metrics_move(stack: &Stack) {
     }
 }
 
+/// `projector status` against the running stack: every partition caught up, nothing
+/// dead-lettered.
+async fn projector_status(stack: &Stack) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(repo_root().join("target/debug/projector"))
+            .arg("status")
+            .env(
+                "MSGHASH_KAFKA_BROKERS",
+                format!("127.0.0.1:{}", stack.broker_port),
+            )
+            .env(
+                "MSGHASH_SCYLLA_NODES",
+                format!("127.0.0.1:{}", stack.cql_port),
+            )
+            .env("MSGHASH_LOG", "warn")
+            .output()
+            .await
+            .expect("projector status runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "projector status: {text}");
+        assert!(text.contains("dead-lettered events: 0"), "{text}");
+        if text.contains("total lag: 0") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "projector never caught up: {text}"
+        );
+        sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn read_your_writes(stack: &Stack, pairs: usize) {
     let not_found = AtomicUsize::new(0);
     let results = join_all((0..pairs).map(|i| {
@@ -541,6 +579,7 @@ async fn distributed_stack_end_to_end() {
     external_clients(&stack).await;
     read_your_writes(&stack, 1_000).await;
     metrics_move(&stack).await;
+    projector_status(&stack).await;
     projector_killed_mid_load(&stack, 2_000).await;
     broker_stopped_gives_503(&stack).await;
     stack.stop().await;

@@ -238,6 +238,8 @@ async fn subscribe(
     about = "msghash projector: event log -> read model"
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Consumer group of the projectors (all replicas share it).
     #[arg(
         long,
@@ -260,6 +262,87 @@ pub struct Cli {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// What `projector` does; without a subcommand it runs the projection.
+#[derive(clap::Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Run the projection and serve health and metrics (the default).
+    Run,
+    /// Print applied vs end offsets per partition and the dead-lettered count, then exit.
+    Status,
+}
+
+/// One partition's progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionStatus {
+    pub partition: u32,
+    /// Highest applied offset; `None` before the first.
+    pub applied: Option<msghash_common::Offset>,
+    /// The log's end offset (next offset to be written).
+    pub end: msghash_common::Offset,
+}
+
+/// How far the read model is behind the log, and how many events were dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub partitions: Vec<PartitionStatus>,
+    pub dead_lettered: u64,
+}
+
+impl Status {
+    /// Reads the status from any adapter pair.
+    pub async fn read(log: &dyn EventLog, model: &dyn ReadModel) -> anyhow::Result<Status> {
+        let mut partitions = Vec::new();
+        for partition in 0..log.partitions() {
+            partitions.push(PartitionStatus {
+                partition,
+                applied: model.applied_offset(partition).await?,
+                end: log.end_offset(partition).await?,
+            });
+        }
+        Ok(Status {
+            partitions,
+            dead_lettered: log.dead_letter_count().await?,
+        })
+    }
+
+    /// Events in the log that the read model does not have yet.
+    pub fn total_lag(&self) -> i64 {
+        self.partitions.iter().map(|p| lag(p.end, p.applied)).sum()
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:>9}  {:>12}  {:>12}  {:>8}",
+            "partition", "applied", "end", "lag"
+        )?;
+        for p in &self.partitions {
+            let applied = p.applied.map_or_else(|| "-".to_owned(), |a| a.to_string());
+            writeln!(
+                f,
+                "{:>9}  {:>12}  {:>12}  {:>8}",
+                p.partition,
+                applied,
+                p.end,
+                lag(p.end, p.applied)
+            )?;
+        }
+        writeln!(f, "total lag: {}", self.total_lag())?;
+        write!(f, "dead-lettered events: {}", self.dead_lettered)
+    }
+}
+
+/// `projector status`: connects, prints the status, returns.
+pub async fn print_status(cli: &Cli) -> anyhow::Result<Status> {
+    let log = KafkaLog::connect(cli.kafka.settings()).await?;
+    let model = ScyllaModel::connect(&cli.scylla.settings()).await?;
+    let status = Status::read(&log, &model).await?;
+    println!("{status}");
+    Ok(status)
 }
 
 /// What the `projector` service serves on its port: `/health/live`, `/health/ready` (the

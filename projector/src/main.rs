@@ -4,5 +4,10 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let cli = projector::Cli::parse();
     msghash_common::telemetry::init(&cli.log.log_format, &cli.log.log);
-    projector::run(cli, msghash_common::shutdown::on_signals()).await
+    match cli.command {
+        Some(projector::Command::Status) => projector::print_status(&cli).await.map(|_| ()),
+        Some(projector::Command::Run) | None => {
+            projector::run(cli, msghash_common::shutdown::on_signals()).await
+        }
+    }
 }

@@ -125,6 +125,15 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
         1,
         "poison kept in the DLQ"
     );
+    let status = projector::Status::read(log.as_ref(), model.as_ref())
+        .await
+        .expect("status");
+    assert_eq!(status.total_lag(), 0, "{status}");
+    assert_eq!(status.dead_lettered, 1);
+    assert_eq!(status.partitions.len(), PARTITIONS as usize);
+    let text = status.to_string();
+    assert!(text.contains("dead-lettered events: 1"), "{text}");
+    assert!(text.contains("total lag: 0"), "{text}");
     shutdown.cancel();
     task.await.expect("join").expect("clean stop");
 
