@@ -16,30 +16,35 @@ use std::time::Duration;
 #[derive(Args, Debug, Clone)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, comma-separated host:port.
-    #[arg(long, env = "MSGHASH_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        global = true,
+        env = "MSGHASH_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
     pub kafka_brokers: String,
     /// Topic holding the MessageHashed events.
-    #[arg(long, env = "MSGHASH_TOPIC", default_value = "messages")]
+    #[arg(long, global = true, env = "MSGHASH_TOPIC", default_value = "messages")]
     pub topic: String,
     /// Partition count of the topic; every service must use the same value.
-    #[arg(long, env = "MSGHASH_PARTITIONS", default_value_t = 8,
+    #[arg(long, global = true, env = "MSGHASH_PARTITIONS", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub partitions: u32,
     /// Replication factor used when msghash creates the topic.
-    #[arg(long, env = "MSGHASH_TOPIC_REPLICATION", default_value_t = 1,
+    #[arg(long, global = true, env = "MSGHASH_TOPIC_REPLICATION", default_value_t = 1,
           value_parser = clap::value_parser!(i32).range(1..=16))]
     pub topic_replication: i32,
     /// How long the producer retries one event before giving up, in milliseconds.
-    #[arg(long, env = "MSGHASH_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 2_000,
+    #[arg(long, global = true, env = "MSGHASH_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 2_000,
           value_parser = clap::value_parser!(u64).range(100..=300_000))]
     pub kafka_message_timeout_ms: u64,
     /// Producer compression: none, gzip, snappy, lz4 or zstd.
-    #[arg(long, env = "MSGHASH_KAFKA_COMPRESSION", default_value = "lz4",
+    #[arg(long, global = true, env = "MSGHASH_KAFKA_COMPRESSION", default_value = "lz4",
           value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
     pub kafka_compression: String,
     /// Consumer-group session timeout in milliseconds (how soon a dead projector's
     /// partitions are handed to another).
-    #[arg(long, env = "MSGHASH_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000,
+    #[arg(long, global = true, env = "MSGHASH_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1_000..=300_000))]
     pub kafka_session_timeout_ms: u64,
 }
@@ -108,22 +113,24 @@ pub struct ScyllaArgs {
     /// ScyllaDB contact points, comma-separated host:port.
     #[arg(
         long,
+        global = true,
         env = "MSGHASH_SCYLLA_NODES",
         default_value = "127.0.0.1:9042",
         value_delimiter = ','
     )]
     pub scylla_nodes: Vec<String>,
     /// Keyspace of the read model; created if missing.
-    #[arg(long, env = "MSGHASH_KEYSPACE", default_value = "msghash", value_parser = parse_keyspace)]
+    #[arg(long, global = true, env = "MSGHASH_KEYSPACE", default_value = "msghash", value_parser = parse_keyspace)]
     pub keyspace: String,
     /// Replication map used when msghash creates the keyspace.
-    #[arg(long, env = "MSGHASH_KEYSPACE_REPLICATION",
+    #[arg(long, global = true, env = "MSGHASH_KEYSPACE_REPLICATION",
           default_value = "{'class': 'SimpleStrategy', 'replication_factor': 1}",
           value_parser = parse_replication)]
     pub keyspace_replication: String,
     /// Consistency level of every read-model statement.
     #[arg(
         long,
+        global = true,
         env = "MSGHASH_SCYLLA_CONSISTENCY",
         value_enum,
         default_value = "LOCAL_QUORUM"
@@ -147,13 +154,13 @@ impl ScyllaArgs {
 pub struct TlsArgs {
     /// PEM certificate chain to serve (with --tls-key). Without it a self-signed certificate
     /// is reused from, or generated into, --cert-dir.
-    #[arg(long, env = "MSGHASH_TLS_CERT", requires = "tls_key")]
+    #[arg(long, global = true, env = "MSGHASH_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, env = "MSGHASH_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, global = true, env = "MSGHASH_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Where a generated certificate is written (localhost.crt, localhost.key).
-    #[arg(long, env = "MSGHASH_CERT_DIR", default_value = "certs")]
+    #[arg(long, global = true, env = "MSGHASH_CERT_DIR", default_value = "certs")]
     pub cert_dir: PathBuf,
 }
 
@@ -181,10 +188,10 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 #[derive(Args, Debug, Clone)]
 pub struct LogArgs {
     /// Log format on stdout: json (one object per line) or text.
-    #[arg(long, env = "MSGHASH_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    #[arg(long, global = true, env = "MSGHASH_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     pub log_format: String,
     /// Log filter, in tracing's EnvFilter syntax (e.g. info,msghash_common=debug).
-    #[arg(long, env = "MSGHASH_LOG", default_value = "info")]
+    #[arg(long, global = true, env = "MSGHASH_LOG", default_value = "info")]
     pub log: String,
 }
 

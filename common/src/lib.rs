@@ -4,7 +4,8 @@
 //! - [`digest`]: the `Digest` newtype (SHA-256, parsed only from 64 hex characters);
 //! - [`event`]: the `MessageHashed` event and its versioned JSON envelope;
 //! - [`partition`]: the pure digest → partition function every service agrees on;
-//! - [`ports`]: the `EventLog` and `ReadModel` traits the services depend on;
+//! - [`ports`]: the `EventLog`, `ReadModel` and `ModelGenerations` traits the services
+//!   depend on; [`generation`]: the read-model handle that follows the active generation;
 //! - [`adapters`]: their implementations (Kafka through rdkafka, ScyllaDB through scylla);
 //! - [`http`]: the error type and its single mapping to HTTP, bounded JSON bodies, the TLS
 //!   server; [`tls`]: certificates; [`config`]: flags and `MSGHASH_*` variables;
@@ -15,6 +16,7 @@ pub mod adapters;
 pub mod config;
 pub mod digest;
 pub mod event;
+pub mod generation;
 pub mod http;
 pub mod metrics;
 pub mod partition;
@@ -26,4 +28,7 @@ pub mod tls;
 pub use digest::Digest;
 pub use event::MessageHashed;
 pub use partition::partition_for;
-pub use ports::{EventLog, LogError, ModelError, Offset, ProjectionBatch, ReadModel};
+pub use ports::{
+    EventLog, Generation, GenerationState, LogError, ModelError, ModelGenerations, Offset,
+    ProjectionBatch, ReadModel,
+};

@@ -3,6 +3,7 @@
 
 use crate::{Digest, MessageHashed};
 use async_trait::async_trait;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A Kafka-style offset: the position of a record inside its partition.
@@ -126,6 +127,58 @@ pub trait ReadModel: Send + Sync + 'static {
     /// stable order of its choosing: byte order, token order, ...). Paging with the last
     /// digest of each page as the next `after` visits every stored digest exactly once.
     async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<Digest>, ModelError>;
+
+    /// The generation this handle reads now. A plain adapter is one generation and says 0;
+    /// [`crate::generation::LiveModel`] says which one it currently delegates to, so a
+    /// reader can tell that two of its reads went to different generations.
+    fn generation(&self) -> Generation {
+        0
+    }
+}
+
+/// A read-model generation: one complete projection of the log, built by one consumer
+/// group. Generation 0 is the one msghash creates first; a replay builds the next one.
+pub type Generation = u64;
+
+/// Which generation serves reads, which one a replay is building, and which one the live
+/// projectors have moved to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GenerationState {
+    /// The generation readers use and live projectors write.
+    pub active: Generation,
+    /// A generation a replay has started and not switched to yet (always above `active`).
+    pub pending: Option<Generation>,
+    /// The highest generation a live projector has acknowledged writing to.
+    pub adopted: Generation,
+}
+
+/// The catalog of read-model generations (ScyllaDB: per-generation tables plus a
+/// `generations` table; embedded: per-generation files plus `generations.redb`).
+///
+/// The switch is one durable write of `active`; readers and projectors poll
+/// [`state`](ModelGenerations::state) and move on their own.
+#[async_trait]
+pub trait ModelGenerations: Send + Sync + 'static {
+    /// The current state; a fresh store says generation 0 is active.
+    async fn state(&self) -> Result<GenerationState, ModelError>;
+
+    /// The read model of `generation`, creating its storage when missing.
+    async fn open(&self, generation: Generation) -> Result<Arc<dyn ReadModel>, ModelError>;
+
+    /// Records that a replay is building `generation` (above the active one).
+    async fn begin(&self, generation: Generation) -> Result<(), ModelError>;
+
+    /// Makes `generation` the active one: from now on readers switch to it.
+    async fn activate(&self, generation: Generation) -> Result<(), ModelError>;
+
+    /// Records that a live projector now writes `generation`.
+    async fn adopt(&self, generation: Generation) -> Result<(), ModelError>;
+
+    /// Every generation whose storage exists, in ascending order.
+    async fn list(&self) -> Result<Vec<Generation>, ModelError>;
+
+    /// Deletes a generation's storage. Refuses the active one.
+    async fn drop_generation(&self, generation: Generation) -> Result<(), ModelError>;
 }
 
 #[cfg(test)]

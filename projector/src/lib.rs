@@ -16,13 +16,19 @@ use axum::Router;
 use backon::{ExponentialBuilder, Retryable};
 use clap::Parser;
 use msghash_common::adapters::kafka::KafkaLog;
-use msghash_common::adapters::scylla::ScyllaModel;
+use msghash_common::adapters::scylla::ScyllaGenerations;
 use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
+use msghash_common::generation::{group_for, LiveModel, DEFAULT_FOLLOW_INTERVAL};
 use msghash_common::http;
 use msghash_common::metrics::names;
 use msghash_common::ports::{LogRecord, Subscription};
 use msghash_common::shutdown::Shutdown;
-use msghash_common::{EventLog, MessageHashed, ProjectionBatch, ReadModel};
+use msghash_common::{
+    EventLog, Generation, MessageHashed, ModelGenerations, ProjectionBatch, ReadModel,
+};
+pub use replay::{Phase, Progress, ReplayReport, ReplaySettings};
+
+pub mod replay;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -39,6 +45,8 @@ pub struct ProjectorSettings {
     pub poll_wait: Duration,
     /// How often `msghash_projector_lag` is refreshed from the log and the read model.
     pub lag_interval: Duration,
+    /// How often the catalog is asked whether a replay switched the active generation.
+    pub generation_check: Duration,
 }
 
 impl Default for ProjectorSettings {
@@ -48,6 +56,7 @@ impl Default for ProjectorSettings {
             batch_size: 500,
             poll_wait: Duration::from_millis(200),
             lag_interval: Duration::from_secs(2),
+            generation_check: Duration::from_millis(500),
         }
     }
 }
@@ -97,12 +106,99 @@ pub fn build_batch<'r>(
     (batch, poison)
 }
 
+/// The retry policy of the projection's writes: quick at first, then every 2 s, forever.
+pub(crate) fn write_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(usize::MAX)
+        .with_jitter()
+}
+
+/// The next batch of records; a failed poll is logged and counts as an empty batch (after a
+/// short pause), so the caller's loop goes round and checks for shutdown.
+pub(crate) async fn poll(
+    subscription: &mut dyn Subscription,
+    max: usize,
+    wait: Duration,
+) -> Vec<LogRecord> {
+    match subscription.next_batch(max, wait).await {
+        Ok(records) => records,
+        Err(e) => {
+            tracing::warn!(error = %e, "polling the log failed; retrying");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Vec::new()
+        }
+    }
+}
+
+/// Applied vs end offset of every partition, for `model`.
+pub async fn partition_statuses(
+    log: &dyn EventLog,
+    model: &dyn ReadModel,
+) -> anyhow::Result<Vec<PartitionStatus>> {
+    let mut partitions = Vec::new();
+    for partition in 0..log.partitions() {
+        partitions.push(PartitionStatus {
+            partition,
+            applied: model.applied_offset(partition).await?,
+            end: log.end_offset(partition).await?,
+        });
+    }
+    Ok(partitions)
+}
+
+/// Projects one polled batch: dead letters, then rows and applied offsets, then the group
+/// commit. Returns `false` when `shutdown` came first (nothing half-done is committed).
+pub(crate) async fn project_batch(
+    log: &dyn EventLog,
+    model: &dyn ReadModel,
+    subscription: &mut dyn Subscription,
+    records: &[LogRecord],
+    stats: &ProjectorStats,
+    shutdown: &Shutdown,
+) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let backoff = write_backoff();
+    let (batch, poison) = build_batch(records, stats);
+    // Dead letters first: once the batch's offsets are applied, they are past them.
+    for (record, reason) in &poison {
+        let keep = (|| log.dead_letter(record, reason))
+            .retry(backoff)
+            .notify(|e, after| tracing::warn!(error = %e, ?after, "dead-letter failed; retrying"));
+        tokio::select! {
+            result = keep => result?,
+            _ = shutdown.cancelled() => return Ok(false),
+        }
+    }
+    let apply = (|| model.apply(&batch))
+        .retry(backoff)
+        .notify(|e, after| tracing::warn!(error = %e, ?after, "apply failed; retrying"));
+    tokio::select! {
+        result = apply => result?,
+        _ = shutdown.cancelled() => return Ok(false),
+    }
+    stats.record_applied(batch.messages.len() as u64);
+    if let Err(e) = subscription.commit(&batch.applied).await {
+        // Not fatal: the rows and offsets are written; a restart replays the batch.
+        tracing::warn!(error = %e, "committing consumer offsets failed");
+    }
+    metrics::histogram!(names::PROJECTOR_BATCH_DURATION_SECONDS)
+        .record(started.elapsed().as_secs_f64());
+    Ok(true)
+}
+
 /// Runs the projection until `shutdown` is cancelled. Transient failures of the log or the
 /// read model are retried with backoff for as long as it takes: the projector never skips
 /// an event it could not write.
+///
+/// It writes the active generation with that generation's consumer group
+/// ([`group_for`]). When a replay makes a newer generation active, it finishes its batch,
+/// leaves the old group, joins the new generation's group (which resumes where the replay
+/// committed) and records the adoption in the catalog.
 pub async fn run_projection(
     log: Arc<dyn EventLog>,
-    model: Arc<dyn ReadModel>,
+    generations: Arc<dyn ModelGenerations>,
     settings: ProjectorSettings,
     stats: Arc<ProjectorStats>,
     shutdown: Shutdown,
@@ -110,63 +206,80 @@ pub async fn run_projection(
     // Present (at 0) from the start, so rate() and alerts see the series.
     metrics::counter!(names::PROJECTOR_EVENTS_APPLIED_TOTAL).increment(0);
     metrics::counter!(names::PROJECTOR_DEAD_LETTERED_TOTAL).increment(0);
+    let open = (|| LiveModel::open(generations.clone()))
+        .retry(ExponentialBuilder::default().with_max_times(usize::MAX))
+        .notify(|e, after| tracing::warn!(error = %e, ?after, "opening the read model failed; retrying"));
+    let live = tokio::select! {
+        live = open => live?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     let _lag = AbortOnDrop(tokio::spawn(refresh_lag(
         log.clone(),
-        model.clone(),
+        live.clone(),
         settings.lag_interval,
         shutdown.clone(),
     )));
-    let mut subscription = subscribe(log.as_ref(), &settings.group, &shutdown).await?;
-    let Some(subscription) = subscription.as_mut() else {
-        return Ok(());
-    };
-    tracing::info!(group = %settings.group, "projector subscribed");
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(2))
-        .with_max_times(usize::MAX)
-        .with_jitter();
-    while !shutdown.is_cancelled() {
-        let records = match subscription
-            .next_batch(settings.batch_size, settings.poll_wait)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "polling the log failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+    loop {
+        let (generation, model) = live.current();
+        let adopt = (|| async {
+            if generations.state().await?.adopted < generation {
+                generations.adopt(generation).await?;
             }
-        };
-        if records.is_empty() {
-            continue;
-        }
-        let started = Instant::now();
-        let (batch, poison) = build_batch(&records, &stats);
-        // Dead letters first: once the batch's offsets are applied, they are past them.
-        for (record, reason) in &poison {
-            let keep = (|| log.dead_letter(record, reason)).retry(backoff).notify(
-                |e, after| tracing::warn!(error = %e, ?after, "dead-letter failed; retrying"),
-            );
-            tokio::select! {
-                result = keep => result?,
-                _ = shutdown.cancelled() => return Ok(()),
-            }
-        }
-        let apply = (|| model.apply(&batch))
-            .retry(backoff)
-            .notify(|e, after| tracing::warn!(error = %e, ?after, "apply failed; retrying"));
+            Ok::<_, msghash_common::ModelError>(())
+        })
+        .retry(write_backoff())
+        .notify(
+            |e, after| tracing::warn!(error = %e, ?after, "recording adoption failed; retrying"),
+        );
         tokio::select! {
-            result = apply => result?,
+            result = adopt => result?,
             _ = shutdown.cancelled() => break,
         }
-        stats.record_applied(batch.messages.len() as u64);
-        if let Err(e) = subscription.commit(&batch.applied).await {
-            // Not fatal: the rows and offsets are written; a restart replays the batch.
-            tracing::warn!(error = %e, "committing consumer offsets failed");
+        let group = group_for(&settings.group, generation);
+        let Some(mut subscription) = subscribe(log.as_ref(), &group, &shutdown).await? else {
+            break;
+        };
+        tracing::info!(%group, generation, "projector subscribed");
+        let mut checked = Instant::now();
+        while !shutdown.is_cancelled() {
+            if checked.elapsed() >= settings.generation_check {
+                checked = Instant::now();
+                match live.refresh().await {
+                    Ok(now) if now != generation => break,
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "could not read the active generation"),
+                }
+            }
+            let records = poll(
+                subscription.as_mut(),
+                settings.batch_size,
+                settings.poll_wait,
+            )
+            .await;
+            if records.is_empty() {
+                continue;
+            }
+            let done = project_batch(
+                log.as_ref(),
+                model.as_ref(),
+                subscription.as_mut(),
+                &records,
+                &stats,
+                &shutdown,
+            )
+            .await?;
+            if !done {
+                break;
+            }
         }
-        metrics::histogram!(names::PROJECTOR_BATCH_DURATION_SECONDS)
-            .record(started.elapsed().as_secs_f64());
+        if shutdown.is_cancelled() {
+            break;
+        }
+        tracing::info!(
+            from = generation,
+            to = live.current().0,
+            "projector moves to the new generation"
+        );
     }
     tracing::info!("projector stopped");
     Ok(())
@@ -191,7 +304,7 @@ pub fn lag(end: msghash_common::Offset, applied: Option<msghash_common::Offset>)
 /// until `shutdown`. A partition whose offsets cannot be read keeps its last value.
 async fn refresh_lag(
     log: Arc<dyn EventLog>,
-    model: Arc<dyn ReadModel>,
+    model: Arc<LiveModel>,
     interval: Duration,
     shutdown: Shutdown,
 ) {
@@ -243,16 +356,17 @@ pub struct Cli {
     /// Consumer group of the projectors (all replicas share it).
     #[arg(
         long,
+        global = true,
         env = "MSGHASH_CONSUMER_GROUP",
         default_value = "msghash-projector"
     )]
     pub group: String,
     /// Most events applied in one step.
-    #[arg(long, env = "MSGHASH_BATCH_SIZE", default_value_t = 500,
+    #[arg(long, global = true, env = "MSGHASH_BATCH_SIZE", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch_size: u64,
     /// Address of the HTTPS port serving /health/live, /health/ready and /metrics.
-    #[arg(long, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:8083", value_parser = parse_listen)]
+    #[arg(long, global = true, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:8083", value_parser = parse_listen)]
     pub listen: SocketAddr,
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -269,12 +383,41 @@ pub struct Cli {
 pub enum Command {
     /// Run the projection and serve health and metrics (the default).
     Run,
-    /// Print applied vs end offsets per partition and the dead-lettered count, then exit.
+    /// Print the active generation, applied vs end offsets per partition and the
+    /// dead-lettered count, then exit.
     Status,
+    /// Rebuild the read model from offset 0 into a new generation while the services keep
+    /// answering, switch readers to it, exit. Resumes a replay that was stopped.
+    Replay(ReplayArgs),
+}
+
+/// `projector replay`.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct ReplayArgs {
+    /// After the switch, delete every older generation.
+    #[arg(long)]
+    pub drop_old: bool,
+    /// How long, after the switch, to keep projecting while waiting for a live projector
+    /// to adopt the new generation (seconds).
+    #[arg(long, env = "MSGHASH_HANDOVER_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub handover_timeout_secs: u64,
+}
+
+impl ReplayArgs {
+    pub fn settings(&self, group: &str, batch_size: usize) -> ReplaySettings {
+        ReplaySettings {
+            group: group.to_owned(),
+            batch_size,
+            handover_timeout: Duration::from_secs(self.handover_timeout_secs),
+            drop_old: self.drop_old,
+            ..ReplaySettings::default()
+        }
+    }
 }
 
 /// One partition's progress.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartitionStatus {
     pub partition: u32,
     /// Highest applied offset; `None` before the first.
@@ -283,25 +426,33 @@ pub struct PartitionStatus {
     pub end: msghash_common::Offset,
 }
 
-/// How far the read model is behind the log, and how many events were dead-lettered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which generation serves reads, how far it is behind the log, and how many events were
+/// dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Status {
+    pub active_generation: Generation,
+    /// A generation a replay is building (or a stopped replay left).
+    pub pending_generation: Option<Generation>,
+    /// Every generation whose storage exists.
+    pub generations: Vec<Generation>,
+    /// The active generation's applied offsets.
     pub partitions: Vec<PartitionStatus>,
     pub dead_lettered: u64,
 }
 
 impl Status {
     /// Reads the status from any adapter pair.
-    pub async fn read(log: &dyn EventLog, model: &dyn ReadModel) -> anyhow::Result<Status> {
-        let mut partitions = Vec::new();
-        for partition in 0..log.partitions() {
-            partitions.push(PartitionStatus {
-                partition,
-                applied: model.applied_offset(partition).await?,
-                end: log.end_offset(partition).await?,
-            });
-        }
+    pub async fn read(
+        log: &dyn EventLog,
+        generations: &dyn ModelGenerations,
+    ) -> anyhow::Result<Status> {
+        let state = generations.state().await?;
+        let model = generations.open(state.active).await?;
+        let partitions = partition_statuses(log, model.as_ref()).await?;
         Ok(Status {
+            active_generation: state.active,
+            pending_generation: state.pending,
+            generations: generations.list().await?,
             partitions,
             dead_lettered: log.dead_letter_count().await?,
         })
@@ -315,6 +466,16 @@ impl Status {
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "active generation: {}", self.active_generation)?;
+        if let Some(pending) = self.pending_generation {
+            writeln!(
+                f,
+                "pending generation: {pending} (a replay is building it, or stopped; \
+                 `replay` resumes it)"
+            )?;
+        }
+        let all: Vec<String> = self.generations.iter().map(|g| g.to_string()).collect();
+        writeln!(f, "generations stored: {}", all.join(", "))?;
         writeln!(
             f,
             "{:>9}  {:>12}  {:>12}  {:>8}",
@@ -339,10 +500,36 @@ impl std::fmt::Display for Status {
 /// `projector status`: connects, prints the status, returns.
 pub async fn print_status(cli: &Cli) -> anyhow::Result<Status> {
     let log = KafkaLog::connect(cli.kafka.settings()).await?;
-    let model = ScyllaModel::connect(&cli.scylla.settings()).await?;
-    let status = Status::read(&log, &model).await?;
+    let generations = ScyllaGenerations::connect(&cli.scylla.settings()).await?;
+    let status = Status::read(&log, &generations).await?;
     println!("{status}");
     Ok(status)
+}
+
+/// `projector replay`: rebuilds the read model into a new generation beside the running
+/// services, printing progress to stderr and the report's last line to stdout.
+pub async fn run_replay(
+    cli: &Cli,
+    args: &ReplayArgs,
+    shutdown: Shutdown,
+) -> anyhow::Result<Option<ReplayReport>> {
+    let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
+    let generations: Arc<dyn ModelGenerations> =
+        Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
+    let settings = args.settings(&cli.group, usize::try_from(cli.batch_size)?);
+    let report = replay::replay(
+        log,
+        generations,
+        settings,
+        &mut |p: &Progress| eprintln!("{p}"),
+        shutdown,
+    )
+    .await?;
+    match &report {
+        Some(r) => println!("{r}"),
+        None => eprintln!("replay stopped before the switch; run it again to resume"),
+    }
+    Ok(report)
 }
 
 /// What the `projector` service serves on its port: `/health/live`, `/health/ready` (the
@@ -362,7 +549,11 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     msghash_common::metrics::install();
     let tls = msghash_common::tls::server_config(&cli.tls.source())?;
     let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
-    let model: Arc<dyn ReadModel> = Arc::new(ScyllaModel::connect(&cli.scylla.settings()).await?);
+    let generations: Arc<dyn ModelGenerations> =
+        Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
+    let live = LiveModel::open(generations.clone()).await?;
+    let _follow = live.follow(DEFAULT_FOLLOW_INTERVAL, shutdown.clone());
+    let model: Arc<dyn ReadModel> = live;
     let settings = ProjectorSettings {
         group: cli.group,
         batch_size: usize::try_from(cli.batch_size)?,
@@ -372,7 +563,7 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "projector listening");
     let stop = shutdown.child_token();
     let server = http::serve_tls(listener, tls, app(log.clone(), model.clone()), stop.clone());
-    let projection = run_projection(log, model, settings, Arc::default(), stop.clone());
+    let projection = run_projection(log, generations, settings, Arc::default(), stop.clone());
     let (served, projected) = tokio::join!(
         async {
             let r = server.await;

@@ -2,9 +2,9 @@
 //! the log and the CQL test server for the read model.
 
 use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
-use msghash_common::adapters::scylla::{ScyllaModel, ScyllaSettings};
+use msghash_common::adapters::scylla::{ScyllaGenerations, ScyllaSettings};
 use msghash_common::shutdown::Shutdown;
-use msghash_common::{partition_for, Digest, EventLog, MessageHashed, ReadModel};
+use msghash_common::{partition_for, Digest, EventLog, MessageHashed, ModelGenerations, ReadModel};
 use projector::{run_projection, ProjectorSettings, ProjectorStats};
 use rdkafka::config::ClientConfig;
 use rdkafka::mocking::MockCluster;
@@ -16,7 +16,7 @@ use tokio::time::{sleep, Instant};
 
 const PARTITIONS: u32 = 2;
 
-async fn wait_until_projected(log: &KafkaLog, model: &ScyllaModel, messages: &[String]) {
+async fn wait_until_projected(log: &KafkaLog, model: &dyn ReadModel, messages: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut done = true;
@@ -41,7 +41,7 @@ async fn wait_until_projected(log: &KafkaLog, model: &ScyllaModel, messages: &[S
 
 fn start(
     log: &Arc<KafkaLog>,
-    model: &Arc<ScyllaModel>,
+    generations: &Arc<ScyllaGenerations>,
     group: &str,
 ) -> (
     Arc<ProjectorStats>,
@@ -55,10 +55,11 @@ fn start(
         batch_size: 7,
         poll_wait: Duration::from_millis(100),
         lag_interval: Duration::from_millis(200),
+        generation_check: Duration::from_millis(200),
     };
     let task = tokio::spawn(run_projection(
         log.clone(),
-        model.clone(),
+        generations.clone(),
         settings,
         stats.clone(),
         shutdown.clone(),
@@ -89,14 +90,15 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
     settings.session_timeout = Duration::from_secs(3);
     let log = Arc::new(KafkaLog::connect(settings).await.expect("kafka"));
     let cql = cql_server::start("127.0.0.1:0").await.expect("cql");
-    let model = Arc::new(
-        ScyllaModel::connect(&ScyllaSettings::local(
+    let generations = Arc::new(
+        ScyllaGenerations::connect(&ScyllaSettings::local(
             cql.local_addr().to_string(),
             "msghash",
         ))
         .await
         .expect("scylla"),
     );
+    let model = generations.open(0).await.expect("generation 0");
 
     let first: Vec<String> = (0..40).map(|i| format!("first {i}")).collect();
     append_all(&log, &first[..20]).await;
@@ -116,8 +118,8 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
     .expect("poison appended");
     append_all(&log, &first[20..]).await;
 
-    let (stats, shutdown, task) = start(&log, &model, "projector");
-    wait_until_projected(&log, &model, &first).await;
+    let (stats, shutdown, task) = start(&log, &generations, "projector");
+    wait_until_projected(&log, model.as_ref(), &first).await;
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 1);
     assert_eq!(stats.applied_events.load(Ordering::Relaxed), 40);
     assert_eq!(
@@ -125,7 +127,7 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
         1,
         "poison kept in the DLQ"
     );
-    let status = projector::Status::read(log.as_ref(), model.as_ref())
+    let status = projector::Status::read(log.as_ref(), generations.as_ref())
         .await
         .expect("status");
     assert_eq!(status.total_lag(), 0, "{status}");
@@ -134,21 +136,23 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
     let text = status.to_string();
     assert!(text.contains("dead-lettered events: 1"), "{text}");
     assert!(text.contains("total lag: 0"), "{text}");
+    assert!(text.contains("active generation: 0"), "{text}");
+    assert_eq!(status.active_generation, 0);
     shutdown.cancel();
     task.await.expect("join").expect("clean stop");
 
     // Restart: resumes after the committed positions, nothing is applied twice.
     let second: Vec<String> = (0..10).map(|i| format!("second {i}")).collect();
     append_all(&log, &second).await;
-    let (stats, shutdown, task) = start(&log, &model, "projector");
-    wait_until_projected(&log, &model, &second).await;
+    let (stats, shutdown, task) = start(&log, &generations, "projector");
+    wait_until_projected(&log, model.as_ref(), &second).await;
     assert_eq!(stats.applied_events.load(Ordering::Relaxed), 10);
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
     shutdown.cancel();
     task.await.expect("join").expect("clean stop");
 
     // A new group replays the whole log from offset 0, poison included.
-    let (stats, shutdown, task) = start(&log, &model, "projector-replay");
+    let (stats, shutdown, task) = start(&log, &generations, "projector-replay");
     let deadline = Instant::now() + Duration::from_secs(60);
     while stats.applied_events.load(Ordering::Relaxed) < 50 {
         assert!(Instant::now() < deadline, "replay did not finish");

@@ -16,8 +16,9 @@ use axum::{Json, Router};
 use barrier::{BarrierError, ReadBarrier};
 use clap::Parser;
 use msghash_common::adapters::kafka::KafkaLog;
-use msghash_common::adapters::scylla::ScyllaModel;
+use msghash_common::adapters::scylla::ScyllaGenerations;
 use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
+use msghash_common::generation::{LiveModel, DEFAULT_FOLLOW_INTERVAL};
 use msghash_common::http::{self, ApiError};
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{partition_for, Digest, EventLog, ReadModel};
@@ -85,11 +86,10 @@ async fn get_message(
     State(state): State<AppState>,
     digest: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Response {
-    let began = Instant::now();
     let Some(digest) = digest.ok().and_then(|Path(d)| Digest::parse(&d)) else {
         return ApiError::MessageNotFound.into_response();
     };
-    match lookup(&state, &digest, began).await {
+    match lookup_across_switch(&state, &digest).await {
         Ok(message) => Json(serde_json::json!({ "message": message })).into_response(),
         Err(e) => e.into_response(),
     }
@@ -146,6 +146,28 @@ async fn list_messages(
                 retry_after_secs: 1,
             }
             .into_response()
+        }
+    }
+}
+
+/// [`lookup`], once more if the read model switched generation during it: the barrier's
+/// offsets and the second read must come from one generation for a miss to be the truth.
+async fn lookup_across_switch(state: &AppState, digest: &Digest) -> Result<String, ApiError> {
+    let mut tries = 0;
+    loop {
+        // Read before `began`: every read that starts after `began` sees this generation or
+        // a newer one.
+        let generation = state.model.generation();
+        let began = Instant::now();
+        let result = lookup(state, digest, began).await;
+        tries += 1;
+        match result {
+            Err(ApiError::MessageNotFound)
+                if state.model.generation() != generation && tries < 3 =>
+            {
+                tracing::debug!(%digest, "generation switched during a miss; reading again");
+            }
+            other => return other,
         }
     }
 }
@@ -224,8 +246,11 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     msghash_common::metrics::install();
     let tls = msghash_common::tls::server_config(&cli.tls.source())?;
     let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
-    let model: Arc<dyn ReadModel> = Arc::new(ScyllaModel::connect(&cli.scylla.settings()).await?);
-    let app = app(log, model, cli.read.settings());
+    let generations = Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
+    // Reads go to the active generation and move when a replay switches it.
+    let live = LiveModel::open(generations).await?;
+    let _follow = live.follow(DEFAULT_FOLLOW_INTERVAL, shutdown.clone());
+    let app = app(log, live, cli.read.settings());
     let listener = http::bind(cli.listen)?;
     tracing::info!(listen = %listener.local_addr()?, "query listening");
     http::serve_tls(listener, tls, app, shutdown).await?;

@@ -6,14 +6,17 @@
 //! loop and the read-your-writes barrier are the same code the distributed services run.
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use msghash_common::adapters::embedded::{EmbeddedLog, EmbeddedModel};
+use msghash_common::adapters::embedded::{EmbeddedGenerations, EmbeddedLog};
 use msghash_common::config::{parse_listen, LogArgs, TlsArgs};
+use msghash_common::generation::LiveModel;
 use msghash_common::http;
 use msghash_common::shutdown::Shutdown;
-use msghash_common::{EventLog, ReadModel};
+use msghash_common::{EventLog, ModelGenerations, ReadModel};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+pub mod admin;
 
 /// `msghash`: flags and `MSGHASH_*` variables.
 #[derive(Parser, Debug)]
@@ -27,14 +30,14 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     /// Address of the HTTPS port.
-    #[arg(long, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:5000", value_parser = parse_listen)]
+    #[arg(long, global = true, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:5000", value_parser = parse_listen)]
     pub listen: SocketAddr,
     /// Directory of the event log and the read model (created if missing; one process at a
     /// time).
-    #[arg(long, env = "MSGHASH_DATA_DIR", default_value = "data")]
+    #[arg(long, global = true, env = "MSGHASH_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
     /// Partitions of the event log; fixed when the data directory is created.
-    #[arg(long, env = "MSGHASH_PARTITIONS", default_value_t = 8,
+    #[arg(long, global = true, env = "MSGHASH_PARTITIONS", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub partitions: u32,
     #[command(flatten)]
@@ -47,10 +50,10 @@ pub struct Cli {
     pub log: LogArgs,
     /// Also write the logs to daily-rotated files <dir>/msghash.YYYY-MM-DD.log (unset:
     /// stdout only).
-    #[arg(long, env = "MSGHASH_LOG_DIR")]
+    #[arg(long, global = true, env = "MSGHASH_LOG_DIR")]
     pub log_dir: Option<PathBuf>,
     /// How many daily log files --log-dir keeps.
-    #[arg(long, env = "MSGHASH_LOG_RETENTION", default_value_t = 7,
+    #[arg(long, global = true, env = "MSGHASH_LOG_RETENTION", default_value_t = 7,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub log_retention: u64,
 }
@@ -61,6 +64,22 @@ pub enum Command {
     /// Write a self-signed certificate (localhost.crt, localhost.key) into --dir, or keep
     /// the pair already there, and print the certificate's path.
     Cert(CertArgs),
+    /// Rebuild the read model of the running msghash (same MSGHASH_DATA_DIR) from its event
+    /// log into a new generation while it keeps answering, switch its readers to it, print
+    /// progress; exits 0 once readers are on the new generation. Resumes a replay that was
+    /// stopped.
+    Replay(ReplayArgs),
+    /// Print the running msghash's active generation, applied vs end offsets per partition
+    /// and dead-lettered event count.
+    Status,
+}
+
+/// `msghash replay`.
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    /// After the switch, delete the older generations' files.
+    #[arg(long)]
+    pub drop_old: bool,
 }
 
 /// `msghash cert`.
@@ -130,6 +149,9 @@ pub enum RunError {
     Other(#[from] anyhow::Error),
 }
 
+/// How often the readers and the projector of the standalone ask for the active generation.
+const FOLLOW_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The `service` label of the standalone's HTTP metrics.
 pub const SERVICE: &str = "msghash";
 
@@ -146,10 +168,17 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<(), RunError> {
     let embedded_log = EmbeddedLog::open(&data, cli.partitions)
         .map_err(|e| RunError::Config(format!("MSGHASH_DATA_DIR: {e}")))?;
     let log: Arc<dyn EventLog> = Arc::new(embedded_log);
-    let model: Arc<dyn ReadModel> = Arc::new(
-        EmbeddedModel::open(&data)
+    let generations: Arc<dyn ModelGenerations> = Arc::new(
+        EmbeddedGenerations::open(&data)
             .map_err(|e| RunError::Config(format!("MSGHASH_DATA_DIR: {e}")))?,
     );
+    let live = LiveModel::open(generations.clone())
+        .await
+        .map_err(|e| RunError::Config(format!("MSGHASH_DATA_DIR: {e}")))?;
+    // The catalog is a local file: asking it often costs nothing and makes the switch
+    // after `msghash replay` quick.
+    let _follow = live.follow(FOLLOW_INTERVAL, shutdown.clone());
+    let model: Arc<dyn ReadModel> = live;
     let listener = http::bind(cli.listen)
         .map_err(|e| RunError::Config(format!("MSGHASH_LISTEN {}: {e}", cli.listen)))?;
 
@@ -164,10 +193,32 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<(), RunError> {
         http::log_and_model_ready(log.clone(), model.clone()),
     );
 
+    let projector_settings = projector::ProjectorSettings {
+        generation_check: FOLLOW_INTERVAL,
+        ..projector::ProjectorSettings::default()
+    };
+    let replay_settings = projector::ReplaySettings {
+        group: projector_settings.group.clone(),
+        handover_timeout: std::time::Duration::from_secs(10),
+        ..projector::ReplaySettings::default()
+    };
+    let admin = admin::serve(
+        &data,
+        log.clone(),
+        generations.clone(),
+        replay_settings,
+        shutdown.clone(),
+    )
+    .map_err(|e| {
+        RunError::Config(format!(
+            "MSGHASH_DATA_DIR: cannot serve {}: {e}",
+            data.join(admin::SOCKET_FILE).display()
+        ))
+    })?;
     let projection = tokio::spawn(projector::run_projection(
         log.clone(),
-        model.clone(),
-        projector::ProjectorSettings::default(),
+        generations,
+        projector_settings,
         Arc::default(),
         shutdown.clone(),
     ));
@@ -180,6 +231,9 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<(), RunError> {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "projector failed"),
         Err(e) => tracing::error!(error = %e, "projector task failed"),
+    }
+    if let Err(e) = admin.await {
+        tracing::error!(error = %e, "admin task failed");
     }
     served.map_err(anyhow::Error::from)?;
     tracing::info!("stopped; data is in {}", data.display());

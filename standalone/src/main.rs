@@ -21,8 +21,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(msghash::Command::Cert(args)) = &cli.command {
-        return cert(args);
+    match &cli.command {
+        Some(msghash::Command::Cert(args)) => return cert(args),
+        Some(msghash::Command::Replay(args)) => return replay(&cli.data_dir, args.drop_old),
+        Some(msghash::Command::Status) => return status(&cli.data_dir),
+        None => {}
     }
     // Kept to the end of main: dropping it flushes the log files.
     let _log_guard = match msghash_common::telemetry::init_with_files(
@@ -75,6 +78,60 @@ fn cert(args: &msghash::CertArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("msghash cert: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn client_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("msghash: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
+/// `msghash replay`: progress on stderr, one line a second; the report on stdout, last.
+fn replay(dir: &std::path::Path, drop_old: bool) -> ExitCode {
+    let Some(runtime) = client_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    eprintln!(
+        "msghash replay: asking the msghash serving {} to rebuild its read model",
+        dir.display()
+    );
+    let result = runtime.block_on(msghash::admin::run_replay(dir, drop_old, &mut |p| {
+        eprintln!("{p}")
+    }));
+    match result {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("msghash replay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `msghash status`.
+fn status(dir: &std::path::Path) -> ExitCode {
+    let Some(runtime) = client_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(msghash::admin::fetch_status(dir)) {
+        Ok(status) => {
+            println!("{status}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("msghash status: {e}");
             ExitCode::FAILURE
         }
     }

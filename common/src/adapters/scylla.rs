@@ -1,21 +1,27 @@
 //! `ReadModel` on ScyllaDB, through the `scylla` driver.
 //!
-//! Two tables in one keyspace:
+//! Two tables per read-model generation in one keyspace (generation N ≥ 1 adds `_g<N>` to
+//! both names, see [`table_names`]):
 //! - `messages (digest blob PRIMARY KEY, message text)`: the projection itself;
 //! - `projection_offsets (partition int PRIMARY KEY, applied_offset bigint)`: per event-log
 //!   partition, the highest offset whose event is in `messages`.
+//!
+//! [`ScyllaGenerations`] keeps the catalog of generations in `generations`.
 //!
 //! Every statement is prepared (so the driver routes it to a replica of its partition key)
 //! and marked idempotent: an upsert of the same digest with the same message is a no-op, so
 //! the driver may retry it and the projector may replay a batch.
 
-use crate::ports::{ModelError, Offset, ProjectionBatch, ReadModel};
+use crate::ports::{
+    Generation, GenerationState, ModelError, ModelGenerations, Offset, ProjectionBatch, ReadModel,
+};
 use crate::Digest;
 use async_trait::async_trait;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How to reach the cluster and how to create the keyspace when it is missing.
@@ -57,7 +63,8 @@ pub fn valid_replication(map: &str) -> bool {
 }
 
 pub struct ScyllaModel {
-    session: Session,
+    session: Arc<Session>,
+    generation: Generation,
     insert_message: PreparedStatement,
     select_message: PreparedStatement,
     upsert_offset: PreparedStatement,
@@ -73,38 +80,74 @@ fn unavailable(e: impl std::fmt::Display) -> ModelError {
     ModelError::Unavailable(e.to_string())
 }
 
+/// The tables of one generation: `messages` and `projection_offsets` for generation 0,
+/// `messages_g<N>` and `projection_offsets_g<N>` after that.
+pub fn table_names(generation: Generation) -> (String, String) {
+    if generation == 0 {
+        ("messages".into(), "projection_offsets".into())
+    } else {
+        (
+            format!("messages_g{generation}"),
+            format!("projection_offsets_g{generation}"),
+        )
+    }
+}
+
+/// Opens a session, checks the settings, creates the keyspace when missing.
+async fn connect_session(settings: &ScyllaSettings) -> Result<Session, ModelError> {
+    if !valid_keyspace(&settings.keyspace) {
+        return Err(ModelError::Corrupt(format!(
+            "invalid keyspace name {:?}",
+            settings.keyspace
+        )));
+    }
+    if !valid_replication(&settings.replication) {
+        return Err(ModelError::Corrupt(format!(
+            "invalid replication map {:?}",
+            settings.replication
+        )));
+    }
+    let session = SessionBuilder::new()
+        .known_nodes(&settings.nodes)
+        .connection_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .map_err(unavailable)?;
+    session
+        .query_unpaged(
+            format!(
+                "CREATE KEYSPACE IF NOT EXISTS {} WITH replication = {}",
+                settings.keyspace, settings.replication
+            ),
+            (),
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(session)
+}
+
 impl ScyllaModel {
-    /// Connects, creates the keyspace and tables if missing, and prepares the statements.
+    /// Connects, creates the keyspace and the tables of generation 0 if missing, and
+    /// prepares the statements.
     pub async fn connect(settings: &ScyllaSettings) -> Result<Self, ModelError> {
-        if !valid_keyspace(&settings.keyspace) {
-            return Err(ModelError::Corrupt(format!(
-                "invalid keyspace name {:?}",
-                settings.keyspace
-            )));
-        }
-        if !valid_replication(&settings.replication) {
-            return Err(ModelError::Corrupt(format!(
-                "invalid replication map {:?}",
-                settings.replication
-            )));
-        }
-        let session = SessionBuilder::new()
-            .known_nodes(&settings.nodes)
-            .connection_timeout(Duration::from_secs(5))
-            .build()
-            .await
-            .map_err(unavailable)?;
+        let session = Arc::new(connect_session(settings).await?);
+        ScyllaModel::open(session, settings, 0).await
+    }
+
+    /// The model of `generation` on an existing session, creating its tables if missing.
+    pub async fn open(
+        session: Arc<Session>,
+        settings: &ScyllaSettings,
+        generation: Generation,
+    ) -> Result<Self, ModelError> {
         let ks = &settings.keyspace;
+        let (messages, offsets) = table_names(generation);
         for ddl in [
             format!(
-                "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {}",
-                settings.replication
+                "CREATE TABLE IF NOT EXISTS {ks}.{messages} (digest blob PRIMARY KEY, message text)"
             ),
             format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.messages (digest blob PRIMARY KEY, message text)"
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.projection_offsets \
+                "CREATE TABLE IF NOT EXISTS {ks}.{offsets} \
                  (partition int PRIMARY KEY, applied_offset bigint)"
             ),
         ] {
@@ -121,30 +164,201 @@ impl ScyllaModel {
         };
         Ok(ScyllaModel {
             insert_message: prepare(format!(
-                "INSERT INTO {ks}.messages (digest, message) VALUES (?, ?)"
+                "INSERT INTO {ks}.{messages} (digest, message) VALUES (?, ?)"
             ))
             .await?,
             select_message: prepare(format!(
-                "SELECT message FROM {ks}.messages WHERE digest = ?"
+                "SELECT message FROM {ks}.{messages} WHERE digest = ?"
             ))
             .await?,
             upsert_offset: prepare(format!(
-                "INSERT INTO {ks}.projection_offsets (partition, applied_offset) VALUES (?, ?)"
+                "INSERT INTO {ks}.{offsets} (partition, applied_offset) VALUES (?, ?)"
             ))
             .await?,
             select_offset: prepare(format!(
-                "SELECT applied_offset FROM {ks}.projection_offsets WHERE partition = ?"
+                "SELECT applied_offset FROM {ks}.{offsets} WHERE partition = ?"
             ))
             .await?,
             // Listing walks the token ring: the cursor is the last digest of a page, and
             // the next page starts after its token.
-            list_first: prepare(format!("SELECT digest FROM {ks}.messages LIMIT ?")).await?,
+            list_first: prepare(format!("SELECT digest FROM {ks}.{messages} LIMIT ?")).await?,
             list_after: prepare(format!(
-                "SELECT digest FROM {ks}.messages WHERE token(digest) > token(?) LIMIT ?"
+                "SELECT digest FROM {ks}.{messages} WHERE token(digest) > token(?) LIMIT ?"
             ))
             .await?,
             session,
+            generation,
         })
+    }
+}
+
+/// The generation catalog on ScyllaDB: `<keyspace>.generations (name text PRIMARY KEY,
+/// value bigint)` holds the rows `active`, `pending`, `adopted` and one `g<N>` per
+/// generation whose tables exist. Every write is one single-row upsert, so the switch is
+/// atomic for every reader.
+pub struct ScyllaGenerations {
+    session: Arc<Session>,
+    settings: ScyllaSettings,
+    opened: tokio::sync::Mutex<std::collections::HashMap<Generation, Arc<ScyllaModel>>>,
+    upsert: PreparedStatement,
+    delete: PreparedStatement,
+    select_all: PreparedStatement,
+}
+
+impl ScyllaGenerations {
+    /// Connects, creates the keyspace and the catalog table if missing.
+    pub async fn connect(settings: &ScyllaSettings) -> Result<Self, ModelError> {
+        let session = Arc::new(connect_session(settings).await?);
+        let ks = &settings.keyspace;
+        session
+            .query_unpaged(
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.generations (name text PRIMARY KEY, value bigint)"
+                ),
+                (),
+            )
+            .await
+            .map_err(unavailable)?;
+        let prepare = |cql: String| {
+            let session = &session;
+            async move {
+                let mut p = session.prepare(cql).await.map_err(unavailable)?;
+                // The catalog decides what every reader sees: always a quorum.
+                p.set_consistency(Consistency::Quorum);
+                p.set_is_idempotent(true);
+                Ok::<_, ModelError>(p)
+            }
+        };
+        Ok(ScyllaGenerations {
+            upsert: prepare(format!(
+                "INSERT INTO {ks}.generations (name, value) VALUES (?, ?)"
+            ))
+            .await?,
+            delete: prepare(format!("DELETE FROM {ks}.generations WHERE name = ?")).await?,
+            select_all: prepare(format!("SELECT name, value FROM {ks}.generations")).await?,
+            opened: Default::default(),
+            settings: settings.clone(),
+            session,
+        })
+    }
+
+    async fn rows(&self) -> Result<Vec<(String, i64)>, ModelError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.select_all, ())
+            .await
+            .map_err(unavailable)?;
+        let rows = result
+            .into_rows_result()
+            .map_err(|e| ModelError::Corrupt(e.to_string()))?;
+        let mut out = Vec::new();
+        for row in rows
+            .rows::<(String, Option<i64>)>()
+            .map_err(|e| ModelError::Corrupt(e.to_string()))?
+        {
+            let (name, value) = row.map_err(|e| ModelError::Corrupt(e.to_string()))?;
+            if let Some(value) = value {
+                out.push((name, value));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn set(&self, name: &str, value: Generation) -> Result<(), ModelError> {
+        let value = i64::try_from(value)
+            .map_err(|_| ModelError::Corrupt(format!("generation {value} overflows")))?;
+        self.session
+            .execute_unpaged(&self.upsert, (name, value))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+fn generation_of(value: i64) -> Result<Generation, ModelError> {
+    Generation::try_from(value).map_err(|_| ModelError::Corrupt(format!("generation {value}")))
+}
+
+#[async_trait]
+impl ModelGenerations for ScyllaGenerations {
+    async fn state(&self) -> Result<GenerationState, ModelError> {
+        let mut state = GenerationState::default();
+        for (name, value) in self.rows().await? {
+            match name.as_str() {
+                "active" => state.active = generation_of(value)?,
+                "pending" => state.pending = Some(generation_of(value)?),
+                "adopted" => state.adopted = generation_of(value)?,
+                _ => {}
+            }
+        }
+        state.pending = state.pending.filter(|&p| p > state.active);
+        Ok(state)
+    }
+
+    async fn open(&self, generation: Generation) -> Result<Arc<dyn ReadModel>, ModelError> {
+        let mut opened = self.opened.lock().await;
+        if let Some(model) = opened.get(&generation) {
+            return Ok(model.clone());
+        }
+        // Recorded before the tables exist, so a crash in between leaves a name that
+        // `drop_generation` can still clean up.
+        self.set(&format!("g{generation}"), generation).await?;
+        let model =
+            Arc::new(ScyllaModel::open(self.session.clone(), &self.settings, generation).await?);
+        opened.insert(generation, model.clone());
+        Ok(model)
+    }
+
+    async fn begin(&self, generation: Generation) -> Result<(), ModelError> {
+        self.set("pending", generation).await
+    }
+
+    async fn activate(&self, generation: Generation) -> Result<(), ModelError> {
+        self.set("active", generation).await
+    }
+
+    async fn adopt(&self, generation: Generation) -> Result<(), ModelError> {
+        self.set("adopted", generation).await
+    }
+
+    async fn list(&self) -> Result<Vec<Generation>, ModelError> {
+        let mut all: Vec<Generation> = self
+            .rows()
+            .await?
+            .into_iter()
+            .filter(|(name, _)| name.starts_with('g'))
+            .map(|(_, value)| generation_of(value))
+            .collect::<Result<_, _>>()?;
+        // Generation 0 predates the catalog: its tables exist whenever it is in use.
+        let state = self.state().await?;
+        if state.active == 0 && !all.contains(&0) {
+            all.push(0);
+        }
+        all.sort_unstable();
+        all.dedup();
+        Ok(all)
+    }
+
+    async fn drop_generation(&self, generation: Generation) -> Result<(), ModelError> {
+        if self.state().await?.active == generation {
+            return Err(ModelError::Corrupt(format!(
+                "generation {generation} is active; it cannot be dropped"
+            )));
+        }
+        self.opened.lock().await.remove(&generation);
+        let ks = &self.settings.keyspace;
+        let (messages, offsets) = table_names(generation);
+        for table in [messages, offsets] {
+            self.session
+                .query_unpaged(format!("DROP TABLE IF EXISTS {ks}.{table}"), ())
+                .await
+                .map_err(unavailable)?;
+        }
+        self.session
+            .execute_unpaged(&self.delete, (format!("g{generation}"),))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 }
 
@@ -237,6 +451,10 @@ impl ReadModel for ScyllaModel {
             );
         }
         Ok(digests)
+    }
+
+    fn generation(&self) -> Generation {
+        self.generation
     }
 }
 

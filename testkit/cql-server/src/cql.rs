@@ -375,6 +375,13 @@ pub struct CreateTable {
     pub clustering_key: Vec<String>,
 }
 
+/// `DROP TABLE [IF EXISTS] [keyspace.]table`
+#[derive(Debug, Clone, PartialEq)]
+pub struct DropTable {
+    pub table: TableName,
+    pub if_exists: bool,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Statement {
     Select(Select),
@@ -383,6 +390,7 @@ pub enum Statement {
     Delete(Delete),
     CreateKeyspace(CreateKeyspace),
     CreateTable(CreateTable),
+    DropTable(DropTable),
     Use(String),
     Truncate(TableName),
 }
@@ -554,10 +562,23 @@ impl Parser {
                     )
                 }
             }
-            "drop" | "alter" => unsupported(format!(
-                "{} is not supported by cql-server; start a fresh server or use TRUNCATE",
-                word.to_uppercase()
-            )),
+            "drop" => {
+                if self.is_kw_at(1, "table") || self.is_kw_at(1, "columnfamily") {
+                    self.drop_table().map(Statement::DropTable)
+                } else {
+                    let what = match self.peek_at(1) {
+                        Some(Tok::Ident(kind)) => format!("DROP {}", kind.to_uppercase()),
+                        _ => "this DROP statement".to_owned(),
+                    };
+                    unsupported(format!(
+                        "{what} is not supported by cql-server; only DROP TABLE is"
+                    ))
+                }
+            }
+            "alter" => unsupported(
+                "ALTER is not supported by cql-server; start a fresh server, \
+                 or DROP TABLE and create it again",
+            ),
             "begin" | "apply" => unsupported(
                 "BEGIN BATCH statements are not supported by cql-server; \
                  use the native BATCH request (the driver's Batch type)",
@@ -977,6 +998,19 @@ impl Parser {
         })
     }
 
+    fn drop_table(&mut self) -> PResult<DropTable> {
+        self.expect_kw("drop")?;
+        if !self.eat_kw("table") {
+            self.expect_kw("columnfamily")?;
+        }
+        let if_exists = self.eat_kw("if");
+        if if_exists {
+            self.expect_kw("exists")?;
+        }
+        let table = self.table_name()?;
+        Ok(DropTable { table, if_exists })
+    }
+
     fn create_table(&mut self) -> PResult<CreateTable> {
         self.expect_kw("create")?;
         if !self.eat_kw("table") {
@@ -1242,9 +1276,67 @@ mod tests {
             Err(ParseError::Unsupported(_))
         ));
         assert!(matches!(
-            parse("DROP TABLE t"),
+            parse("ALTER TABLE t ADD c int"),
             Err(ParseError::Unsupported(_))
         ));
+    }
+
+    #[test]
+    fn drop_table_forms() {
+        let p = ok("DROP TABLE t");
+        assert_eq!(
+            p.statement,
+            Statement::DropTable(DropTable {
+                table: TableName {
+                    keyspace: None,
+                    name: "t".into()
+                },
+                if_exists: false,
+            })
+        );
+        let p = ok("drop table if exists Ks.\"T\";");
+        assert_eq!(
+            p.statement,
+            Statement::DropTable(DropTable {
+                table: TableName {
+                    keyspace: Some("ks".into()),
+                    name: "T".into()
+                },
+                if_exists: true,
+            })
+        );
+        assert!(matches!(
+            ok("DROP COLUMNFAMILY ks.t").statement,
+            Statement::DropTable(DropTable {
+                if_exists: false,
+                ..
+            })
+        ));
+        assert!(p.markers.is_empty());
+        for q in [
+            "DROP TABLE",
+            "DROP TABLE IF t",
+            "DROP TABLE IF EXISTS",
+            "DROP TABLE t x",
+        ] {
+            assert!(matches!(parse(q), Err(ParseError::Syntax(_))), "{q}");
+        }
+        for q in [
+            "DROP KEYSPACE ks",
+            "DROP KEYSPACE IF EXISTS ks",
+            "DROP INDEX i",
+            "DROP TYPE ty",
+            "DROP MATERIALIZED VIEW v",
+            "DROP",
+        ] {
+            assert!(matches!(parse(q), Err(ParseError::Unsupported(_))), "{q}");
+        }
+        assert_eq!(
+            parse("drop keyspace ks"),
+            Err(ParseError::Unsupported(
+                "DROP KEYSPACE is not supported by cql-server; only DROP TABLE is".into()
+            ))
+        );
     }
 
     #[test]

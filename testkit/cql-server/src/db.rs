@@ -108,10 +108,28 @@ pub enum Outcome {
     Rows(RowSet),
     SetKeyspace(String),
     SchemaChange {
+        change: SchemaChange,
         keyspace: String,
         table: Option<String>,
     },
     Prepared(Arc<PreparedStatement>),
+}
+
+/// The change type of a `SCHEMA_CHANGE` result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaChange {
+    Created,
+    Dropped,
+}
+
+impl SchemaChange {
+    /// The `<change_type>` string of the protocol.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchemaChange::Created => "CREATED",
+            SchemaChange::Dropped => "DROPPED",
+        }
+    }
 }
 
 /// A statement after validation against the schema, ready to be executed
@@ -448,6 +466,11 @@ impl Db {
                 self.schema(&ks, &name)?;
                 check_writable(&ks)?;
             }
+            Statement::DropTable(dt) => {
+                // Whether the table exists is checked when it runs (IF EXISTS).
+                let (ks, _) = resolve(&mut dt.table)?;
+                check_writable(&ks)?;
+            }
             Statement::Insert(ins) => {
                 let (ks, name) = resolve(&mut ins.table)?;
                 check_writable(&ks)?;
@@ -626,8 +649,10 @@ impl Db {
             }
             Statement::CreateKeyspace(ck) => self.create_keyspace(ck),
             Statement::CreateTable(ct) => self.create_table(ct),
+            Statement::DropTable(dt) => self.drop_table(dt),
             Statement::Truncate(t) => {
                 let (ks, name) = table_of(t);
+                self.schema(ks, name)?;
                 let partitions: BTreeSet<PartitionKeyValue> = self
                     .engine
                     .scan(ks, name, ALL_PK)?
@@ -754,6 +779,7 @@ impl Db {
             .create_keyspace(ck.name.clone(), false, strategy)
         {
             Ok(_) => Ok(Outcome::SchemaChange {
+                change: SchemaChange::Created,
                 keyspace: ck.name.clone(),
                 table: None,
             }),
@@ -833,6 +859,7 @@ impl Db {
             Ok(_) => {
                 self.fix_schema_column_types(ks);
                 Ok(Outcome::SchemaChange {
+                    change: SchemaChange::Created,
                     keyspace: ks.to_owned(),
                     table: Some(name.to_owned()),
                 })
@@ -847,6 +874,118 @@ impl Db {
             )),
             Err(e) => Err(Error::from(e)),
         }
+    }
+
+    /// `DROP TABLE`: removes the table's rows, its `system_schema.tables` /
+    /// `system_schema.columns` rows, its catalog entry and every prepared
+    /// statement that uses it (executing one then gets `Unprepared`, and the
+    /// driver's re-prepare fails with "unconfigured table", as in Cassandra).
+    fn drop_table(&mut self, dt: &cql::DropTable) -> Result<Outcome> {
+        let (ks, name) = table_of(&dt.table);
+        check_writable(ks)?;
+        if dt.if_exists && self.engine.get_table(ks, name).is_none() {
+            return Ok(Outcome::Void);
+        }
+        // "unconfigured table ks.t", like any statement on a missing table.
+        self.schema(ks, name)?;
+        // kassandra's catalog cannot forget a table: build a fresh one without
+        // it first (the only step that can fail), then move the rows over.
+        let mut engine = self.catalog_without(ks, name)?;
+        let partitions: BTreeSet<PartitionKeyValue> = self
+            .engine
+            .scan(ks, name, ALL_PK)?
+            .map(|e| e.partition)
+            .collect();
+        for pk in partitions {
+            let _ = self.engine.delete(ks, name, pk, ClusteringKeyValue::Empty);
+        }
+        let schema_pk = PartitionKeyValue::Simple(CqlValue::Text(ks.to_owned()));
+        for schema_table in ["tables", "columns"] {
+            let rows: Vec<ClusteringKeyValue> = self
+                .engine
+                .read("system_schema", schema_table, &schema_pk, ALL_CK)?
+                .filter(|e| e.row.get("table_name").and_then(text_of).as_deref() == Some(name))
+                .map(|e| e.clustering)
+                .collect();
+            for ck in rows {
+                let _ = self
+                    .engine
+                    .delete("system_schema", schema_table, schema_pk.clone(), ck);
+            }
+        }
+        engine.data = std::mem::take(&mut self.engine.data);
+        self.engine = engine;
+        self.prepared
+            .retain(|_, p| statement_table(&p.statement) != Some((ks, name)));
+        Ok(Outcome::SchemaChange {
+            change: SchemaChange::Dropped,
+            keyspace: ks.to_owned(),
+            table: Some(name.to_owned()),
+        })
+    }
+
+    /// A new engine whose catalog has every keyspace and table of the current
+    /// one except `ks.table`, and no data. kassandra exposes neither a way to
+    /// drop a table nor the keyspace list, so the keyspaces and their
+    /// replication strategies are read from its serialised catalog; the table
+    /// schemas are cloned (that keeps their column order).
+    fn catalog_without(&mut self, ks: &str, table: &str) -> Result<KvEngine<Memory>> {
+        let server_error = |what: &str| {
+            Error::new(
+                DbError::ServerError,
+                format!("cql-server could not drop {ks}.{table}: {what}"),
+            )
+        };
+        let data = std::mem::take(&mut self.engine.data);
+        let catalog = serde_json::to_value(&self.engine);
+        self.engine.data = data;
+        let catalog = catalog.map_err(|e| server_error(&e.to_string()))?;
+        let keyspaces = catalog
+            .get("schema")
+            .and_then(|s| s.get("schema"))
+            .and_then(|s| s.as_object())
+            .ok_or_else(|| server_error("unexpected catalog layout"))?;
+        let mut engine = KvEngine::<Memory>::default();
+        for (ks_name, keyspace) in keyspaces {
+            if SYSTEM_KEYSPACES.contains(&ks_name.as_str()) {
+                // Part of every fresh engine.
+                continue;
+            }
+            let strategy: Strategy = keyspace
+                .get("strategy")
+                .cloned()
+                .ok_or_else(|| server_error("keyspace without strategy"))
+                .and_then(|s| {
+                    serde_json::from_value(s).map_err(|e| server_error(&e.to_string()))
+                })?;
+            engine
+                .create_keyspace(ks_name.clone(), false, strategy)
+                .map_err(|e| server_error(&format!("{e:?}")))?;
+            let tables = keyspace
+                .get("tables")
+                .and_then(|t| t.as_object())
+                .ok_or_else(|| server_error("keyspace without tables"))?;
+            for table_name in tables.keys() {
+                if ks_name == ks && table_name == table {
+                    continue;
+                }
+                let schema = self
+                    .engine
+                    .get_table(ks_name, table_name)
+                    .cloned()
+                    .ok_or_else(|| server_error("table missing from the catalog"))?;
+                engine
+                    .create_table(
+                        ks_name.clone(),
+                        table_name.clone(),
+                        false,
+                        schema,
+                        Vec::new(),
+                    )
+                    .map_err(|e| server_error(&format!("{e:?}")))?;
+            }
+        }
+        Ok(engine)
     }
 
     fn read_row(
@@ -1442,6 +1581,21 @@ fn check_writable(ks: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The table a (resolved) DML / TRUNCATE statement works on.
+fn statement_table(statement: &Statement) -> Option<(&str, &str)> {
+    match statement {
+        Statement::Select(s) => Some(table_of(&s.table)),
+        Statement::Insert(i) => Some(table_of(&i.table)),
+        Statement::Update(u) => Some(table_of(&u.table)),
+        Statement::Delete(d) => Some(table_of(&d.table)),
+        Statement::Truncate(t) => Some(table_of(t)),
+        Statement::Use(_)
+        | Statement::CreateKeyspace(_)
+        | Statement::CreateTable(_)
+        | Statement::DropTable(_) => None,
+    }
 }
 
 fn table_of(t: &cql::TableName) -> (&str, &str) {
@@ -2076,4 +2230,273 @@ fn fnv128(keyspace: &str, cql: &str) -> u128 {
         h = h.wrapping_mul(PRIME);
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> Db {
+        let mut db = Db::new([127, 0, 0, 1].into(), 9042);
+        for q in [
+            "CREATE KEYSPACE ks WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}",
+            "CREATE TABLE ks.t (k int PRIMARY KEY, v text)",
+            "CREATE TABLE ks.other (k int, c int, b text, a text, PRIMARY KEY (k, c))",
+            "INSERT INTO ks.t (k, v) VALUES (1, 'one')",
+            "INSERT INTO ks.t (k, v) VALUES (2, 'two')",
+            "INSERT INTO ks.other (k, c, b, a) VALUES (1, 2, 'b', 'a')",
+            "CREATE KEYSPACE ks2 WITH replication = {'class': 'NetworkTopologyStrategy', 'datacenter1': 3}",
+            "CREATE TABLE ks2.t (k int PRIMARY KEY, v text)",
+            "INSERT INTO ks2.t (k, v) VALUES (1, 'same name, other keyspace')",
+        ] {
+            run(&mut db, q);
+        }
+        db
+    }
+
+    fn query(db: &mut Db, cql: &str) -> Result<Outcome> {
+        db.query(&mut None, cql, &Options::default())
+    }
+
+    fn run(db: &mut Db, cql: &str) -> Outcome {
+        query(db, cql).unwrap_or_else(|e| panic!("{cql}: {e:?}"))
+    }
+
+    fn rows(db: &mut Db, cql: &str) -> RowSet {
+        match run(db, cql) {
+            Outcome::Rows(rows) => rows,
+            other => panic!("{cql}: expected rows, got {other:?}"),
+        }
+    }
+
+    fn execute(db: &mut Db, id: u128) -> Result<Outcome> {
+        db.execute(&mut None, &id.to_be_bytes(), &Options::default())
+    }
+
+    fn prepare(db: &mut Db, cql: &str) -> u128 {
+        match db.prepare(None, cql) {
+            Ok(Outcome::Prepared(p)) => p.id,
+            other => panic!("{cql}: {other:?}"),
+        }
+    }
+
+    fn assert_unconfigured(result: Result<Outcome>, table: &str) {
+        match result {
+            Err(e) => {
+                assert_eq!(e.error, DbError::Invalid, "{e:?}");
+                assert_eq!(e.reason, format!("unconfigured table {table}"));
+            }
+            Ok(o) => panic!("expected 'unconfigured table {table}', got {o:?}"),
+        }
+    }
+
+    fn schema_tables(db: &mut Db) -> Vec<String> {
+        let rows = rows(
+            db,
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = 'ks'",
+        );
+        let mut names: Vec<String> = rows
+            .rows
+            .iter()
+            .filter_map(|r| r[0].as_ref().and_then(text_of))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn schema_columns(db: &mut Db) -> Vec<(String, String)> {
+        let rows = rows(
+            db,
+            "SELECT table_name, column_name FROM system_schema.columns WHERE keyspace_name = 'ks'",
+        );
+        let mut columns: Vec<(String, String)> = rows
+            .rows
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r[0].as_ref().and_then(text_of)?,
+                    r[1].as_ref().and_then(text_of)?,
+                ))
+            })
+            .collect();
+        columns.sort();
+        columns
+    }
+
+    #[test]
+    fn drop_table_then_select_fails() {
+        let mut db = db();
+        let other_columns = rows(&mut db, "SELECT * FROM ks.other").columns;
+        match run(&mut db, "DROP TABLE ks.t") {
+            Outcome::SchemaChange {
+                change,
+                keyspace,
+                table,
+            } => {
+                assert_eq!(change, SchemaChange::Dropped);
+                assert_eq!(change.as_str(), "DROPPED");
+                assert_eq!(keyspace, "ks");
+                assert_eq!(table.as_deref(), Some("t"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_unconfigured(query(&mut db, "SELECT * FROM ks.t"), "ks.t");
+        assert_unconfigured(
+            query(&mut db, "INSERT INTO ks.t (k, v) VALUES (3, 'x')"),
+            "ks.t",
+        );
+        assert_unconfigured(query(&mut db, "TRUNCATE ks.t"), "ks.t");
+        assert!(db.prepare(None, "SELECT * FROM ks.t").is_err());
+        // The driver no longer sees the table in system_schema.
+        assert_eq!(schema_tables(&mut db), vec!["other"]);
+        assert!(schema_columns(&mut db).iter().all(|(t, _)| t == "other"));
+        assert_eq!(schema_columns(&mut db).len(), 4);
+        // Other tables keep their schema (column order included) and rows.
+        let other = rows(&mut db, "SELECT * FROM ks.other");
+        assert_eq!(other.columns, other_columns);
+        assert_eq!(other.rows.len(), 1);
+        // A table of the same name in another keyspace is untouched.
+        assert_eq!(rows(&mut db, "SELECT * FROM ks2.t").rows.len(), 1);
+        let ks2 = rows(
+            &mut db,
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = 'ks2'",
+        );
+        assert_eq!(ks2.rows, vec![vec![Some(CqlValue::Text("t".into()))]]);
+        // The keyspaces are still usable.
+        run(&mut db, "CREATE TABLE ks.third (k int PRIMARY KEY)");
+        run(&mut db, "CREATE TABLE ks2.u (k int PRIMARY KEY)");
+        assert_eq!(schema_tables(&mut db), vec!["other", "third"]);
+    }
+
+    #[test]
+    fn drop_table_if_exists_on_missing_table_succeeds() {
+        let mut db = db();
+        assert!(matches!(
+            run(&mut db, "DROP TABLE IF EXISTS ks.nope"),
+            Outcome::Void
+        ));
+        assert!(matches!(
+            run(&mut db, "drop table if exists no_such_ks.t"),
+            Outcome::Void
+        ));
+        assert!(matches!(
+            run(&mut db, "DROP TABLE IF EXISTS ks.t"),
+            Outcome::SchemaChange { .. }
+        ));
+        assert!(matches!(
+            run(&mut db, "DROP TABLE IF EXISTS ks.t"),
+            Outcome::Void
+        ));
+        assert_eq!(schema_tables(&mut db), vec!["other"]);
+    }
+
+    #[test]
+    fn drop_table_without_if_exists_on_missing_table_errors() {
+        let mut db = db();
+        assert_unconfigured(query(&mut db, "DROP TABLE ks.nope"), "ks.nope");
+        assert_unconfigured(query(&mut db, "DROP TABLE no_such_ks.t"), "no_such_ks.t");
+        run(&mut db, "DROP TABLE ks.t");
+        assert_unconfigured(query(&mut db, "DROP TABLE ks.t"), "ks.t");
+        // No keyspace given and none in use.
+        assert!(query(&mut db, "DROP TABLE other").is_err());
+        // System tables cannot be dropped.
+        let err = query(&mut db, "DROP TABLE IF EXISTS system.local").unwrap_err();
+        assert_eq!(err.error, DbError::Unauthorized);
+        assert_eq!(rows(&mut db, "SELECT key FROM system.local").rows.len(), 1);
+    }
+
+    #[test]
+    fn create_after_drop_is_empty() {
+        let mut db = db();
+        run(&mut db, "DROP TABLE ks.t");
+        assert!(matches!(
+            run(
+                &mut db,
+                "CREATE TABLE IF NOT EXISTS ks.t (k int PRIMARY KEY, w bigint)"
+            ),
+            Outcome::SchemaChange {
+                change: SchemaChange::Created,
+                ..
+            }
+        ));
+        let t = rows(&mut db, "SELECT * FROM ks.t");
+        assert!(t.rows.is_empty(), "{:?}", t.rows);
+        assert_eq!(
+            t.columns,
+            vec![
+                ("k".to_owned(), ColumnType::Int),
+                ("w".to_owned(), ColumnType::BigInt)
+            ]
+        );
+        assert!(query(&mut db, "SELECT v FROM ks.t").is_err());
+        assert!(schema_columns(&mut db).contains(&("t".into(), "w".into())));
+        assert!(!schema_columns(&mut db).contains(&("t".into(), "v".into())));
+        run(&mut db, "INSERT INTO ks.t (k, w) VALUES (1, 10)");
+        assert_eq!(rows(&mut db, "SELECT * FROM ks.t").rows.len(), 1);
+    }
+
+    #[test]
+    fn prepared_statements_on_a_dropped_table_error() {
+        let mut db = db();
+        let select = prepare(&mut db, "SELECT * FROM ks.t");
+        let insert = prepare(&mut db, "INSERT INTO ks.t (k, v) VALUES (5, 'five')");
+        let truncate = prepare(&mut db, "TRUNCATE ks.t");
+        let other = prepare(&mut db, "SELECT * FROM ks.other");
+        let drop = prepare(&mut db, "DROP TABLE IF EXISTS ks.t");
+        assert!(matches!(
+            execute(&mut db, drop),
+            Ok(Outcome::SchemaChange { .. })
+        ));
+        for id in [select, insert, truncate] {
+            let err = execute(&mut db, id).unwrap_err();
+            assert!(matches!(err.error, DbError::Unprepared { .. }), "{err:?}");
+        }
+        // Re-preparing (what the driver does on Unprepared) fails like Cassandra.
+        assert!(db.prepare(None, "SELECT * FROM ks.t").is_err());
+        assert!(matches!(execute(&mut db, other), Ok(Outcome::Rows(_))));
+        assert!(matches!(execute(&mut db, drop), Ok(Outcome::Void)));
+        // In a batch, too.
+        let err = db
+            .batch(
+                None,
+                vec![BatchItem::Prepared(&insert.to_be_bytes(), vec![])],
+            )
+            .unwrap_err();
+        assert!(matches!(err.error, DbError::Unprepared { .. }), "{err:?}");
+        // After re-creating the table the statements prepare and run again.
+        run(&mut db, "CREATE TABLE ks.t (k int PRIMARY KEY, v text)");
+        let select = prepare(&mut db, "SELECT * FROM ks.t");
+        match execute(&mut db, select) {
+            Ok(Outcome::Rows(rows)) => assert!(rows.rows.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn drop_table_with_use_keyspace() {
+        let mut db = db();
+        let mut keyspace = None;
+        db.query(&mut keyspace, "USE ks", &Options::default())
+            .unwrap();
+        db.query(&mut keyspace, "DROP TABLE t", &Options::default())
+            .unwrap();
+        assert_unconfigured(query(&mut db, "SELECT * FROM ks.t"), "ks.t");
+    }
+
+    #[test]
+    fn other_drop_forms_are_still_rejected() {
+        let mut db = db();
+        for q in [
+            "DROP KEYSPACE ks",
+            "DROP KEYSPACE IF EXISTS ks",
+            "DROP INDEX ks.i",
+            "DROP TYPE ks.ty",
+        ] {
+            let err = query(&mut db, q).unwrap_err();
+            assert_eq!(err.error, DbError::Invalid, "{q}: {err:?}");
+            assert!(err.reason.contains("not supported"), "{q}: {}", err.reason);
+        }
+        assert_eq!(schema_tables(&mut db), vec!["other", "t"]);
+        assert_eq!(rows(&mut db, "SELECT * FROM ks.t").rows.len(), 2);
+    }
 }

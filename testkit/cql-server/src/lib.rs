@@ -59,9 +59,9 @@
 //!
 //! `CREATE KEYSPACE [IF NOT EXISTS]`, `CREATE TABLE [IF NOT EXISTS]` (simple,
 //! composite and clustering keys; `WITH` options accepted and ignored),
-//! `USE`, `TRUNCATE`, `INSERT [IF NOT EXISTS]`, `UPDATE ... SET c = v
-//! [IF EXISTS]`, `DELETE [cols] ... [IF EXISTS]` (whole partition or full
-//! primary key), `SELECT` with `*`, column lists, aliases, `COUNT(*)`,
+//! `DROP TABLE [IF EXISTS]`, `USE`, `TRUNCATE`, `INSERT [IF NOT EXISTS]`,
+//! `UPDATE ... SET c = v [IF EXISTS]`, `DELETE [cols] ... [IF EXISTS]`
+//! (whole partition or full primary key), `SELECT` with `*`, column lists, aliases, `COUNT(*)`,
 //! `DISTINCT`, `=`/`IN` on the partition key, `=`/`<`/`>`/`<=`/`>=`/`IN` on
 //! clustering columns, other columns with `ALLOW FILTERING`, `LIMIT`,
 //! `token(<partition key>)` as selector and in `=`/`<`/`>`/`<=`/`>=`
@@ -77,8 +77,9 @@
 //!
 //! `USING TTL` / `USING TIMESTAMP` (writes apply in arrival order; the
 //! protocol-level default timestamp is ignored), LWT conditions other than
-//! `IF [NOT] EXISTS`, counters, `DROP` / `ALTER`, `BEGIN BATCH` text batches,
-//! user types, tuples, decimal/varint/duration, secondary indexes,
+//! `IF [NOT] EXISTS`, counters, `DROP` other than `DROP TABLE`, `ALTER`,
+//! `BEGIN BATCH` text batches, user types, tuples, decimal/varint/duration,
+//! secondary indexes,
 //! materialized views, functions and aggregates other than `COUNT(*)`,
 //! `ORDER BY ... DESC` / `CLUSTERING ORDER ... DESC`, `SELECT JSON`,
 //! `GROUP BY`, `PER PARTITION LIMIT`, `token(...) IN`, range deletes, compression,

@@ -419,9 +419,13 @@ pub fn result_body(outcome: Outcome) -> Vec<u8> {
             // <result metadata>
             put_metadata(&mut buf, &ks, &table, &p.result_columns, None);
         }
-        Outcome::SchemaChange { keyspace, table } => {
+        Outcome::SchemaChange {
+            change,
+            keyspace,
+            table,
+        } => {
             put_i32(&mut buf, 0x0005);
-            put_string(&mut buf, "CREATED");
+            put_string(&mut buf, change.as_str());
             match table {
                 None => {
                     put_string(&mut buf, "KEYSPACE");

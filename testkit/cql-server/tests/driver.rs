@@ -576,11 +576,112 @@ async fn use_keyspace_lwt_and_update() -> TestResult {
 }
 
 #[tokio::test]
+async fn drop_table_removes_table_rows_and_metadata() -> TestResult {
+    let (_server, session) = start().await?;
+    create_schema(&session, "").await?;
+    session
+        .query_unpaged("CREATE TABLE msghash.t (k int PRIMARY KEY, v text)", ())
+        .await?;
+    let insert = prepare(
+        &session,
+        "INSERT INTO msghash.t (k, v) VALUES (?, ?)",
+        Consistency::One,
+    )
+    .await?;
+    for k in 0..3i32 {
+        session
+            .execute_unpaged(&insert, (k, format!("v{k}")))
+            .await?;
+    }
+    let select = prepare(&session, "SELECT k, v FROM msghash.t", Consistency::One).await?;
+    assert_eq!(
+        session
+            .execute_unpaged(&select, ())
+            .await?
+            .into_rows_result()?
+            .rows_num(),
+        3
+    );
+
+    session
+        .query_unpaged("DROP TABLE IF EXISTS msghash.t", ())
+        .await?;
+    let err = session
+        .query_unpaged("SELECT * FROM msghash.t", ())
+        .await
+        .err()
+        .ok_or("SELECT on a dropped table should fail")?;
+    assert!(
+        err.to_string().contains("unconfigured table msghash.t"),
+        "{err}"
+    );
+    // Statements prepared before the drop fail too (the driver re-prepares).
+    for err in [
+        session.execute_unpaged(&select, ()).await.err(),
+        session.execute_unpaged(&insert, (9, "x")).await.err(),
+    ] {
+        let err = err.ok_or("a statement prepared on a dropped table should fail")?;
+        assert!(
+            err.to_string().contains("unconfigured table msghash.t"),
+            "{err}"
+        );
+    }
+    // The driver's schema metadata no longer has the table.
+    session.refresh_metadata().await?;
+    let state = session.get_cluster_state();
+    let ks = state
+        .get_keyspace("msghash")
+        .ok_or("keyspace missing from metadata")?;
+    assert!(!ks.tables.contains_key("t"), "{:?}", ks.tables.keys());
+    assert!(ks.tables.contains_key("meta"), "{:?}", ks.tables.keys());
+    // IF EXISTS on a missing table is fine; without it, it is an error.
+    session
+        .query_unpaged("DROP TABLE IF EXISTS msghash.t", ())
+        .await?;
+    assert!(session
+        .query_unpaged("DROP TABLE msghash.t", ())
+        .await
+        .is_err());
+    // Created again, the table starts empty.
+    session
+        .query_unpaged(
+            "CREATE TABLE IF NOT EXISTS msghash.t (k int PRIMARY KEY, v text)",
+            (),
+        )
+        .await?;
+    assert_eq!(
+        session
+            .query_unpaged("SELECT * FROM msghash.t", ())
+            .await?
+            .into_rows_result()?
+            .rows_num(),
+        0
+    );
+    let insert = prepare(
+        &session,
+        "INSERT INTO msghash.t (k, v) VALUES (?, ?)",
+        Consistency::One,
+    )
+    .await?;
+    session.execute_unpaged(&insert, (1, "again")).await?;
+    assert_eq!(
+        session
+            .query_unpaged("SELECT * FROM msghash.t", ())
+            .await?
+            .into_rows_result()?
+            .rows_num(),
+        1
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn unsupported_statements_get_errors_and_session_survives() -> TestResult {
     let (_server, session) = start().await?;
     create_schema(&session, "").await?;
     for bad in [
-        "DROP TABLE msghash.meta",
+        "DROP KEYSPACE msghash",
+        "DROP INDEX msghash.meta_value",
         "ALTER TABLE msghash.meta ADD x int",
         "INSERT INTO msghash.meta (name, value) VALUES ('a', 'b') USING TTL 10",
         "SELECT * FROM msghash.meta WHERE value = 'x'",

@@ -1,0 +1,535 @@
+//! Replay into a new read-model generation on both adapter pairs (embedded; Kafka mock +
+//! CQL test server), through the real ingest and query routers while a writer and readers
+//! hammer them; a replay stopped half-way and resumed; `--drop-old`; and `projector replay`
+//! killed with SIGKILL and run again.
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use futures::StreamExt;
+use http_body_util::BodyExt;
+use msghash_common::adapters::embedded::{EmbeddedGenerations, EmbeddedLog};
+use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
+use msghash_common::adapters::scylla::{ScyllaGenerations, ScyllaSettings};
+use msghash_common::generation::LiveModel;
+use msghash_common::shutdown::Shutdown;
+use msghash_common::{partition_for, Digest, EventLog, MessageHashed, ModelGenerations, ReadModel};
+use projector::{Phase, Progress, ProjectorSettings, ReplaySettings};
+use rdkafka::mocking::MockCluster;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::{sleep, Instant};
+use tower::ServiceExt;
+
+const PARTITIONS: u32 = 4;
+const GROUP: &str = "msghash-projector";
+
+/// Appends `messages` straight to the log, 64 at a time.
+async fn load(log: &Arc<dyn EventLog>, messages: impl Iterator<Item = String>) {
+    futures::stream::iter(messages)
+        .map(|m| {
+            let log = log.clone();
+            async move {
+                let e = MessageHashed::new(m);
+                log.append(partition_for(&e.digest, PARTITIONS), &e)
+                    .await
+                    .expect("append");
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// Waits until `model` has applied every record the log has now.
+async fn wait_caught_up(log: &dyn EventLog, model: &dyn ReadModel) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    'outer: loop {
+        assert!(Instant::now() < deadline, "projection did not catch up");
+        for p in 0..PARTITIONS {
+            let end = log.end_offset(p).await.expect("end");
+            let applied = model.applied_offset(p).await.expect("applied");
+            if end > 0 && applied != Some(end - 1) {
+                sleep(Duration::from_millis(50)).await;
+                continue 'outer;
+            }
+        }
+        return;
+    }
+}
+
+/// Every digest → message pair of a model, through its listing.
+async fn contents(model: &Arc<dyn ReadModel>) -> BTreeMap<Digest, String> {
+    let mut digests = Vec::new();
+    let mut after = None;
+    loop {
+        let page = model.list(after.as_ref(), 1000).await.expect("list");
+        digests.extend(page.iter().copied());
+        match page.last() {
+            Some(last) if page.len() == 1000 => after = Some(*last),
+            _ => break,
+        }
+    }
+    futures::stream::iter(digests)
+        .map(|d| {
+            let model = model.clone();
+            async move {
+                let m = model.get(&d).await.expect("get").expect("listed digest");
+                (d, m)
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await
+}
+
+async fn call(app: &Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
+}
+
+struct Hammer {
+    stop: Arc<AtomicBool>,
+    reads: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    written: Arc<Mutex<BTreeMap<Digest, String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Four readers GET known digests in a loop; one writer POSTs new messages.
+fn hammer(app: &Router, known: &Arc<Vec<(Digest, String)>>) -> Hammer {
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let written = Arc::new(Mutex::new(BTreeMap::new()));
+    let mut tasks = Vec::new();
+    for reader in 0..4 {
+        let (app, known, stop, reads, failures) = (
+            app.clone(),
+            known.clone(),
+            stop.clone(),
+            reads.clone(),
+            failures.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut i = reader * 7919;
+            while !stop.load(Ordering::Relaxed) {
+                let (digest, message) = &known[i % known.len()];
+                i += 13;
+                let request = Request::get(format!("/messages/{digest}"))
+                    .body(Body::empty())
+                    .expect("request");
+                let (status, body) = call(&app, request).await;
+                reads.fetch_add(1, Ordering::Relaxed);
+                if status != StatusCode::OK || body["message"] != *message.as_str() {
+                    failures
+                        .lock()
+                        .expect("lock")
+                        .push(format!("GET {digest}: {status} {body}"));
+                }
+            }
+        }));
+    }
+    let (app, halt, errors, w) = (app.clone(), stop.clone(), failures.clone(), written.clone());
+    tasks.push(tokio::spawn(async move {
+        let mut i = 0;
+        while !halt.load(Ordering::Relaxed) {
+            let message = format!("written during the replay {i}");
+            i += 1;
+            let request = Request::post("/messages")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(
+                    serde_json::json!({ "message": message }).to_string(),
+                ))
+                .expect("request");
+            let (status, body) = call(&app, request).await;
+            if status != StatusCode::CREATED {
+                errors
+                    .lock()
+                    .expect("lock")
+                    .push(format!("POST: {status} {body}"));
+                continue;
+            }
+            w.lock()
+                .expect("lock")
+                .insert(Digest::of(&message), message);
+        }
+    }));
+    Hammer {
+        stop,
+        reads,
+        failures,
+        written,
+        tasks,
+    }
+}
+
+/// The whole replay story on one adapter pair.
+async fn replay_story(log: Arc<dyn EventLog>, generations: Arc<dyn ModelGenerations>, n: usize) {
+    let shutdown = Shutdown::new();
+    let settings = ProjectorSettings {
+        group: GROUP.into(),
+        generation_check: Duration::from_millis(100),
+        ..ProjectorSettings::default()
+    };
+    let projector = tokio::spawn(projector::run_projection(
+        log.clone(),
+        generations.clone(),
+        settings,
+        Arc::default(),
+        shutdown.clone(),
+    ));
+    let live = LiveModel::open(generations.clone()).await.expect("live");
+    let _follow = live.follow(Duration::from_millis(100), shutdown.clone());
+    let app = ingest::router(log.clone(), ingest::IngestSettings::default()).merge(query::router(
+        log.clone(),
+        live.clone(),
+        query::QuerySettings {
+            read_your_writes_timeout: Duration::from_secs(10),
+        },
+    ));
+
+    let initial: Vec<String> = (0..n)
+        .map(|i| format!("loaded before the replay {i}"))
+        .collect();
+    load(&log, initial.iter().cloned()).await;
+    let gen0 = generations.open(0).await.expect("generation 0");
+    wait_caught_up(log.as_ref(), gen0.as_ref()).await;
+    let known: Arc<Vec<(Digest, String)>> =
+        Arc::new(initial.iter().map(|m| (Digest::of(m), m.clone())).collect());
+
+    // 1. A replay stopped half-way leaves the active generation alone and resumes later.
+    let stop = Shutdown::new();
+    let stopper = stop.clone();
+    let half = (n / 4) as u64;
+    let stopped = projector::replay::replay(
+        log.clone(),
+        generations.clone(),
+        ReplaySettings {
+            group: GROUP.into(),
+            batch_size: 50,
+            progress_interval: Duration::from_millis(10),
+            ..ReplaySettings::default()
+        },
+        &mut |p: &Progress| {
+            if p.applied >= half {
+                stopper.cancel();
+            }
+        },
+        stop,
+    )
+    .await
+    .expect("stopped replay");
+    assert!(stopped.is_none(), "a stopped replay does not switch");
+    let state = generations.state().await.expect("state");
+    assert_eq!(state.active, 0, "{state:?}");
+    assert_eq!(state.pending, Some(1), "{state:?}");
+    assert_eq!(live.generation(), 0);
+    let partial = generations.open(1).await.expect("generation 1");
+    let partial_count = contents(&partial).await.len();
+    assert!(
+        partial_count > 0 && partial_count < n,
+        "half-way: {partial_count} of {n}"
+    );
+
+    // 2. Resumed under load: readers never fail, the writer never fails.
+    let hammer = hammer(&app, &known);
+    let progress = Arc::new(Mutex::new(Vec::<Progress>::new()));
+    let seen = progress.clone();
+    let report = projector::replay::replay(
+        log.clone(),
+        generations.clone(),
+        ReplaySettings {
+            group: GROUP.into(),
+            progress_interval: Duration::from_millis(200),
+            handover_timeout: Duration::from_secs(60),
+            ..ReplaySettings::default()
+        },
+        &mut move |p: &Progress| seen.lock().expect("lock").push(p.clone()),
+        shutdown.clone(),
+    )
+    .await
+    .expect("replay")
+    .expect("replay finished");
+    assert_eq!(report.generation, 1);
+    assert!(report.resumed, "{report:?}");
+    assert!(report.adopted, "the live projector took over: {report:?}");
+    assert!(report.to_string().starts_with("applied "), "{report}");
+    // Keep hammering on the new generation for a while.
+    let reads_at_switch = hammer.reads.load(Ordering::Relaxed);
+    let written_at_switch = hammer.written.lock().expect("lock").len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while hammer.reads.load(Ordering::Relaxed) < reads_at_switch + 200
+        || hammer.written.lock().expect("lock").len() < written_at_switch + 20
+    {
+        assert!(Instant::now() < deadline, "hammer stalled after the switch");
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(live.generation(), 1, "readers are on the new generation");
+    hammer.stop.store(true, Ordering::Relaxed);
+    for task in hammer.tasks {
+        task.await.expect("hammer task");
+    }
+    let failures = hammer.failures.lock().expect("lock").clone();
+    assert!(
+        failures.is_empty(),
+        "{} failed of {} reads: {:?}",
+        failures.len(),
+        hammer.reads.load(Ordering::Relaxed),
+        &failures[..failures.len().min(5)]
+    );
+    let written = hammer.written.lock().expect("lock").clone();
+    assert!(!written.is_empty());
+    let progress = progress.lock().expect("lock").clone();
+    assert!(progress.iter().any(|p| p.phase == Phase::Building));
+    assert!(progress.iter().any(|p| p.phase == Phase::Switched));
+    assert!(progress.windows(2).all(|w| w[0].applied <= w[1].applied));
+    let line = progress[0].to_string();
+    assert!(
+        line.contains("events/s") && line.contains("ETA") && line.contains("p0="),
+        "{line}"
+    );
+
+    // 3. The new generation holds exactly the old pairs plus what was written meanwhile.
+    let gen1 = generations.open(1).await.expect("generation 1");
+    wait_caught_up(log.as_ref(), gen1.as_ref()).await;
+    let mut expected: BTreeMap<Digest, String> = known.iter().cloned().collect();
+    expected.extend(written.clone());
+    let new = contents(&gen1).await;
+    assert_eq!(new.len(), expected.len());
+    assert!(
+        new == expected,
+        "generation 1 differs from what was written"
+    );
+    let old = contents(&gen0).await;
+    assert!(old.len() >= n);
+    assert!(
+        old.iter().all(|(d, m)| new.get(d) == Some(m)),
+        "every pair of the old generation is in the new one"
+    );
+    let status = projector::Status::read(log.as_ref(), generations.as_ref())
+        .await
+        .expect("status");
+    assert_eq!(status.active_generation, 1);
+    assert_eq!(status.pending_generation, None);
+    assert_eq!(status.total_lag(), 0, "{status}");
+
+    // 4. Another replay with drop_old leaves only the newest generation.
+    let report = projector::replay::replay(
+        log.clone(),
+        generations.clone(),
+        ReplaySettings {
+            group: GROUP.into(),
+            drop_old: true,
+            handover_timeout: Duration::from_secs(60),
+            ..ReplaySettings::default()
+        },
+        &mut |_: &Progress| {},
+        shutdown.clone(),
+    )
+    .await
+    .expect("replay")
+    .expect("replay finished");
+    assert_eq!(report.generation, 2);
+    assert_eq!(report.dropped, vec![0, 1]);
+    assert_eq!(generations.list().await.expect("list"), vec![2]);
+    let gen2 = generations.open(2).await.expect("generation 2");
+    assert!(contents(&gen2).await == expected);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while live.generation() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "readers did not move to generation 2"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+    let (digest, message) = &known[0];
+    let request = Request::get(format!("/messages/{digest}"))
+        .body(Body::empty())
+        .expect("request");
+    let (status, body) = call(&app, request).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["message"], *message.as_str());
+
+    shutdown.cancel();
+    projector
+        .await
+        .expect("projector task")
+        .expect("projector stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_replay_under_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), PARTITIONS).expect("log"));
+    let generations: Arc<dyn ModelGenerations> =
+        Arc::new(EmbeddedGenerations::open(dir.path()).expect("generations"));
+    replay_story(log, generations, 20_000).await;
+    // Dropped generations leave no files behind.
+    let mut files: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with("readmodel"))
+        .collect();
+    files.sort();
+    assert_eq!(files, vec!["readmodel-g2.redb".to_owned()]);
+}
+
+fn mock_cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let cluster = MockCluster::new(1).expect("cluster");
+    cluster
+        .create_topic("messages", PARTITIONS as i32, 1)
+        .expect("topic");
+    cluster
+        .create_topic("messages-dlq", 1, 1)
+        .expect("dlq topic");
+    cluster
+}
+
+async fn kafka_log(
+    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+) -> Arc<dyn EventLog> {
+    let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
+    settings.create_topic = false;
+    settings.session_timeout = Duration::from_secs(3);
+    Arc::new(KafkaLog::connect(settings).await.expect("kafka"))
+}
+
+async fn scylla_generations(cql: &cql_server::Server) -> Arc<dyn ModelGenerations> {
+    Arc::new(
+        ScyllaGenerations::connect(&ScyllaSettings::local(
+            cql.local_addr().to_string(),
+            "msghash",
+        ))
+        .await
+        .expect("scylla"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_and_scylla_replay_under_load() {
+    let cluster = mock_cluster();
+    let log = kafka_log(&cluster).await;
+    let cql = cql_server::start("127.0.0.1:0").await.expect("cql");
+    let generations = scylla_generations(&cql).await;
+    replay_story(log, generations, 20_000).await;
+}
+
+/// `projector replay` killed with SIGKILL half-way, then run again to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projector_replay_survives_sigkill() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let cluster = mock_cluster();
+    let log = kafka_log(&cluster).await;
+    let cql = cql_server::start("127.0.0.1:0").await.expect("cql");
+    let generations = scylla_generations(&cql).await;
+    let messages: Vec<String> = (0..2_000).map(|i| format!("before the kill {i}")).collect();
+    load(&log, messages.iter().cloned()).await;
+    let expected: BTreeMap<Digest, String> = messages
+        .iter()
+        .map(|m| (Digest::of(m), m.clone()))
+        .collect();
+    // Generation 0 as the live projector leaves it.
+    let shutdown = Shutdown::new();
+    let live = tokio::spawn(projector::run_projection(
+        log.clone(),
+        generations.clone(),
+        ProjectorSettings::default(),
+        Arc::default(),
+        shutdown.clone(),
+    ));
+    let gen0 = generations.open(0).await.expect("generation 0");
+    wait_caught_up(log.as_ref(), gen0.as_ref()).await;
+    shutdown.cancel();
+    live.await.expect("join").expect("live projector");
+
+    let replay = |batch: &str| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"));
+        command
+            .args([
+                "replay",
+                "--handover-timeout-secs=0",
+                "--kafka-session-timeout-ms=3000",
+                &format!("--kafka-brokers={}", cluster.bootstrap_servers()),
+                &format!("--partitions={PARTITIONS}"),
+                &format!("--scylla-nodes={}", cql.local_addr()),
+                &format!("--batch-size={batch}"),
+                "--log-format=text",
+                "--log=warn",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        command
+    };
+    let mut first = replay("1").spawn().expect("spawn projector replay");
+    let mut stderr = BufReader::new(first.stderr.take().expect("stderr")).lines();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    loop {
+        let line = tokio::time::timeout_at(deadline, stderr.next_line())
+            .await
+            .expect("progress in time")
+            .expect("read stderr")
+            .unwrap_or_else(|| panic!("replay ended before enough progress: {seen:#?}"));
+        seen.push(line.clone());
+        // "generation 1 building: <n> events applied, <r> events/s, lag <l> [...]"
+        let Some(rest) = line.strip_prefix("generation 1 building: ") else {
+            continue;
+        };
+        let applied: u64 = rest
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let lag: u64 = rest
+            .split(", lag ")
+            .nth(1)
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            lag >= 200,
+            "the replay is nearly done before the kill: {seen:#?}"
+        );
+        if applied > 0 {
+            break;
+        }
+    }
+    first.start_kill().expect("SIGKILL");
+    let status = first.wait().await.expect("wait");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    let state = generations.state().await.expect("state");
+    assert_eq!(state.active, 0, "untouched until the switch: {state:?}");
+    assert_eq!(state.pending, Some(1), "{state:?}");
+    let gen1 = generations.open(1).await.expect("generation 1");
+    let partial = contents(&gen1).await.len();
+    assert!(partial > 0 && partial < messages.len(), "{partial}");
+    assert!(contents(&gen0).await == expected, "generation 0 untouched");
+
+    let second = replay("500").output().await.expect("run projector replay");
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stdout}\n{stderr}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("applied ") && last.contains("readers are on generation 1"),
+        "{last}"
+    );
+    let state = generations.state().await.expect("state");
+    assert_eq!((state.active, state.pending), (1, None));
+    assert!(contents(&gen1).await == expected, "generation 1 complete");
+}
