@@ -412,28 +412,41 @@ async fn metrics_move(stack: &Stack) {
     }
 }
 
-/// `projector status` against the running stack: every partition caught up, nothing
-/// dead-lettered.
-async fn projector_status(stack: &Stack) {
+/// `projector <args>` against the running stack, configured like its services.
+fn projector_command(stack: &Stack, args: &[&str]) -> Command {
+    let mut command = Command::new(repo_root().join("target/debug/projector"));
+    command
+        .args(args)
+        .env(
+            "MSGHASH_KAFKA_BROKERS",
+            format!("127.0.0.1:{}", stack.broker_port),
+        )
+        .env(
+            "MSGHASH_SCYLLA_NODES",
+            format!("127.0.0.1:{}", stack.cql_port),
+        )
+        .env("MSGHASH_PARTITIONS", "8")
+        .env("MSGHASH_LOG", "warn")
+        .env("MSGHASH_LOG_FORMAT", "text");
+    command
+}
+
+/// `projector status` against the running stack: every partition of `generation` caught
+/// up, nothing dead-lettered.
+async fn projector_status(stack: &Stack, generation: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let out = Command::new(repo_root().join("target/debug/projector"))
-            .arg("status")
-            .env(
-                "MSGHASH_KAFKA_BROKERS",
-                format!("127.0.0.1:{}", stack.broker_port),
-            )
-            .env(
-                "MSGHASH_SCYLLA_NODES",
-                format!("127.0.0.1:{}", stack.cql_port),
-            )
-            .env("MSGHASH_LOG", "warn")
+        let out = projector_command(stack, &["status"])
             .output()
             .await
             .expect("projector status runs");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(out.status.success(), "projector status: {text}");
         assert!(text.contains("dead-lettered events: 0"), "{text}");
+        assert!(
+            text.contains(&format!("active generation: {generation}\n")),
+            "{text}"
+        );
         if text.contains("total lag: 0") {
             return;
         }
@@ -547,6 +560,97 @@ async fn projector_killed_mid_load(stack: &Stack, messages: usize) {
     assert_eq!(lost, 0, "messages lost after kill -9 of the projector");
 }
 
+/// `projector replay --drop-old` beside the running stack while readers and a writer go
+/// through the edge: no read fails, the query service and the projector move to the new
+/// generation, and every message is there afterwards.
+async fn replay_beside_the_stack(stack: &Stack) {
+    let known: Vec<(String, String)> = join_all((0..300).map(|i| async move {
+        let message = format!("before the replay {i}");
+        (stack.store(&message).await, message)
+    }))
+    .await;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let failures = std::sync::Mutex::new(Vec::<String>::new());
+    let written = std::sync::Mutex::new(Vec::<(String, String)>::new());
+    let reads = AtomicUsize::new(0);
+    let readers = join_all((0..4).map(|r| {
+        let (known, stop, failures, reads) = (&known, &stop, &failures, &reads);
+        async move {
+            let mut i = r * 31;
+            while !stop.load(Ordering::Relaxed) {
+                let (digest, message) = &known[i % known.len()];
+                i += 7;
+                let (status, body) = json_of(stack.get(digest).await).await;
+                reads.fetch_add(1, Ordering::Relaxed);
+                if status != StatusCode::OK || body["message"] != message.as_str() {
+                    let mut f = failures.lock().expect("lock");
+                    f.push(format!("GET {digest}: {status} {body}"));
+                }
+            }
+        }
+    }));
+    let writer = async {
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let message = format!("during the replay {i}");
+            i += 1;
+            let r = stack.post(&message).await;
+            if r.status() == StatusCode::CREATED {
+                let body: serde_json::Value = r.json().await.expect("json");
+                let digest = body["digest"].as_str().expect("digest").to_owned();
+                written.lock().expect("lock").push((digest, message));
+            } else {
+                let mut f = failures.lock().expect("lock");
+                f.push(format!("POST: {}", r.status()));
+            }
+        }
+    };
+    let replay = async {
+        let out = projector_command(stack, &["replay", "--drop-old"])
+            .output()
+            .await
+            .expect("projector replay runs");
+        // Keep the load on the new generation for a moment.
+        sleep(Duration::from_secs(2)).await;
+        stop.store(true, Ordering::Relaxed);
+        out
+    };
+    let (_, _, out) = tokio::join!(readers, writer, replay);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "projector replay:\n{stdout}\n{stderr}"
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("applied ") && last.contains("readers are on generation 1"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("generation 1 building: "),
+        "progress: {stderr}"
+    );
+    let failures = failures.into_inner().expect("lock");
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during the replay: {:?}",
+        failures.len(),
+        reads.load(Ordering::Relaxed),
+        &failures[..failures.len().min(5)]
+    );
+    projector_status(stack, 1).await;
+    let written = written.into_inner().expect("lock");
+    assert!(!written.is_empty());
+    for (digest, message) in known.iter().chain(&written) {
+        let (status, body) = json_of(stack.get(digest).await).await;
+        assert_eq!(
+            (status, body["message"].as_str()),
+            (StatusCode::OK, Some(message.as_str()))
+        );
+    }
+}
+
 async fn broker_stopped_gives_503(stack: &Stack) {
     let broker = stack.pid("broker");
     signal(broker, "INT");
@@ -579,8 +683,9 @@ async fn distributed_stack_end_to_end() {
     external_clients(&stack).await;
     read_your_writes(&stack, 1_000).await;
     metrics_move(&stack).await;
-    projector_status(&stack).await;
+    projector_status(&stack, 0).await;
     projector_killed_mid_load(&stack, 2_000).await;
+    replay_beside_the_stack(&stack).await;
     broker_stopped_gives_503(&stack).await;
     stack.stop().await;
 }

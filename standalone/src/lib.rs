@@ -40,6 +40,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "MSGHASH_PARTITIONS", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub partitions: u32,
+    /// Most events the projector (and a replay) applies in one transaction.
+    #[arg(long, global = true, env = "MSGHASH_BATCH_SIZE", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub batch_size: u64,
     #[command(flatten)]
     pub write: ingest::WriteArgs,
     #[command(flatten)]
@@ -193,12 +197,15 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<(), RunError> {
         http::log_and_model_ready(log.clone(), model.clone()),
     );
 
+    let batch_size = usize::try_from(cli.batch_size).map_err(anyhow::Error::from)?;
     let projector_settings = projector::ProjectorSettings {
         generation_check: FOLLOW_INTERVAL,
+        batch_size,
         ..projector::ProjectorSettings::default()
     };
     let replay_settings = projector::ReplaySettings {
         group: projector_settings.group.clone(),
+        batch_size,
         handover_timeout: std::time::Duration::from_secs(10),
         ..projector::ReplaySettings::default()
     };

@@ -510,3 +510,208 @@ async fn cert_command_adds_names_and_log_dir_gets_the_logs() {
     assert!(text.contains("stopped"), "flushed on graceful exit: {text}");
     assert!(!text.contains('\u{1b}'), "no colour codes in files");
 }
+
+/// `msghash replay` or `msghash status` beside the server in `dir`.
+fn admin_command(dir: &Path, args: &[&str]) -> Command {
+    let mut c = command(dir, 0);
+    c.args(args);
+    c
+}
+
+/// Four readers GET `known` and one writer POSTs until `stop`; returns the failures and
+/// the messages written.
+async fn hammer(
+    client: &reqwest::Client,
+    base: &str,
+    known: &[(String, String)],
+    stop: &std::sync::atomic::AtomicBool,
+) -> (Vec<String>, Vec<(String, String)>) {
+    let failures = std::sync::Mutex::new(Vec::new());
+    let readers = futures::future::join_all((0..4).map(|r| {
+        let failures = &failures;
+        async move {
+            let mut i = r * 101;
+            while !stop.load(Ordering::Relaxed) {
+                let (digest, message) = &known[i % known.len()];
+                i += 7;
+                let r = client
+                    .get(format!("{base}/messages/{digest}"))
+                    .send()
+                    .await
+                    .expect("GET answered");
+                let status = r.status();
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                if status != StatusCode::OK || body["message"] != message.as_str() {
+                    let mut f = failures.lock().expect("lock");
+                    f.push(format!("GET {digest}: {status} {body}"));
+                }
+            }
+        }
+    }));
+    let writer = async {
+        let mut written = Vec::new();
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let message = format!("written during a replay {i}");
+            i += 1;
+            match post(client, base, &message).await {
+                Some(digest) => written.push((digest, message)),
+                None => failures.lock().expect("lock").push("POST failed".into()),
+            }
+        }
+        written
+    };
+    let (_, written) = tokio::join!(readers, writer);
+    (failures.into_inner().expect("lock"), written)
+}
+
+/// Every listed digest with its message, compared with `expected`.
+async fn assert_holds_exactly(client: &reqwest::Client, base: &str, expected: &[(String, String)]) {
+    let listed: HashSet<String> = list_all(client, base).await.into_iter().collect();
+    let want: HashSet<String> = expected.iter().map(|(d, _)| d.clone()).collect();
+    assert_eq!(listed.len(), want.len(), "listing size");
+    assert!(listed == want, "the listing differs from what was written");
+    let wrong = stream::iter(expected)
+        .map(|(digest, message)| async move {
+            let (status, body) = get_message(client, base, digest).await;
+            (status != StatusCode::OK || body["message"] != message.as_str()).then_some(digest)
+        })
+        .buffer_unordered(32)
+        .filter_map(|d| async move { d })
+        .collect::<Vec<_>>()
+        .await;
+    assert!(wrong.is_empty(), "{} digests read wrong", wrong.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_beside_the_server_under_load_and_after_a_kill() {
+    use std::sync::atomic::AtomicBool;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    // Without a server, a clear error.
+    let out = run_to_end(admin_command(dir.path(), &["replay"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no msghash server is running"), "{stderr}");
+
+    let (m, client) = Msghash::start(dir.path(), port).await;
+    let base = m.base.clone();
+    let messages: Vec<String> = (0..3_000).map(|i| format!("before a replay {i}")).collect();
+    let known: Vec<(String, String)> = stream::iter(&messages)
+        .map(|message| {
+            let (client, base) = (&client, &base);
+            async move {
+                (
+                    post(client, base, message).await.expect("201"),
+                    message.clone(),
+                )
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+
+    // 1. `msghash replay` while readers and a writer hammer the server.
+    let stop = AtomicBool::new(false);
+    let replay = async {
+        let dir = dir.path().to_path_buf();
+        let out = tokio::task::spawn_blocking(move || run_to_end(admin_command(&dir, &["replay"])))
+            .await
+            .expect("join");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::Relaxed);
+        out
+    };
+    let ((failures, written), out) = tokio::join!(hammer(&client, &base, &known, &stop), replay);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("applied ") && last.contains("readers are on generation 1"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("generation 1 "), "progress: {stderr}");
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(!written.is_empty());
+    let mut expected = known.clone();
+    expected.extend(written);
+    assert_holds_exactly(&client, &base, &expected).await;
+    let status = run_to_end(admin_command(dir.path(), &["status"]));
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    assert!(text.contains("active generation: 1\n"), "{text}");
+    assert!(text.contains("generations stored: 0, 1\n"), "{text}");
+    drop(m);
+
+    // 2. The server killed half-way through a slow replay: the active generation stays,
+    //    the next `msghash replay` resumes and finishes.
+    let mut slow = command(dir.path(), port);
+    slow.env("MSGHASH_BATCH_SIZE", "1");
+    let child = slow.spawn().expect("msghash starts");
+    let mut m = Msghash {
+        child,
+        base: base.clone(),
+    };
+    let client = m.wait_ready(dir.path()).await;
+    let mut replay = admin_command(dir.path(), &["replay", "--drop-old"]);
+    replay.stderr(Stdio::piped());
+    let mut replay = replay.spawn().expect("msghash replay starts");
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(
+        replay.stderr.take().expect("stderr"),
+    ));
+    let mut seen = Vec::new();
+    for line in lines {
+        let line = line.expect("stderr line");
+        seen.push(line.clone());
+        let applied: u64 = line
+            .strip_prefix("generation 2 building: ")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if applied > 0 {
+            break;
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("generation 2 building: ")),
+        "{seen:#?}"
+    );
+    m.kill9();
+    let code = replay.wait().expect("replay client ends");
+    assert!(!code.success(), "the client reports the lost server");
+    let (m, client2) = Msghash::start(dir.path(), port).await;
+    drop(client);
+    let status = run_to_end(admin_command(dir.path(), &["status"]));
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("active generation: 1\n"), "untouched: {text}");
+    assert!(text.contains("pending generation: 2"), "{text}");
+    let out = run_to_end(admin_command(dir.path(), &["replay", "--drop-old"]));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("applied ")
+            && last.contains("readers are on generation 2")
+            && last.contains("dropped generation 0, 1"),
+        "{stdout}"
+    );
+    assert_holds_exactly(&client2, &m.base, &expected).await;
+    let files: HashSet<String> = std::fs::read_dir(dir.path().join("data"))
+        .expect("data dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with("readmodel"))
+        .collect();
+    assert_eq!(files, HashSet::from(["readmodel-g2.redb".to_owned()]));
+}
