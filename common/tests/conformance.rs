@@ -3,14 +3,17 @@
 //! - Kafka + ScyllaDB: `KafkaLog` on librdkafka's mock cluster + `ScyllaModel` on the CQL
 //!   test server (both real wire protocols).
 
-use msghash_common::adapters::embedded::{EmbeddedLog, EmbeddedModel};
+use msghash_common::adapters::embedded::{EmbeddedGenerations, EmbeddedLog, EmbeddedModel};
 use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
-use msghash_common::adapters::scylla::{ScyllaModel, ScyllaSettings};
+use msghash_common::adapters::scylla::{ScyllaGenerations, ScyllaModel, ScyllaSettings};
+use msghash_common::generation::LiveModel;
 use msghash_common::ports::{LogRecord, Subscription};
 use msghash_common::{
     partition_for, Digest, EventLog, MessageHashed, Offset, ProjectionBatch, ReadModel,
 };
+use msghash_common::{GenerationState, ModelGenerations};
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -193,6 +196,97 @@ async fn read_model_conforms(model: &dyn ReadModel) {
     assert_eq!(unique.len(), listed.len(), "each digest listed once");
     let want: HashSet<Digest> = messages.iter().map(|m| Digest::of(m)).collect();
     assert_eq!(unique, want, "the listing is complete");
+}
+
+/// The generation catalog: states, separate storage per generation, the switch seen by a
+/// `LiveModel`, drop.
+async fn generations_conform(generations: Arc<dyn ModelGenerations>) {
+    assert_eq!(
+        generations.state().await.expect("state"),
+        GenerationState::default(),
+        "a fresh store has generation 0 active"
+    );
+    let live = LiveModel::open(generations.clone()).await.expect("live");
+    assert_eq!(live.generation(), 0);
+    let old = generations.open(0).await.expect("open 0");
+    let mut batch = ProjectionBatch::default();
+    batch.push_event(0, 0, MessageHashed::new("old".into()));
+    old.apply(&batch).await.expect("apply to 0");
+
+    generations.begin(1).await.expect("begin");
+    let state = generations.state().await.expect("state");
+    assert_eq!((state.active, state.pending), (0, Some(1)));
+    let new = generations.open(1).await.expect("open 1");
+    assert_eq!(
+        new.get(&Digest::of("old")).await.expect("get"),
+        None,
+        "separate storage"
+    );
+    assert_eq!(new.applied_offset(0).await.expect("applied"), None);
+    let mut batch = ProjectionBatch::default();
+    batch.push_event(0, 0, MessageHashed::new("old".into()));
+    batch.push_event(0, 1, MessageHashed::new("new".into()));
+    new.apply(&batch).await.expect("apply to 1");
+    assert_eq!(
+        live.refresh().await.expect("refresh"),
+        0,
+        "not switched yet"
+    );
+    assert_eq!(live.get(&Digest::of("new")).await.expect("get"), None);
+
+    generations.activate(1).await.expect("activate");
+    let state = generations.state().await.expect("state");
+    assert_eq!((state.active, state.pending, state.adopted), (1, None, 0));
+    assert_eq!(live.refresh().await.expect("refresh"), 1);
+    assert_eq!(live.generation(), 1);
+    assert_eq!(
+        live.get(&Digest::of("new")).await.expect("get").as_deref(),
+        Some("new")
+    );
+    assert_eq!(live.applied_offset(0).await.expect("applied"), Some(1));
+    generations.adopt(1).await.expect("adopt");
+    assert_eq!(generations.state().await.expect("state").adopted, 1);
+
+    assert_eq!(generations.list().await.expect("list"), vec![0, 1]);
+    assert!(
+        generations.drop_generation(1).await.is_err(),
+        "the active generation cannot be dropped"
+    );
+    generations.drop_generation(0).await.expect("drop 0");
+    assert_eq!(generations.list().await.expect("list"), vec![1]);
+    assert_eq!(
+        live.get(&Digest::of("old")).await.expect("get").as_deref(),
+        Some("old"),
+        "the active generation keeps its rows"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_generations_conform() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let generations = EmbeddedGenerations::open(dir.path()).expect("generations");
+    generations_conform(Arc::new(generations)).await;
+    assert!(
+        !dir.path().join("readmodel.redb").exists(),
+        "dropped file deleted"
+    );
+    // The catalog survives a reopen.
+    let reopened = EmbeddedGenerations::open(dir.path()).expect("reopen");
+    assert_eq!(reopened.state().await.expect("state").active, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scylla_generations_conform() {
+    let cql = cql_server::start("127.0.0.1:0").await.expect("cql server");
+    let settings = ScyllaSettings::local(cql.local_addr().to_string(), "generations");
+    let generations = ScyllaGenerations::connect(&settings).await.expect("scylla");
+    generations_conform(Arc::new(generations)).await;
+    // Another process sees the same catalog.
+    let other = ScyllaGenerations::connect(&settings)
+        .await
+        .expect("reconnect");
+    assert_eq!(other.state().await.expect("state").active, 1);
+    assert_eq!(other.list().await.expect("list"), vec![1]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
