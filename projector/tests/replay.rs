@@ -439,6 +439,21 @@ async fn projector_replay_survives_sigkill() {
         .iter()
         .map(|m| (Digest::of(m), m.clone()))
         .collect();
+    // A poison record in partition 1: dead-lettered live and again by the replay, never
+    // blocking its partition.
+    let raw: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .create()
+        .expect("producer");
+    raw.send(
+        rdkafka::producer::FutureRecord::to("messages")
+            .partition(1)
+            .key(&b"not a digest"[..])
+            .payload(&b"\xff not json"[..]),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("poison appended");
     // Generation 0 as the live projector leaves it.
     let shutdown = Shutdown::new();
     let live = tokio::spawn(projector::run_projection(
@@ -532,4 +547,32 @@ async fn projector_replay_survives_sigkill() {
     let state = generations.state().await.expect("state");
     assert_eq!((state.active, state.pending), (1, None));
     assert!(contents(&gen1).await == expected, "generation 1 complete");
+    let dead = log.dead_letter_count().await.expect("dead letters");
+    assert!(dead >= 2, "dead-lettered live and by the replay: {dead}");
+    let status = projector_command_status(&cluster, &cql).await;
+    assert!(status.contains("active generation: 1\n"), "{status}");
+    assert!(
+        status.contains(&format!("dead-lettered events: {dead}")),
+        "{status}"
+    );
+    assert!(status.contains("total lag: 0"), "{status}");
+}
+
+async fn projector_command_status(
+    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    cql: &cql_server::Server,
+) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+        .args([
+            "status",
+            &format!("--kafka-brokers={}", cluster.bootstrap_servers()),
+            &format!("--partitions={PARTITIONS}"),
+            &format!("--scylla-nodes={}", cql.local_addr()),
+            "--log=warn",
+        ])
+        .output()
+        .await
+        .expect("projector status runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
