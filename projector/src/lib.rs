@@ -517,14 +517,17 @@ pub async fn run_replay(
     let generations: Arc<dyn ModelGenerations> =
         Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
     let settings = args.settings(&cli.group, usize::try_from(cli.batch_size)?);
+    let mut printer = replay::ProgressPrinter::stderr();
     let report = replay::replay(
         log,
         generations,
         settings,
-        &mut |p: &Progress| eprintln!("{p}"),
+        &mut |p: &Progress| printer.show(p),
         shutdown,
     )
-    .await?;
+    .await;
+    printer.finish();
+    let report = report?;
     match &report {
         Some(r) => println!("{r}"),
         None => eprintln!("replay stopped before the switch; run it again to resume"),

@@ -13,7 +13,8 @@
 //!    target (it joins the same group, so nothing is skipped), or the hand-over timeout
 //!    has passed and the target has caught up with the log (no live projector running:
 //!    the next one to start adopts it).
-//! 5. With `drop_old`, every older generation is deleted.
+//! 5. With `drop_old`, every older generation is deleted, at least `drop_grace` after the
+//!    switch so that no reader still uses one.
 
 use crate::{
     lag, partition_statuses, poll, project_batch, subscribe, PartitionStatus, ProjectorStats,
@@ -40,6 +41,9 @@ pub struct ReplaySettings {
     pub handover_timeout: Duration,
     /// Delete every older generation after the switch.
     pub drop_old: bool,
+    /// With `drop_old`, how long after the switch the old generations are kept at least,
+    /// so that every reader (query polls the catalog every 500 ms) has moved off them.
+    pub drop_grace: Duration,
 }
 
 impl Default for ReplaySettings {
@@ -51,6 +55,7 @@ impl Default for ReplaySettings {
             progress_interval: Duration::from_secs(1),
             handover_timeout: Duration::from_secs(30),
             drop_old: false,
+            drop_grace: Duration::from_secs(5),
         }
     }
 }
@@ -302,6 +307,9 @@ pub async fn replay(
     drop(subscription);
     let mut dropped = Vec::new();
     if settings.drop_old {
+        if let Some(wait) = switched_at.and_then(|t| settings.drop_grace.checked_sub(t.elapsed())) {
+            tokio::time::sleep(wait).await;
+        }
         for generation in generations.list().await? {
             if generation < target {
                 generations.drop_generation(generation).await?;
@@ -318,4 +326,38 @@ pub async fn replay(
         adopted,
         dropped,
     }))
+}
+
+/// Prints replay progress on stderr: on a terminal one status line rewritten in place,
+/// elsewhere (a log file, a pipe) one line per report.
+pub struct ProgressPrinter {
+    terminal: bool,
+    pending_newline: bool,
+}
+
+impl ProgressPrinter {
+    pub fn stderr() -> Self {
+        use std::io::IsTerminal;
+        ProgressPrinter {
+            terminal: std::io::stderr().is_terminal(),
+            pending_newline: false,
+        }
+    }
+
+    pub fn show(&mut self, progress: &Progress) {
+        if self.terminal {
+            // Carriage return, then erase the line: the new report replaces the old one.
+            eprint!("\r\x1b[2K{progress}");
+            self.pending_newline = true;
+        } else {
+            eprintln!("{progress}");
+        }
+    }
+
+    /// Ends the status line, so what follows starts on a line of its own.
+    pub fn finish(&mut self) {
+        if std::mem::take(&mut self.pending_newline) {
+            eprintln!();
+        }
+    }
 }

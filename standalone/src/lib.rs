@@ -207,6 +207,8 @@ pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<(), RunError> {
         group: projector_settings.group.clone(),
         batch_size,
         handover_timeout: std::time::Duration::from_secs(10),
+        // Readers here poll the catalog every 100 ms.
+        drop_grace: std::time::Duration::from_secs(1),
         ..projector::ReplaySettings::default()
     };
     let admin = admin::serve(

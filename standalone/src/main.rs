@@ -105,9 +105,11 @@ fn replay(dir: &std::path::Path, drop_old: bool) -> ExitCode {
         "msghash replay: asking the msghash serving {} to rebuild its read model",
         dir.display()
     );
+    let mut printer = projector::replay::ProgressPrinter::stderr();
     let result = runtime.block_on(msghash::admin::run_replay(dir, drop_old, &mut |p| {
-        eprintln!("{p}")
+        printer.show(p)
     }));
+    printer.finish();
     match result {
         Ok(report) => {
             println!("{report}");
