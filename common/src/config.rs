@@ -4,14 +4,20 @@
 //! exactly the settings that binary reads, and a bad value is a one-line error naming the
 //! setting, with exit code 2.
 
+#[cfg(feature = "kafka")]
 use crate::adapters::kafka::KafkaSettings;
+#[cfg(feature = "scylla")]
 use crate::adapters::scylla::{valid_keyspace, valid_replication, ScyllaSettings};
 use crate::tls::CertSource;
-use clap::{Args, ValueEnum};
+use clap::Args;
+#[cfg(feature = "scylla")]
+use clap::ValueEnum;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+#[cfg(feature = "kafka")]
 use std::time::Duration;
 
+#[cfg(feature = "kafka")]
 /// The event log (Kafka).
 #[derive(Args, Debug, Clone)]
 pub struct KafkaArgs {
@@ -49,6 +55,7 @@ pub struct KafkaArgs {
     pub kafka_session_timeout_ms: u64,
 }
 
+#[cfg(feature = "kafka")]
 impl KafkaArgs {
     pub fn settings(&self) -> KafkaSettings {
         KafkaSettings {
@@ -64,6 +71,7 @@ impl KafkaArgs {
     }
 }
 
+#[cfg(feature = "scylla")]
 /// Consistency levels offered for read-model statements.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 #[value(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -75,6 +83,7 @@ pub enum ConsistencyArg {
     All,
 }
 
+#[cfg(feature = "scylla")]
 impl From<ConsistencyArg> for scylla::statement::Consistency {
     fn from(c: ConsistencyArg) -> Self {
         use scylla::statement::Consistency as C;
@@ -88,6 +97,7 @@ impl From<ConsistencyArg> for scylla::statement::Consistency {
     }
 }
 
+#[cfg(feature = "scylla")]
 fn parse_keyspace(s: &str) -> Result<String, String> {
     if valid_keyspace(s) {
         Ok(s.to_owned())
@@ -96,6 +106,7 @@ fn parse_keyspace(s: &str) -> Result<String, String> {
     }
 }
 
+#[cfg(feature = "scylla")]
 fn parse_replication(s: &str) -> Result<String, String> {
     if valid_replication(s) {
         Ok(s.to_owned())
@@ -107,6 +118,7 @@ fn parse_replication(s: &str) -> Result<String, String> {
     }
 }
 
+#[cfg(feature = "scylla")]
 /// The read model (ScyllaDB).
 #[derive(Args, Debug, Clone)]
 pub struct ScyllaArgs {
@@ -138,6 +150,7 @@ pub struct ScyllaArgs {
     pub scylla_consistency: ConsistencyArg,
 }
 
+#[cfg(feature = "scylla")]
 impl ScyllaArgs {
     pub fn settings(&self) -> ScyllaSettings {
         ScyllaSettings {
@@ -195,7 +208,7 @@ pub struct LogArgs {
     pub log: String,
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "kafka", feature = "scylla"))]
 mod tests {
     use super::*;
     use clap::Parser;

@@ -1,0 +1,165 @@
+//! The `projector` binary's flags and wiring: the projection, `status` and `replay` on the
+//! Kafka and ScyllaDB adapters.
+
+use crate::replay::{self, Progress, ReplayReport, ReplaySettings};
+use crate::{app, run_projection, ProjectorSettings, Status};
+use clap::Parser;
+use msghash_common::adapters::kafka::KafkaLog;
+use msghash_common::adapters::scylla::ScyllaGenerations;
+use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
+use msghash_common::generation::{LiveModel, DEFAULT_FOLLOW_INTERVAL};
+use msghash_common::http;
+use msghash_common::shutdown::Shutdown;
+use msghash_common::{EventLog, ModelGenerations, ReadModel};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `projector`: the projection as its own service.
+#[derive(Parser, Debug)]
+#[command(
+    name = "projector",
+    version,
+    about = "msghash projector: event log -> read model"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Consumer group of the projectors (all replicas share it).
+    #[arg(
+        long,
+        global = true,
+        env = "MSGHASH_CONSUMER_GROUP",
+        default_value = "msghash-projector"
+    )]
+    pub group: String,
+    /// Most events applied in one step.
+    #[arg(long, global = true, env = "MSGHASH_BATCH_SIZE", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub batch_size: u64,
+    /// Address of the HTTPS port serving /health/live, /health/ready and /metrics.
+    #[arg(long, global = true, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:8083", value_parser = parse_listen)]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub scylla: ScyllaArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// What `projector` does; without a subcommand it runs the projection.
+#[derive(clap::Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Run the projection and serve health and metrics (the default).
+    Run,
+    /// Print the active generation, applied vs end offsets per partition and the
+    /// dead-lettered count, then exit.
+    Status,
+    /// Rebuild the read model from offset 0 into a new generation while the services keep
+    /// answering, switch readers to it, exit. Resumes a replay that was stopped.
+    Replay(ReplayArgs),
+}
+
+/// `projector replay`.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct ReplayArgs {
+    /// After the switch, delete every older generation.
+    #[arg(long)]
+    pub drop_old: bool,
+    /// How long, after the switch, to keep projecting while waiting for a live projector
+    /// to adopt the new generation (seconds).
+    #[arg(long, env = "MSGHASH_HANDOVER_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub handover_timeout_secs: u64,
+}
+
+impl ReplayArgs {
+    pub fn settings(&self, group: &str, batch_size: usize) -> ReplaySettings {
+        ReplaySettings {
+            group: group.to_owned(),
+            batch_size,
+            handover_timeout: Duration::from_secs(self.handover_timeout_secs),
+            drop_old: self.drop_old,
+            ..ReplaySettings::default()
+        }
+    }
+}
+
+/// `projector status`: connects, prints the status, returns.
+pub async fn print_status(cli: &Cli) -> anyhow::Result<Status> {
+    let log = KafkaLog::connect(cli.kafka.settings()).await?;
+    let generations = ScyllaGenerations::connect(&cli.scylla.settings()).await?;
+    let status = Status::read(&log, &generations).await?;
+    println!("{status}");
+    Ok(status)
+}
+
+/// `projector replay`: rebuilds the read model into a new generation beside the running
+/// services, printing progress to stderr and the report's last line to stdout.
+pub async fn run_replay(
+    cli: &Cli,
+    args: &ReplayArgs,
+    shutdown: Shutdown,
+) -> anyhow::Result<Option<ReplayReport>> {
+    let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
+    let generations: Arc<dyn ModelGenerations> =
+        Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
+    let settings = args.settings(&cli.group, usize::try_from(cli.batch_size)?);
+    let mut printer = replay::ProgressPrinter::stderr();
+    let report = replay::replay(
+        log,
+        generations,
+        settings,
+        &mut |p: &Progress| printer.show(p),
+        shutdown,
+    )
+    .await;
+    printer.finish();
+    let report = report?;
+    match &report {
+        Some(r) => println!("{r}"),
+        None => eprintln!("replay stopped before the switch; run it again to resume"),
+    }
+    Ok(report)
+}
+
+/// Runs the service until `shutdown` is cancelled: the projection, and the HTTPS port.
+/// Either one ending (an error, or shutdown) stops the other.
+pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
+    msghash_common::metrics::install();
+    let tls = msghash_common::tls::server_config(&cli.tls.source())?;
+    let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
+    let generations: Arc<dyn ModelGenerations> =
+        Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
+    let live = LiveModel::open(generations.clone()).await?;
+    let _follow = live.follow(DEFAULT_FOLLOW_INTERVAL, shutdown.clone());
+    let model: Arc<dyn ReadModel> = live;
+    let settings = ProjectorSettings {
+        group: cli.group,
+        batch_size: usize::try_from(cli.batch_size)?,
+        ..ProjectorSettings::default()
+    };
+    let listener = http::bind(cli.listen)?;
+    tracing::info!(listen = %listener.local_addr()?, "projector listening");
+    let stop = shutdown.child_token();
+    let server = http::serve_tls(listener, tls, app(log.clone(), model.clone()), stop.clone());
+    let projection = run_projection(log, generations, settings, Arc::default(), stop.clone());
+    let (served, projected) = tokio::join!(
+        async {
+            let r = server.await;
+            stop.cancel();
+            r
+        },
+        async {
+            let r = projection.await;
+            stop.cancel();
+            r
+        }
+    );
+    projected?;
+    served?;
+    Ok(())
+}
