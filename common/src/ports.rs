@@ -71,6 +71,10 @@ pub trait Subscription: Send {
     /// Records that every record up to and including `offset` of each listed partition is
     /// done, so a restarted group resumes after it.
     async fn commit(&mut self, done: &[(u32, Offset)]) -> Result<(), LogError>;
+
+    /// Makes the next records of `partition` start at `offset`, or at the first record after
+    /// it that the log still has. For a partition this member is currently reading.
+    async fn rewind(&mut self, partition: u32, offset: Offset) -> Result<(), LogError>;
 }
 
 /// What one projector step writes: the rows, then the applied offsets.

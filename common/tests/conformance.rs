@@ -198,6 +198,36 @@ async fn read_model_conforms(model: &dyn ReadModel) {
     assert_eq!(unique, want, "the listing is complete");
 }
 
+/// `rewind` moves a partition's next record back; later records follow on from there.
+async fn rewind_conforms(log: &dyn EventLog) {
+    for i in 0..4 {
+        log.append(0, &MessageHashed::new(format!("rewind {i}")))
+            .await
+            .expect("append");
+    }
+    let end = log.end_offset(0).await.expect("end");
+    let total: i64 = {
+        let mut t = 0;
+        for p in 0..PARTITIONS {
+            t += log.end_offset(p).await.expect("end");
+        }
+        t
+    };
+    let mut sub = log
+        .subscribe("conformance-rewind")
+        .await
+        .expect("subscribe");
+    let all = drain(sub.as_mut(), usize::try_from(total).expect("count")).await;
+    assert!(all.iter().any(|r| r.partition == 0 && r.offset == end - 1));
+    sub.rewind(0, end - 3).await.expect("rewind");
+    let again = drain(sub.as_mut(), 3).await;
+    let offsets: Vec<(u32, Offset)> = again.iter().map(|r| (r.partition, r.offset)).collect();
+    assert_eq!(offsets, vec![(0, end - 3), (0, end - 2), (0, end - 1)]);
+    let last =
+        MessageHashed::decode(again[2].key.as_deref(), again[2].value.as_deref()).expect("decodes");
+    assert_eq!(last.message, "rewind 3");
+}
+
 /// The generation catalog: states, separate storage per generation, the switch seen by a
 /// `LiveModel`, drop.
 async fn generations_conform(generations: Arc<dyn ModelGenerations>) {
@@ -294,6 +324,7 @@ async fn embedded_adapters_conform() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = EmbeddedLog::open(dir.path(), PARTITIONS).expect("log");
     event_log_conforms(&log).await;
+    rewind_conforms(&log).await;
     let model = EmbeddedModel::open(dir.path()).expect("model");
     read_model_conforms(&model).await;
 }
@@ -312,6 +343,7 @@ async fn kafka_and_scylla_adapters_conform() {
     settings.session_timeout = Duration::from_secs(3);
     let log = KafkaLog::connect(settings).await.expect("kafka");
     event_log_conforms(&log).await;
+    rewind_conforms(&log).await;
 
     let cql = cql_server::start("127.0.0.1:0").await.expect("cql server");
     let model = ScyllaModel::connect(&ScyllaSettings::local(

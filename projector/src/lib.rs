@@ -25,6 +25,7 @@ use msghash_common::{
 pub use replay::{Phase, Progress, ReplayReport, ReplaySettings};
 
 pub mod replay;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -124,6 +125,122 @@ pub(crate) async fn poll(
             tokio::time::sleep(Duration::from_millis(200)).await;
             Vec::new()
         }
+    }
+}
+
+/// Guards against a read model that lost what its consumer group already committed: a
+/// lost keyspace or deleted files, or a new generation whose group name was used before.
+/// The first record seen of each partition is compared with the model. When the model has
+/// nothing of that partition but the record is not at offset 0, the partition is rewound to
+/// the start of the log, so the model is rebuilt instead of silently missing events.
+///
+/// A lost model whose group is already at the end of the log receives no records at all,
+/// so [`Continuity::audit`] also compares the model with the log's end offsets while idle.
+#[derive(Default)]
+pub(crate) struct Continuity {
+    checked: HashSet<u32>,
+    rewound: HashSet<u32>,
+    last_audit: Option<Instant>,
+}
+
+/// How often an idle projection compares its read model with the log's end offsets.
+const AUDIT_INTERVAL: Duration = Duration::from_secs(2);
+
+impl Continuity {
+    /// While idle, at most every [`AUDIT_INTERVAL`]: every partition not seen yet whose log
+    /// has records but whose model has none is rewound to the start. A partition this
+    /// member does not read (Kafka: assigned to another member, or not assigned yet) is
+    /// left for the next audit or for its owner.
+    pub(crate) async fn audit(
+        &mut self,
+        log: &dyn EventLog,
+        model: &dyn ReadModel,
+        subscription: &mut dyn Subscription,
+    ) {
+        if self
+            .last_audit
+            .is_some_and(|t| t.elapsed() < AUDIT_INTERVAL)
+        {
+            return;
+        }
+        self.last_audit = Some(Instant::now());
+        for partition in 0..log.partitions() {
+            if self.checked.contains(&partition) || self.rewound.contains(&partition) {
+                continue;
+            }
+            let (Ok(end), Ok(applied)) =
+                tokio::join!(log.end_offset(partition), model.applied_offset(partition))
+            else {
+                continue;
+            };
+            if applied.is_some() {
+                self.checked.insert(partition);
+                continue;
+            }
+            if end == 0 {
+                continue;
+            }
+            match subscription.rewind(partition, 0).await {
+                Ok(()) => {
+                    tracing::warn!(
+                        partition,
+                        end,
+                        "the read model holds nothing of this partition but the log has \
+                         records: rebuilding the partition from the start of the log"
+                    );
+                    self.rewound.insert(partition);
+                }
+                Err(e) => tracing::debug!(partition, error = %e, "cannot rewind yet"),
+            }
+        }
+    }
+
+    /// The records to apply: all of them, except a rewound partition's, until it starts
+    /// over. Reading the model is retried until it answers; a failed rewind is an error.
+    pub(crate) async fn check(
+        &mut self,
+        records: Vec<LogRecord>,
+        model: &dyn ReadModel,
+        subscription: &mut dyn Subscription,
+    ) -> anyhow::Result<Vec<LogRecord>> {
+        let mut keep = Vec::with_capacity(records.len());
+        let mut dropping = HashSet::new();
+        for record in records {
+            let partition = record.partition;
+            if dropping.contains(&partition) {
+                continue;
+            }
+            // The first record after a rewind is wherever the log starts now.
+            if self.checked.contains(&partition)
+                || self.rewound.remove(&partition)
+                || record.offset == 0
+            {
+                self.checked.insert(partition);
+                keep.push(record);
+                continue;
+            }
+            let applied = (|| model.applied_offset(partition))
+                .retry(write_backoff())
+                .notify(|e, after| {
+                    tracing::warn!(error = %e, ?after, "reading the applied offset failed; retrying")
+                })
+                .await?;
+            if applied.is_some() {
+                self.checked.insert(partition);
+                keep.push(record);
+                continue;
+            }
+            tracing::warn!(
+                partition,
+                offset = record.offset,
+                "the read model holds nothing of this partition but its consumer group resumes \
+                 past the start: rebuilding the partition from the start of the log"
+            );
+            subscription.rewind(partition, 0).await?;
+            self.rewound.insert(partition);
+            dropping.insert(partition);
+        }
+        Ok(keep)
     }
 }
 
@@ -235,6 +352,7 @@ pub async fn run_projection(
             break;
         };
         tracing::info!(%group, generation, "projector subscribed");
+        let mut continuity = Continuity::default();
         let mut checked = Instant::now();
         while !shutdown.is_cancelled() {
             if checked.elapsed() >= settings.generation_check {
@@ -251,7 +369,13 @@ pub async fn run_projection(
                 settings.poll_wait,
             )
             .await;
+            let records = continuity
+                .check(records, model.as_ref(), subscription.as_mut())
+                .await?;
             if records.is_empty() {
+                continuity
+                    .audit(log.as_ref(), model.as_ref(), subscription.as_mut())
+                    .await;
                 continue;
             }
             let done = project_batch(

@@ -17,7 +17,8 @@
 //!    switch so that no reader still uses one.
 
 use crate::{
-    lag, partition_statuses, poll, project_batch, subscribe, PartitionStatus, ProjectorStats,
+    lag, partition_statuses, poll, project_batch, subscribe, Continuity, PartitionStatus,
+    ProjectorStats,
 };
 use msghash_common::generation::group_for;
 use msghash_common::shutdown::Shutdown;
@@ -223,6 +224,7 @@ pub async fn replay(
         return Ok(None);
     };
     let stats = ProjectorStats::default();
+    let mut continuity = Continuity::default();
     let mut phase = Phase::Building;
     let mut switched_at = None;
     let mut adopted = false;
@@ -236,7 +238,15 @@ pub async fn replay(
             settings.poll_wait,
         )
         .await;
+        let records = continuity
+            .check(records, model.as_ref(), subscription.as_mut())
+            .await?;
         let idle = records.is_empty();
+        if idle {
+            continuity
+                .audit(log.as_ref(), model.as_ref(), subscription.as_mut())
+                .await;
+        }
         if !idle
             && !project_batch(
                 log.as_ref(),

@@ -576,3 +576,86 @@ async fn projector_command_status(
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Runs the live projector on `generations` until it has applied the whole log, then stops.
+async fn project_everything(log: &Arc<dyn EventLog>, generations: &Arc<dyn ModelGenerations>) {
+    let shutdown = Shutdown::new();
+    let live = tokio::spawn(projector::run_projection(
+        log.clone(),
+        generations.clone(),
+        ProjectorSettings::default(),
+        Arc::default(),
+        shutdown.clone(),
+    ));
+    let model = generations.open(0).await.expect("generation 0");
+    wait_caught_up(log.as_ref(), model.as_ref()).await;
+    shutdown.cancel();
+    live.await.expect("join").expect("live projector");
+}
+
+/// A read model lost while the consumer group kept its positions (a lost keyspace, deleted
+/// files) is rebuilt from the start of the log, not silently left without the old events.
+async fn lost_read_model_is_rebuilt(
+    log: Arc<dyn EventLog>,
+    before: Arc<dyn ModelGenerations>,
+    after: impl std::future::Future<Output = Arc<dyn ModelGenerations>>,
+) {
+    let messages: Vec<String> = (0..300).map(|i| format!("kept by the log {i}")).collect();
+    load(&log, messages.iter().cloned()).await;
+    project_everything(&log, &before).await;
+    drop(before);
+    let generations = after.await;
+    assert_eq!(
+        generations
+            .open(0)
+            .await
+            .expect("open")
+            .applied_offset(0)
+            .await
+            .expect("applied"),
+        None,
+        "the read model starts empty"
+    );
+    project_everything(&log, &generations).await;
+    let expected: BTreeMap<Digest, String> = messages
+        .iter()
+        .map(|m| (Digest::of(m), m.clone()))
+        .collect();
+    let model = generations.open(0).await.expect("generation 0");
+    assert!(contents(&model).await == expected, "every event is back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_lost_read_model_is_rebuilt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), PARTITIONS).expect("log"));
+    let before: Arc<dyn ModelGenerations> =
+        Arc::new(EmbeddedGenerations::open(dir.path()).expect("generations"));
+    let path = dir.path().to_path_buf();
+    lost_read_model_is_rebuilt(log, before, async move {
+        for file in ["readmodel.redb", "generations.redb"] {
+            std::fs::remove_file(path.join(file)).expect("delete the read model");
+        }
+        Arc::new(EmbeddedGenerations::open(&path).expect("generations"))
+            as Arc<dyn ModelGenerations>
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_and_scylla_lost_keyspace_is_rebuilt() {
+    let cluster = mock_cluster();
+    let log = kafka_log(&cluster).await;
+    let cql = cql_server::start("127.0.0.1:0").await.expect("cql");
+    let before = scylla_generations(&cql).await;
+    let node = cql.local_addr().to_string();
+    // A fresh keyspace on the same cluster plays the keyspace that was lost.
+    lost_read_model_is_rebuilt(log, before, async move {
+        Arc::new(
+            ScyllaGenerations::connect(&ScyllaSettings::local(node, "msghash_restored"))
+                .await
+                .expect("scylla"),
+        ) as Arc<dyn ModelGenerations>
+    })
+    .await;
+}

@@ -873,6 +873,17 @@ impl Subscription for EmbeddedSubscription {
             LogError::Unavailable("embedded event log writer stopped before answering".into())
         })?
     }
+
+    async fn rewind(&mut self, partition: u32, offset: Offset) -> Result<(), LogError> {
+        let next = self.next.get_mut(partition as usize).ok_or_else(|| {
+            LogError::Rejected(format!(
+                "partition {partition} out of range: the log has {} partitions",
+                self.inner.partitions
+            ))
+        })?;
+        *next = u64::try_from(offset).unwrap_or(0);
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------

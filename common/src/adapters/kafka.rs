@@ -377,4 +377,22 @@ impl Subscription for KafkaSubscription {
             .map_err(|e| LogError::Unavailable(format!("commit task: {e}")))?
             .map_err(unavailable)
     }
+
+    async fn rewind(&mut self, partition: u32, offset: Offset) -> Result<(), LogError> {
+        let partition = i32::try_from(partition)
+            .map_err(|_| LogError::Rejected(format!("partition {partition} out of range")))?;
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        // librdkafka drops what it had fetched for the partition before the seek.
+        tokio::task::spawn_blocking(move || {
+            consumer.seek(
+                &topic,
+                partition,
+                rdkafka::Offset::Offset(offset.max(0)),
+                Timeout::After(Duration::from_secs(10)),
+            )
+        })
+        .await
+        .map_err(|e| LogError::Unavailable(format!("seek task: {e}")))?
+        .map_err(unavailable)
+    }
 }
