@@ -111,23 +111,6 @@ pub(crate) fn write_backoff() -> ExponentialBuilder {
         .with_jitter()
 }
 
-/// The next batch of records; a failed poll is logged and counts as an empty batch (after a
-/// short pause), so the caller's loop goes round and checks for shutdown.
-pub(crate) async fn poll(
-    subscription: &mut dyn Subscription,
-    max: usize,
-    wait: Duration,
-) -> Vec<LogRecord> {
-    match subscription.next_batch(max, wait).await {
-        Ok(records) => records,
-        Err(e) => {
-            tracing::warn!(error = %e, "polling the log failed; retrying");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            Vec::new()
-        }
-    }
-}
-
 /// Guards against a read model that lost what its consumer group already committed: a
 /// lost keyspace or deleted files, or a new generation whose group name was used before.
 /// The first record seen of each partition is compared with the model. When the model has
@@ -147,11 +130,38 @@ pub(crate) struct Continuity {
 const AUDIT_INTERVAL: Duration = Duration::from_secs(2);
 
 impl Continuity {
+    /// The next records to apply for `model`: polls, [`check`](Continuity::check)s, and
+    /// [`audit`](Continuity::audit)s when nothing came. A failed poll is logged and counts
+    /// as an empty batch (after a short pause), so the caller's loop goes round and checks
+    /// for shutdown.
+    pub(crate) async fn next_batch(
+        &mut self,
+        log: &dyn EventLog,
+        model: &dyn ReadModel,
+        subscription: &mut dyn Subscription,
+        max: usize,
+        wait: Duration,
+    ) -> anyhow::Result<Vec<LogRecord>> {
+        let records = match subscription.next_batch(max, wait).await {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::warn!(error = %e, "polling the log failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Vec::new()
+            }
+        };
+        let records = self.check(records, model, subscription).await?;
+        if records.is_empty() {
+            self.audit(log, model, subscription).await;
+        }
+        Ok(records)
+    }
+
     /// While idle, at most every [`AUDIT_INTERVAL`]: every partition not seen yet whose log
     /// has records but whose model has none is rewound to the start. A partition this
     /// member does not read (Kafka: assigned to another member, or not assigned yet) is
     /// left for the next audit or for its owner.
-    pub(crate) async fn audit(
+    async fn audit(
         &mut self,
         log: &dyn EventLog,
         model: &dyn ReadModel,
@@ -197,7 +207,7 @@ impl Continuity {
 
     /// The records to apply: all of them, except a rewound partition's, until it starts
     /// over. Reading the model is retried until it answers; a failed rewind is an error.
-    pub(crate) async fn check(
+    async fn check(
         &mut self,
         records: Vec<LogRecord>,
         model: &dyn ReadModel,
@@ -363,19 +373,16 @@ pub async fn run_projection(
                     Err(e) => tracing::debug!(error = %e, "could not read the active generation"),
                 }
             }
-            let records = poll(
-                subscription.as_mut(),
-                settings.batch_size,
-                settings.poll_wait,
-            )
-            .await;
             let records = continuity
-                .check(records, model.as_ref(), subscription.as_mut())
+                .next_batch(
+                    log.as_ref(),
+                    model.as_ref(),
+                    subscription.as_mut(),
+                    settings.batch_size,
+                    settings.poll_wait,
+                )
                 .await?;
             if records.is_empty() {
-                continuity
-                    .audit(log.as_ref(), model.as_ref(), subscription.as_mut())
-                    .await;
                 continue;
             }
             let done = project_batch(

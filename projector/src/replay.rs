@@ -17,8 +17,7 @@
 //!    switch so that no reader still uses one.
 
 use crate::{
-    lag, partition_statuses, poll, project_batch, subscribe, Continuity, PartitionStatus,
-    ProjectorStats,
+    lag, partition_statuses, project_batch, subscribe, Continuity, PartitionStatus, ProjectorStats,
 };
 use msghash_common::generation::group_for;
 use msghash_common::shutdown::Shutdown;
@@ -232,21 +231,16 @@ pub async fn replay(
     // Switch once the target is this close to the end of the log.
     let switch_lag = i64::try_from(settings.batch_size).unwrap_or(i64::MAX);
     while !shutdown.is_cancelled() {
-        let records = poll(
-            subscription.as_mut(),
-            settings.batch_size,
-            settings.poll_wait,
-        )
-        .await;
         let records = continuity
-            .check(records, model.as_ref(), subscription.as_mut())
+            .next_batch(
+                log.as_ref(),
+                model.as_ref(),
+                subscription.as_mut(),
+                settings.batch_size,
+                settings.poll_wait,
+            )
             .await?;
         let idle = records.is_empty();
-        if idle {
-            continuity
-                .audit(log.as_ref(), model.as_ref(), subscription.as_mut())
-                .await;
-        }
         if !idle
             && !project_batch(
                 log.as_ref(),

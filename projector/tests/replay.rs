@@ -455,18 +455,8 @@ async fn projector_replay_survives_sigkill() {
     .await
     .expect("poison appended");
     // Generation 0 as the live projector leaves it.
-    let shutdown = Shutdown::new();
-    let live = tokio::spawn(projector::run_projection(
-        log.clone(),
-        generations.clone(),
-        ProjectorSettings::default(),
-        Arc::default(),
-        shutdown.clone(),
-    ));
+    project_everything(&log, &generations).await;
     let gen0 = generations.open(0).await.expect("generation 0");
-    wait_caught_up(log.as_ref(), gen0.as_ref()).await;
-    shutdown.cancel();
-    live.await.expect("join").expect("live projector");
 
     let replay = |batch: &str| {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"));

@@ -33,7 +33,7 @@ pub const SOCKET_FILE: &str = "admin.sock";
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReplayEvent {
-    Started { generation_hint: String },
+    Started,
     Progress(Progress),
     Done(ReplayReport),
     Error(String),
@@ -155,9 +155,7 @@ async fn replay(State(admin): State<Admin>, Query(params): Query<ReplayParams>) 
 }
 
 fn start_replay(admin: &Admin, drop_old: bool) -> watch::Receiver<ReplayEvent> {
-    let (tx, rx) = watch::channel(ReplayEvent::Started {
-        generation_hint: "choosing the generation".into(),
-    });
+    let (tx, rx) = watch::channel(ReplayEvent::Started);
     let settings = ReplaySettings {
         drop_old,
         ..admin.settings.clone()
@@ -307,7 +305,7 @@ pub async fn run_replay(
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             match serde_json::from_slice::<ReplayEvent>(&line).map_err(transport)? {
-                ReplayEvent::Started { .. } => {}
+                ReplayEvent::Started => {}
                 ReplayEvent::Progress(p) => on_progress(&p),
                 ReplayEvent::Done(report) => return Ok(report),
                 ReplayEvent::Error(e) => return Err(ClientError::Replay(e)),

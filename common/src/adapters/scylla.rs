@@ -275,6 +275,21 @@ impl ScyllaGenerations {
     }
 }
 
+/// The state the catalog's `active`, `pending` and `adopted` rows describe.
+fn state_of(rows: &[(String, i64)]) -> Result<GenerationState, ModelError> {
+    let mut state = GenerationState::default();
+    for (name, value) in rows {
+        match name.as_str() {
+            "active" => state.active = generation_of(*value)?,
+            "pending" => state.pending = Some(generation_of(*value)?),
+            "adopted" => state.adopted = generation_of(*value)?,
+            _ => {}
+        }
+    }
+    state.pending = state.pending.filter(|&p| p > state.active);
+    Ok(state)
+}
+
 fn generation_of(value: i64) -> Result<Generation, ModelError> {
     Generation::try_from(value).map_err(|_| ModelError::Corrupt(format!("generation {value}")))
 }
@@ -282,17 +297,7 @@ fn generation_of(value: i64) -> Result<Generation, ModelError> {
 #[async_trait]
 impl ModelGenerations for ScyllaGenerations {
     async fn state(&self) -> Result<GenerationState, ModelError> {
-        let mut state = GenerationState::default();
-        for (name, value) in self.rows().await? {
-            match name.as_str() {
-                "active" => state.active = generation_of(value)?,
-                "pending" => state.pending = Some(generation_of(value)?),
-                "adopted" => state.adopted = generation_of(value)?,
-                _ => {}
-            }
-        }
-        state.pending = state.pending.filter(|&p| p > state.active);
-        Ok(state)
+        state_of(&self.rows().await?)
     }
 
     async fn open(&self, generation: Generation) -> Result<Arc<dyn ReadModel>, ModelError> {
@@ -322,16 +327,14 @@ impl ModelGenerations for ScyllaGenerations {
     }
 
     async fn list(&self) -> Result<Vec<Generation>, ModelError> {
-        let mut all: Vec<Generation> = self
-            .rows()
-            .await?
-            .into_iter()
+        let rows = self.rows().await?;
+        let mut all: Vec<Generation> = rows
+            .iter()
             .filter(|(name, _)| name.starts_with('g'))
-            .map(|(_, value)| generation_of(value))
+            .map(|&(_, value)| generation_of(value))
             .collect::<Result<_, _>>()?;
         // Generation 0 predates the catalog: its tables exist whenever it is in use.
-        let state = self.state().await?;
-        if state.active == 0 && !all.contains(&0) {
+        if state_of(&rows)?.active == 0 && !all.contains(&0) {
             all.push(0);
         }
         all.sort_unstable();
