@@ -67,6 +67,7 @@ impl KafkaArgs {
             compression: self.kafka_compression.clone(),
             session_timeout: Duration::from_millis(self.kafka_session_timeout_ms),
             create_topic: true,
+            verify_compaction: true,
         }
     }
 }

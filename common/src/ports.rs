@@ -29,6 +29,22 @@ pub enum LogError {
     /// The broker refused the request (topic missing, partition out of range, ...).
     #[error("event log rejected the request: {0}")]
     Rejected(String),
+    /// The log exists but is not what msghash needs (another partition count, a topic that
+    /// is not compacted): no retry fixes it, only an operator. Services refuse to start on
+    /// it with exit code 2.
+    #[error("event log misconfigured: {0}")]
+    Misconfigured(String),
+}
+
+impl LogError {
+    /// The process exit code for a service that cannot start because of `err`: 2 when
+    /// something in the way the log is set up must change, 1 otherwise.
+    pub fn exit_code(err: &anyhow::Error) -> u8 {
+        match err.downcast_ref::<LogError>() {
+            Some(LogError::Misconfigured(_)) => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// The append-only, partitioned log of `MessageHashed` events.

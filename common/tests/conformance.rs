@@ -1,17 +1,19 @@
 //! One conformance suite, run against every adapter pair, so the adapters cannot drift:
 //! - embedded: `EmbeddedLog` + `EmbeddedModel` (redb files);
-//! - Kafka + ScyllaDB: `KafkaLog` on librdkafka's mock cluster + `ScyllaModel` on the CQL
-//!   test server (both real wire protocols).
+//! - Kafka + ScyllaDB: `KafkaLog` on the test run's Apache Kafka broker + `ScyllaModel` on
+//!   its Apache Cassandra node (see `msghash_testkit::servers`), each in a topic and a
+//!   keyspace of its own.
 
 use msghash_common::adapters::embedded::{EmbeddedGenerations, EmbeddedLog, EmbeddedModel};
-use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
-use msghash_common::adapters::scylla::{ScyllaGenerations, ScyllaModel, ScyllaSettings};
+use msghash_common::adapters::kafka::KafkaLog;
+use msghash_common::adapters::scylla::{ScyllaGenerations, ScyllaModel};
 use msghash_common::generation::LiveModel;
 use msghash_common::ports::{LogRecord, Subscription};
 use msghash_common::{
     partition_for, Digest, EventLog, MessageHashed, Offset, ProjectionBatch, ReadModel,
 };
 use msghash_common::{GenerationState, ModelGenerations};
+use msghash_testkit::servers;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -307,8 +309,7 @@ async fn embedded_generations_conform() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scylla_generations_conform() {
-    let cql = cql_server::start("127.0.0.1:0").await.expect("cql server");
-    let settings = ScyllaSettings::local(cql.local_addr().to_string(), "generations");
+    let settings = servers::scylla_settings("generations");
     let generations = ScyllaGenerations::connect(&settings).await.expect("scylla");
     generations_conform(Arc::new(generations)).await;
     // Another process sees the same catalog.
@@ -331,26 +332,14 @@ async fn embedded_adapters_conform() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_and_scylla_adapters_conform() {
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    cluster
-        .create_topic("messages", PARTITIONS as i32, 1)
-        .expect("topic");
-    cluster
-        .create_topic("messages-dlq", 1, 1)
-        .expect("dlq topic");
-    let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
-    settings.create_topic = false;
-    settings.session_timeout = Duration::from_secs(3);
-    let log = KafkaLog::connect(settings).await.expect("kafka");
+    let log = KafkaLog::connect(servers::kafka_settings("conformance", PARTITIONS))
+        .await
+        .expect("kafka");
     event_log_conforms(&log).await;
     rewind_conforms(&log).await;
 
-    let cql = cql_server::start("127.0.0.1:0").await.expect("cql server");
-    let model = ScyllaModel::connect(&ScyllaSettings::local(
-        cql.local_addr().to_string(),
-        "conformance",
-    ))
-    .await
-    .expect("scylla");
+    let model = ScyllaModel::connect(&servers::scylla_settings("conformance"))
+        .await
+        .expect("scylla");
     read_model_conforms(&model).await;
 }

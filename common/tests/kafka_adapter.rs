@@ -1,21 +1,27 @@
-//! The Kafka adapter against librdkafka's in-process mock cluster: a real Kafka protocol
-//! peer, fast to start, with fault injection.
+//! The Kafka adapter against the test run's Apache Kafka broker (KRaft), each test in a
+//! topic of its own; and, for the one fault a shared broker cannot be made to show (the
+//! broker going away mid-test), against librdkafka's in-process mock cluster.
 
 use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
 use msghash_common::ports::{LogError, LogRecord, Subscription};
 use msghash_common::{partition_for, EventLog, MessageHashed};
+use msghash_testkit::servers;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// The topic on the mock cluster, which is this test's own.
 const TOPIC: &str = "messages";
 
-fn settings(brokers: String, partitions: u32) -> KafkaSettings {
+/// Settings for the mock cluster, which cannot create topics through the admin API (the
+/// test does) nor describe their configs.
+fn mock_settings(brokers: String, partitions: u32) -> KafkaSettings {
     let mut s = KafkaSettings::local(brokers, TOPIC, partitions);
     s.message_timeout = Duration::from_millis(1_500);
-    s.session_timeout = Duration::from_secs(3);
-    // The mock cluster cannot create topics through the admin API; the test does.
     s.create_topic = false;
+    s.verify_compaction = false;
     s
 }
 
@@ -36,9 +42,7 @@ async fn collect(sub: &mut dyn Subscription, want: usize, within: Duration) -> V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_resumes_from_commits_and_replays_from_zero() {
     msghash_common::telemetry::init_for_tests();
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic(TOPIC, 4, 1).expect("topic");
-    let log = KafkaLog::connect(settings(cluster.bootstrap_servers(), 4))
+    let log = KafkaLog::connect(servers::kafka_settings("adapter", 4))
         .await
         .expect("connect");
 
@@ -100,21 +104,61 @@ async fn appends_resumes_from_commits_and_replays_from_zero() {
 
 #[tokio::test]
 async fn refuses_a_topic_with_another_partition_count() {
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic(TOPIC, 4, 1).expect("topic");
-    let err = KafkaLog::connect(settings(cluster.bootstrap_servers(), 8))
+    let settings = servers::kafka_settings("partitions", 4);
+    KafkaLog::connect(settings.clone())
+        .await
+        .expect("creates the topic with 4 partitions");
+    let err = KafkaLog::connect(KafkaSettings {
+        partitions: 8,
+        ..settings
+    })
+    .await
+    .err()
+    .expect("must refuse");
+    assert!(matches!(err, LogError::Misconfigured(_)), "{err}");
+    assert!(err.to_string().contains("4 partitions"), "{err}");
+    let code = LogError::exit_code(&anyhow::Error::new(err));
+    assert_eq!(code, 2, "a service refuses to start with exit code 2");
+}
+
+/// A topic somebody created by hand with the default `cleanup.policy=delete` would lose
+/// events to retention; the adapter finds it with DescribeConfigs and refuses it.
+#[tokio::test]
+async fn refuses_a_topic_that_is_not_compacted() {
+    let mut settings = servers::kafka_settings("not_compacted", 2);
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", servers::kafka_brokers())
+        .create()
+        .expect("admin client");
+    let topic = NewTopic::new(&settings.topic, 2, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "delete");
+    let created = admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .expect("create topics");
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    settings.create_topic = false;
+    let err = KafkaLog::connect(settings.clone())
         .await
         .err()
-        .expect("must refuse");
-    assert!(matches!(err, LogError::Rejected(_)), "{err}");
-    assert!(err.to_string().contains("4 partitions"), "{err}");
+        .expect("must refuse a topic with cleanup.policy=delete");
+    assert!(matches!(err, LogError::Misconfigured(_)), "{err}");
+    assert!(err.to_string().contains("cleanup.policy=delete"), "{err}");
+    // With create_topic on, an existing topic is left as it is and still refused.
+    settings.create_topic = true;
+    let err = KafkaLog::connect(settings)
+        .await
+        .err()
+        .expect("still refused");
+    assert!(matches!(err, LogError::Misconfigured(_)), "{err}");
 }
 
 #[tokio::test]
 async fn a_broker_that_is_down_fails_appends_instead_of_hanging() {
+    // The shared broker cannot be stopped under the other tests: MockCluster takes it down.
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(TOPIC, 2, 1).expect("topic");
-    let log = KafkaLog::connect(settings(cluster.bootstrap_servers(), 2))
+    let log = KafkaLog::connect(mock_settings(cluster.bootstrap_servers(), 2))
         .await
         .expect("connect");
     let e = MessageHashed::new("x".into());

@@ -1,15 +1,14 @@
-//! The ScyllaDB adapter against the CQL test server (`testkit/cql-server`), through the
-//! real `scylla` driver and the real CQL protocol.
+//! The ScyllaDB adapter against the test run's Apache Cassandra node, through the real
+//! `scylla` driver, each test in a keyspace of its own.
 
 use msghash_common::adapters::scylla::{ScyllaModel, ScyllaSettings};
 use msghash_common::{Digest, ProjectionBatch, ReadModel};
+use msghash_testkit::servers;
 
-async fn model() -> (cql_server::Server, ScyllaModel) {
+async fn model() -> ScyllaModel {
     msghash_common::telemetry::init_for_tests();
-    let server = cql_server::start("127.0.0.1:0").await.expect("cql server");
-    let settings = ScyllaSettings::local(server.local_addr().to_string(), "msghash_test");
-    let model = ScyllaModel::connect(&settings).await.expect("connect");
-    (server, model)
+    let settings = servers::scylla_settings("scylla_adapter");
+    ScyllaModel::connect(&settings).await.expect("connect")
 }
 
 fn batch(messages: &[&str], applied: &[(u32, i64)]) -> ProjectionBatch {
@@ -24,7 +23,7 @@ fn batch(messages: &[&str], applied: &[(u32, i64)]) -> ProjectionBatch {
 
 #[tokio::test]
 async fn applies_rows_and_offsets_and_reads_them_back() {
-    let (_server, model) = model().await;
+    let model = model().await;
     assert_eq!(model.applied_offset(0).await.expect("offset"), None);
     assert_eq!(model.get(&Digest::of("foo")).await.expect("get"), None);
 
@@ -47,7 +46,7 @@ async fn applies_rows_and_offsets_and_reads_them_back() {
 
 #[tokio::test]
 async fn applying_a_batch_twice_changes_nothing() {
-    let (_server, model) = model().await;
+    let model = model().await;
     let b = batch(&["a", "b"], &[(1, 10)]);
     model.apply(&b).await.expect("apply");
     model.apply(&b).await.expect("apply again");
@@ -60,8 +59,7 @@ async fn applying_a_batch_twice_changes_nothing() {
 
 #[tokio::test]
 async fn a_second_connect_finds_the_existing_schema_and_data() {
-    let server = cql_server::start("127.0.0.1:0").await.expect("cql server");
-    let settings = ScyllaSettings::local(server.local_addr().to_string(), "msghash");
+    let settings = servers::scylla_settings("reconnect");
     let first = ScyllaModel::connect(&settings).await.expect("connect");
     first
         .apply(&batch(&["kept"], &[(0, 0)]))
@@ -80,7 +78,7 @@ async fn a_second_connect_finds_the_existing_schema_and_data() {
 
 #[tokio::test]
 async fn large_batches_are_written_completely() {
-    let (_server, model) = model().await;
+    let model = model().await;
     let messages: Vec<String> = (0..1500).map(|i| format!("m{i}")).collect();
     let refs: Vec<&str> = messages.iter().map(String::as_str).collect();
     model

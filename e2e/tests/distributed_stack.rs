@@ -1,6 +1,8 @@
 //! The distributed stack end to end, exactly as a client meets it: `scripts/dev-stack`
-//! starts Tansu, the CQL test server, ingest, projector, query and the HAProxy edge as
-//! separate processes; this test talks HTTPS to the edge and kills processes by pid.
+//! starts a real Apache Kafka broker, ingest, projector, query and the HAProxy edge as
+//! separate processes, on the test run's Apache Cassandra node (a keyspace of its own);
+//! this test talks HTTPS to the edge and kills processes by pid. The stack has a broker of
+//! its own rather than the run's shared one because the test stops it.
 
 use futures::future::join_all;
 use futures::stream::{self, StreamExt};
@@ -24,7 +26,8 @@ struct Stack {
     /// Direct ports of ingest, query and projector (for /metrics).
     service_ports: [(&'static str, u16); 3],
     broker_port: u16,
-    cql_port: u16,
+    /// The stack's keyspace on the test run's Cassandra node.
+    keyspace: String,
     cert: PathBuf,
     client: reqwest::Client,
 }
@@ -65,11 +68,20 @@ impl Stack {
             ("query", free_port()),
             ("projector", free_port()),
         ];
-        let (broker_port, cql_port) = (free_port(), free_port());
+        let (broker_port, controller_port) = (free_port(), free_port());
+        let keyspace = msghash_testkit::servers::unique_name("e2e");
         let mut child = Command::new(repo_root().join("scripts/dev-stack"))
             .env("MSGHASH_EDGE_PORT", edge_port.to_string())
             .env("MSGHASH_BROKER_PORT", broker_port.to_string())
-            .env("MSGHASH_CQL_PORT", cql_port.to_string())
+            .env(
+                "MSGHASH_BROKER_CONTROLLER_PORT",
+                controller_port.to_string(),
+            )
+            .env(
+                "MSGHASH_DEV_STACK_CQL",
+                msghash_testkit::servers::cql_node(),
+            )
+            .env("MSGHASH_KEYSPACE", &keyspace)
             .env("MSGHASH_INGEST_PORT", service_ports[0].1.to_string())
             .env("MSGHASH_QUERY_PORT", service_ports[1].1.to_string())
             .env("MSGHASH_PROJECTOR_PORT", service_ports[2].1.to_string())
@@ -105,7 +117,7 @@ impl Stack {
             edge_port,
             service_ports,
             broker_port,
-            cql_port,
+            keyspace,
             cert: cert_dir.join("localhost.crt"),
             client,
         }
@@ -146,17 +158,10 @@ impl Stack {
 
     /// Stops the stack the way a developer does (SIGTERM) and checks nothing is left.
     async fn stop(mut self) {
-        let services: Vec<u32> = [
-            "broker",
-            "cql-server",
-            "ingest",
-            "projector",
-            "query",
-            "edge",
-        ]
-        .iter()
-        .map(|n| self.pid(n))
-        .collect();
+        let services: Vec<u32> = ["kafka", "ingest", "projector", "query", "edge"]
+            .iter()
+            .map(|n| self.pid(n))
+            .collect();
         if let Some(pid) = self.child.id() {
             signal(pid, "TERM");
         }
@@ -421,10 +426,8 @@ fn projector_command(stack: &Stack, args: &[&str]) -> Command {
             "MSGHASH_KAFKA_BROKERS",
             format!("127.0.0.1:{}", stack.broker_port),
         )
-        .env(
-            "MSGHASH_SCYLLA_NODES",
-            format!("127.0.0.1:{}", stack.cql_port),
-        )
+        .env("MSGHASH_SCYLLA_NODES", msghash_testkit::servers::cql_node())
+        .env("MSGHASH_KEYSPACE", &stack.keyspace)
         .env("MSGHASH_PARTITIONS", "8")
         .env("MSGHASH_LOG", "warn")
         .env("MSGHASH_LOG_FORMAT", "text");
@@ -652,9 +655,9 @@ async fn replay_beside_the_stack(stack: &Stack) {
 }
 
 async fn broker_stopped_gives_503(stack: &Stack) {
-    let broker = stack.pid("broker");
-    signal(broker, "INT");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let broker = stack.pid("kafka");
+    signal(broker, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(60);
     while alive(broker) && Instant::now() < deadline {
         sleep(Duration::from_millis(100)).await;
     }

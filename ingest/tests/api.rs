@@ -1,30 +1,24 @@
 //! The write path's HTTP contract, driven through the router against the Kafka adapter on
-//! librdkafka's mock cluster.
+//! the test run's Apache Kafka broker (a topic of its own per test); the broker going down
+//! is shown on librdkafka's mock cluster, since the shared broker cannot be stopped.
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
-use http_body_util::BodyExt;
 use ingest::IngestSettings;
 use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
 use msghash_common::metrics::{exposition, names, REQUEST_ID};
 use msghash_common::{partition_for, EventLog, MessageHashed};
+use msghash_testkit::router::{call, scrape};
+use msghash_testkit::servers;
 use rdkafka::mocking::MockCluster;
 use std::sync::Arc;
 use std::time::Duration;
-use tower::ServiceExt;
 
 const PARTITIONS: u32 = 4;
 
-async fn app(
-    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
-) -> (Router, Arc<KafkaLog>) {
-    cluster
-        .create_topic("messages", PARTITIONS as i32, 1)
-        .expect("topic");
-    let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
+async fn app_on(mut settings: KafkaSettings) -> (Router, Arc<KafkaLog>) {
     settings.message_timeout = Duration::from_millis(800);
-    settings.create_topic = false;
     let log = Arc::new(KafkaLog::connect(settings).await.expect("connect"));
     let router = ingest::app(
         log.clone(),
@@ -36,43 +30,9 @@ async fn app(
     (router, log)
 }
 
-/// `GET /metrics`, checked as Prometheus text.
-async fn scrape(app: &Router) -> exposition::Exposition {
-    let request = Request::get("/metrics")
-        .body(Body::empty())
-        .expect("request");
-    let response = app.clone().oneshot(request).await.expect("infallible");
-    assert_eq!(response.status(), StatusCode::OK);
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    let text = String::from_utf8(bytes.to_vec()).expect("utf-8");
-    exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
-}
-
-async fn call(
-    app: &Router,
-    request: Request<Body>,
-) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
-    let response = app.clone().oneshot(request).await.expect("infallible");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-        panic!(
-            "every answer is JSON, got {:?}",
-            String::from_utf8_lossy(&bytes)
-        )
-    });
-    (status, headers, json)
+/// The router on a topic of its own on the test run's broker.
+async fn app() -> (Router, Arc<KafkaLog>) {
+    app_on(servers::kafka_settings("ingest", PARTITIONS)).await
 }
 
 fn post(body: impl Into<Body>, content_type: Option<&str>) -> Request<Body> {
@@ -85,8 +45,7 @@ fn post(body: impl Into<Body>, content_type: Option<&str>) -> Request<Body> {
 
 #[tokio::test]
 async fn post_answers_201_with_digest_and_location_after_the_event_is_on_the_log() {
-    let cluster = MockCluster::new(1).expect("cluster");
-    let (app, log) = app(&cluster).await;
+    let (app, log) = app().await;
     let foo = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
     let p = partition_for(&msghash_common::Digest::of("foo"), PARTITIONS);
     let before = log.end_offset(p).await.expect("end");
@@ -134,8 +93,7 @@ async fn post_answers_201_with_digest_and_location_after_the_event_is_on_the_log
 
 #[tokio::test]
 async fn bad_requests_get_json_errors_and_nothing_is_appended() {
-    let cluster = MockCluster::new(1).expect("cluster");
-    let (app, log) = app(&cluster).await;
+    let (app, log) = app().await;
     let cases: Vec<(Request<Body>, StatusCode)> = vec![
         (
             post("{not json", Some("application/json")),
@@ -205,7 +163,15 @@ async fn bad_requests_get_json_errors_and_nothing_is_appended() {
 #[tokio::test]
 async fn a_broker_that_is_down_gets_503_with_retry_after_within_the_deadline() {
     let cluster = MockCluster::new(1).expect("cluster");
-    let (app, _log) = app(&cluster).await;
+    cluster
+        .create_topic("messages", PARTITIONS as i32, 1)
+        .expect("topic");
+    let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
+    // The mock cluster creates topics only through its own API, and cannot describe their
+    // configs.
+    settings.create_topic = false;
+    settings.verify_compaction = false;
+    let (app, _log) = app_on(settings).await;
     let before = scrape(&app).await;
     let failures = |e: &exposition::Exposition| e.sum(names::INGEST_PRODUCE_FAILURES_TOTAL, &[]);
     let acked = |e: &exposition::Exposition| {

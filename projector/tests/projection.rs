@@ -1,13 +1,14 @@
-//! The projection loop against the real-protocol stand-ins: librdkafka's mock cluster for
-//! the log and the CQL test server for the read model.
+//! The projection loop against the test run's real servers (see `msghash_testkit::servers`):
+//! an Apache Kafka broker for the log and an Apache Cassandra node for the read model, each
+//! test in a topic, a keyspace and consumer groups of its own.
 
-use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
-use msghash_common::adapters::scylla::{ScyllaGenerations, ScyllaSettings};
+use msghash_common::adapters::kafka::KafkaLog;
+use msghash_common::adapters::scylla::ScyllaGenerations;
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{partition_for, Digest, EventLog, MessageHashed, ModelGenerations, ReadModel};
+use msghash_testkit::servers;
 use projector::{run_projection, ProjectorSettings, ProjectorStats};
 use rdkafka::config::ClientConfig;
-use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -78,37 +79,29 @@ async fn append_all(log: &KafkaLog, messages: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
-    let cluster = MockCluster::new(1).expect("cluster");
-    cluster
-        .create_topic("messages", PARTITIONS as i32, 1)
-        .expect("topic");
-    cluster
-        .create_topic("messages-dlq", 1, 1)
-        .expect("dlq topic");
-    let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
-    settings.create_topic = false;
-    settings.session_timeout = Duration::from_secs(3);
+    msghash_common::telemetry::init_for_tests();
+    // The adapter creates the topic (and its dead-letter topic) on connect.
+    let settings = servers::kafka_settings("projection", PARTITIONS);
+    let topic = settings.topic.clone();
     let log = Arc::new(KafkaLog::connect(settings).await.expect("kafka"));
-    let cql = cql_server::start("127.0.0.1:0").await.expect("cql");
     let generations = Arc::new(
-        ScyllaGenerations::connect(&ScyllaSettings::local(
-            cql.local_addr().to_string(),
-            "msghash",
-        ))
-        .await
-        .expect("scylla"),
+        ScyllaGenerations::connect(&servers::scylla_settings("projection"))
+            .await
+            .expect("scylla"),
     );
+    // Consumer groups are per broker, not per topic: each test has its own.
+    let group = servers::unique_name("projector");
     let model = generations.open(0).await.expect("generation 0");
 
     let first: Vec<String> = (0..40).map(|i| format!("first {i}")).collect();
     append_all(&log, &first[..20]).await;
     // A poison record in the middle of partition 0.
     let raw: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("bootstrap.servers", servers::kafka_brokers())
         .create()
         .expect("producer");
     raw.send(
-        FutureRecord::to("messages")
+        FutureRecord::to(&topic)
             .partition(0)
             .key(&b"not a digest"[..])
             .payload(&b"\xff not json"[..]),
@@ -118,7 +111,7 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
     .expect("poison appended");
     append_all(&log, &first[20..]).await;
 
-    let (stats, shutdown, task) = start(&log, &generations, "projector");
+    let (stats, shutdown, task) = start(&log, &generations, &group);
     wait_until_projected(&log, model.as_ref(), &first).await;
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 1);
     assert_eq!(stats.applied_events.load(Ordering::Relaxed), 40);
@@ -144,7 +137,7 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
     // Restart: resumes after the committed positions, nothing is applied twice.
     let second: Vec<String> = (0..10).map(|i| format!("second {i}")).collect();
     append_all(&log, &second).await;
-    let (stats, shutdown, task) = start(&log, &generations, "projector");
+    let (stats, shutdown, task) = start(&log, &generations, &group);
     wait_until_projected(&log, model.as_ref(), &second).await;
     assert_eq!(stats.applied_events.load(Ordering::Relaxed), 10);
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
@@ -152,7 +145,7 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
     task.await.expect("join").expect("clean stop");
 
     // A new group replays the whole log from offset 0, poison included.
-    let (stats, shutdown, task) = start(&log, &generations, "projector-replay");
+    let (stats, shutdown, task) = start(&log, &generations, &format!("{group}-replay"));
     let deadline = Instant::now() + Duration::from_secs(60);
     while stats.applied_events.load(Ordering::Relaxed) < 50 {
         assert!(Instant::now() < deadline, "replay did not finish");
@@ -181,25 +174,26 @@ async fn the_service_serves_health_and_metrics_over_tls() {
     use msghash_common::metrics::{exposition, names};
     use msghash_common::tls::CERT_FILE;
 
-    let cluster = MockCluster::new(1).expect("cluster");
-    cluster
-        .create_topic("messages", PARTITIONS as i32, 1)
-        .expect("topic");
-    cluster
-        .create_topic("messages-dlq", 1, 1)
-        .expect("dlq topic");
-    let cql = cql_server::start("127.0.0.1:0").await.expect("cql");
+    msghash_common::telemetry::init_for_tests();
+    // The service creates the topic on connect; the test's own log below shares it.
+    let settings = servers::kafka_settings("projector_http", PARTITIONS);
+    let scylla = servers::scylla_settings("projector_http");
     let certs = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let cli = <projector::Cli as clap::Parser>::try_parse_from([
         "projector".to_owned(),
-        format!("--kafka-brokers={}", cluster.bootstrap_servers()),
+        format!("--kafka-brokers={}", settings.brokers),
+        format!("--topic={}", settings.topic),
         format!("--partitions={PARTITIONS}"),
-        "--kafka-session-timeout-ms=3000".to_owned(),
-        format!("--scylla-nodes={}", cql.local_addr()),
+        format!(
+            "--kafka-session-timeout-ms={}",
+            settings.session_timeout.as_millis()
+        ),
+        format!("--scylla-nodes={}", scylla.nodes.join(",")),
+        format!("--keyspace={}", scylla.keyspace),
         format!("--listen=127.0.0.1:{port}"),
         format!("--cert-dir={}", certs.path().display()),
-        "--group=projector-http".to_owned(),
+        format!("--group={}", servers::unique_name("projector_http")),
     ])
     .expect("flags parse");
     let shutdown = Shutdown::new();
@@ -228,11 +222,6 @@ async fn the_service_serves_health_and_metrics_over_tls() {
     assert_eq!(status, 200, "{body}");
 
     // Events go through; the metrics show them applied, timed, and the lag back at 0.
-    let settings = {
-        let mut s = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
-        s.create_topic = false;
-        s
-    };
     let log = KafkaLog::connect(settings).await.expect("kafka");
     let messages: Vec<String> = (0..12).map(|i| format!("observed {i}")).collect();
     append_all(&log, &messages).await;

@@ -1,27 +1,26 @@
-//! Replay into a new read-model generation on both adapter pairs (embedded; Kafka mock +
-//! CQL test server), through the real ingest and query routers while a writer and readers
-//! hammer them; a replay stopped half-way and resumed; `--drop-old`; and `projector replay`
-//! killed with SIGKILL and run again.
+//! Replay into a new read-model generation on both adapter pairs (embedded; the test run's
+//! real Apache Kafka broker + Apache Cassandra node, see `msghash_testkit::servers`), through
+//! the real ingest and query routers while a writer and readers hammer them; a replay
+//! stopped half-way and resumed; `--drop-old`; and `projector replay` killed with SIGKILL
+//! and run again. On the real servers each test has a topic, a keyspace and consumer groups
+//! of its own.
 
-use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
-use axum::Router;
+use axum::http::StatusCode;
 use futures::StreamExt;
-use http_body_util::BodyExt;
 use msghash_common::adapters::embedded::{EmbeddedGenerations, EmbeddedLog};
 use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
 use msghash_common::adapters::scylla::{ScyllaGenerations, ScyllaSettings};
 use msghash_common::generation::LiveModel;
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{partition_for, Digest, EventLog, MessageHashed, ModelGenerations, ReadModel};
+use msghash_testkit::load::Hammer;
+use msghash_testkit::router::get_message;
+use msghash_testkit::servers;
 use projector::{Phase, Progress, ProjectorSettings, ReplaySettings};
-use rdkafka::mocking::MockCluster;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::{sleep, Instant};
-use tower::ServiceExt;
 
 const PARTITIONS: u32 = 4;
 const GROUP: &str = "msghash-projector";
@@ -85,99 +84,17 @@ async fn contents(model: &Arc<dyn ReadModel>) -> BTreeMap<Digest, String> {
         .await
 }
 
-async fn call(app: &Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
-    let response = app.clone().oneshot(request).await.expect("infallible");
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or_default())
-}
-
-struct Hammer {
-    stop: Arc<AtomicBool>,
-    reads: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
-    written: Arc<Mutex<BTreeMap<Digest, String>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// Four readers GET known digests in a loop; one writer POSTs new messages.
-fn hammer(app: &Router, known: &Arc<Vec<(Digest, String)>>) -> Hammer {
-    let stop = Arc::new(AtomicBool::new(false));
-    let reads = Arc::new(AtomicU64::new(0));
-    let failures = Arc::new(Mutex::new(Vec::new()));
-    let written = Arc::new(Mutex::new(BTreeMap::new()));
-    let mut tasks = Vec::new();
-    for reader in 0..4 {
-        let (app, known, stop, reads, failures) = (
-            app.clone(),
-            known.clone(),
-            stop.clone(),
-            reads.clone(),
-            failures.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut i = reader * 7919;
-            while !stop.load(Ordering::Relaxed) {
-                let (digest, message) = &known[i % known.len()];
-                i += 13;
-                let request = Request::get(format!("/messages/{digest}"))
-                    .body(Body::empty())
-                    .expect("request");
-                let (status, body) = call(&app, request).await;
-                reads.fetch_add(1, Ordering::Relaxed);
-                if status != StatusCode::OK || body["message"] != *message.as_str() {
-                    failures
-                        .lock()
-                        .expect("lock")
-                        .push(format!("GET {digest}: {status} {body}"));
-                }
-            }
-        }));
-    }
-    let (app, halt, errors, w) = (app.clone(), stop.clone(), failures.clone(), written.clone());
-    tasks.push(tokio::spawn(async move {
-        let mut i = 0;
-        while !halt.load(Ordering::Relaxed) {
-            let message = format!("written during the replay {i}");
-            i += 1;
-            let request = Request::post("/messages")
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(
-                    serde_json::json!({ "message": message }).to_string(),
-                ))
-                .expect("request");
-            let (status, body) = call(&app, request).await;
-            if status != StatusCode::CREATED {
-                errors
-                    .lock()
-                    .expect("lock")
-                    .push(format!("POST: {status} {body}"));
-                continue;
-            }
-            w.lock()
-                .expect("lock")
-                .insert(Digest::of(&message), message);
-        }
-    }));
-    Hammer {
-        stop,
-        reads,
-        failures,
-        written,
-        tasks,
-    }
-}
-
-/// The whole replay story on one adapter pair.
-async fn replay_story(log: Arc<dyn EventLog>, generations: Arc<dyn ModelGenerations>, n: usize) {
+/// The whole replay story on one adapter pair, with `group` as the projectors' base
+/// consumer group.
+async fn replay_story(
+    log: Arc<dyn EventLog>,
+    generations: Arc<dyn ModelGenerations>,
+    group: &str,
+    n: usize,
+) {
     let shutdown = Shutdown::new();
     let settings = ProjectorSettings {
-        group: GROUP.into(),
+        group: group.into(),
         generation_check: Duration::from_millis(100),
         ..ProjectorSettings::default()
     };
@@ -215,7 +132,7 @@ async fn replay_story(log: Arc<dyn EventLog>, generations: Arc<dyn ModelGenerati
         log.clone(),
         generations.clone(),
         ReplaySettings {
-            group: GROUP.into(),
+            group: group.into(),
             batch_size: 50,
             progress_interval: Duration::from_millis(10),
             ..ReplaySettings::default()
@@ -242,14 +159,14 @@ async fn replay_story(log: Arc<dyn EventLog>, generations: Arc<dyn ModelGenerati
     );
 
     // 2. Resumed under load: readers never fail, the writer never fails.
-    let hammer = hammer(&app, &known);
+    let hammer = Hammer::start(&app, known.clone(), "written during the replay");
     let progress = Arc::new(Mutex::new(Vec::<Progress>::new()));
     let seen = progress.clone();
     let report = projector::replay::replay(
         log.clone(),
         generations.clone(),
         ReplaySettings {
-            group: GROUP.into(),
+            group: group.into(),
             progress_interval: Duration::from_millis(200),
             handover_timeout: Duration::from_secs(60),
             ..ReplaySettings::default()
@@ -265,29 +182,24 @@ async fn replay_story(log: Arc<dyn EventLog>, generations: Arc<dyn ModelGenerati
     assert!(report.adopted, "the live projector took over: {report:?}");
     assert!(report.to_string().starts_with("applied "), "{report}");
     // Keep hammering on the new generation for a while.
-    let reads_at_switch = hammer.reads.load(Ordering::Relaxed);
-    let written_at_switch = hammer.written.lock().expect("lock").len();
+    let reads_at_switch = hammer.reads();
+    let written_at_switch = hammer.written();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while hammer.reads.load(Ordering::Relaxed) < reads_at_switch + 200
-        || hammer.written.lock().expect("lock").len() < written_at_switch + 20
-    {
+    while hammer.reads() < reads_at_switch + 200 || hammer.written() < written_at_switch + 20 {
         assert!(Instant::now() < deadline, "hammer stalled after the switch");
         sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(live.generation(), 1, "readers are on the new generation");
-    hammer.stop.store(true, Ordering::Relaxed);
-    for task in hammer.tasks {
-        task.await.expect("hammer task");
-    }
-    let failures = hammer.failures.lock().expect("lock").clone();
+    let hammered = hammer.stop().await;
+    let failures = &hammered.failures;
     assert!(
         failures.is_empty(),
         "{} failed of {} reads: {:?}",
         failures.len(),
-        hammer.reads.load(Ordering::Relaxed),
+        hammered.reads,
         &failures[..failures.len().min(5)]
     );
-    let written = hammer.written.lock().expect("lock").clone();
+    let written = hammered.written;
     assert!(!written.is_empty());
     let progress = progress.lock().expect("lock").clone();
     assert!(progress.iter().any(|p| p.phase == Phase::Building));
@@ -328,7 +240,7 @@ async fn replay_story(log: Arc<dyn EventLog>, generations: Arc<dyn ModelGenerati
         log.clone(),
         generations.clone(),
         ReplaySettings {
-            group: GROUP.into(),
+            group: group.into(),
             drop_old: true,
             handover_timeout: Duration::from_secs(60),
             ..ReplaySettings::default()
@@ -353,10 +265,7 @@ async fn replay_story(log: Arc<dyn EventLog>, generations: Arc<dyn ModelGenerati
         sleep(Duration::from_millis(20)).await;
     }
     let (digest, message) = &known[0];
-    let request = Request::get(format!("/messages/{digest}"))
-        .body(Body::empty())
-        .expect("request");
-    let (status, body) = call(&app, request).await;
+    let (status, _, body) = get_message(&app, &digest.to_string()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["message"], *message.as_str());
 
@@ -373,7 +282,7 @@ async fn embedded_replay_under_load() {
     let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), PARTITIONS).expect("log"));
     let generations: Arc<dyn ModelGenerations> =
         Arc::new(EmbeddedGenerations::open(dir.path()).expect("generations"));
-    replay_story(log, generations, 20_000).await;
+    replay_story(log, generations, GROUP, 20_000).await;
     // Dropped generations leave no files behind.
     let mut files: Vec<String> = std::fs::read_dir(dir.path())
         .expect("dir")
@@ -384,44 +293,60 @@ async fn embedded_replay_under_load() {
     assert_eq!(files, vec!["readmodel-g2.redb".to_owned()]);
 }
 
-fn mock_cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
-    let cluster = MockCluster::new(1).expect("cluster");
-    cluster
-        .create_topic("messages", PARTITIONS as i32, 1)
-        .expect("topic");
-    cluster
-        .create_topic("messages-dlq", 1, 1)
-        .expect("dlq topic");
-    cluster
+/// A topic, a keyspace and a base consumer group of one test's own on the test run's real
+/// servers (consumer groups live on the broker, not in a topic, so they are unique too).
+struct Stand {
+    kafka: KafkaSettings,
+    scylla: ScyllaSettings,
+    group: String,
 }
 
-async fn kafka_log(
-    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
-) -> Arc<dyn EventLog> {
-    let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
-    settings.create_topic = false;
-    settings.session_timeout = Duration::from_secs(3);
-    Arc::new(KafkaLog::connect(settings).await.expect("kafka"))
-}
+impl Stand {
+    fn new(prefix: &str) -> Stand {
+        msghash_common::telemetry::init_for_tests();
+        Stand {
+            kafka: servers::kafka_settings(prefix, PARTITIONS),
+            scylla: servers::scylla_settings(prefix),
+            group: servers::unique_name(prefix),
+        }
+    }
 
-async fn scylla_generations(cql: &cql_server::Server) -> Arc<dyn ModelGenerations> {
-    Arc::new(
-        ScyllaGenerations::connect(&ScyllaSettings::local(
-            cql.local_addr().to_string(),
-            "msghash",
-        ))
-        .await
-        .expect("scylla"),
-    )
+    /// The log; the adapter creates the topic and its dead-letter topic.
+    async fn log(&self) -> Arc<dyn EventLog> {
+        Arc::new(KafkaLog::connect(self.kafka.clone()).await.expect("kafka"))
+    }
+
+    async fn generations(&self) -> Arc<dyn ModelGenerations> {
+        Arc::new(
+            ScyllaGenerations::connect(&self.scylla)
+                .await
+                .expect("scylla"),
+        )
+    }
+
+    /// The `projector` binary's flags for the same topic, keyspace and group.
+    fn flags(&self) -> Vec<String> {
+        vec![
+            format!("--kafka-brokers={}", self.kafka.brokers),
+            format!("--topic={}", self.kafka.topic),
+            format!("--partitions={PARTITIONS}"),
+            format!(
+                "--kafka-session-timeout-ms={}",
+                self.kafka.session_timeout.as_millis()
+            ),
+            format!("--scylla-nodes={}", self.scylla.nodes.join(",")),
+            format!("--keyspace={}", self.scylla.keyspace),
+            format!("--group={}", self.group),
+        ]
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_and_scylla_replay_under_load() {
-    let cluster = mock_cluster();
-    let log = kafka_log(&cluster).await;
-    let cql = cql_server::start("127.0.0.1:0").await.expect("cql");
-    let generations = scylla_generations(&cql).await;
-    replay_story(log, generations, 20_000).await;
+    let stand = Stand::new("replay_load");
+    let log = stand.log().await;
+    let generations = stand.generations().await;
+    replay_story(log, generations, &stand.group, 20_000).await;
 }
 
 /// `projector replay` killed with SIGKILL half-way, then run again to the end.
@@ -429,10 +354,9 @@ async fn kafka_and_scylla_replay_under_load() {
 async fn projector_replay_survives_sigkill() {
     use tokio::io::{AsyncBufReadExt, BufReader};
 
-    let cluster = mock_cluster();
-    let log = kafka_log(&cluster).await;
-    let cql = cql_server::start("127.0.0.1:0").await.expect("cql");
-    let generations = scylla_generations(&cql).await;
+    let stand = Stand::new("replay_sigkill");
+    let log = stand.log().await;
+    let generations = stand.generations().await;
     let messages: Vec<String> = (0..2_000).map(|i| format!("before the kill {i}")).collect();
     load(&log, messages.iter().cloned()).await;
     let expected: BTreeMap<Digest, String> = messages
@@ -442,11 +366,11 @@ async fn projector_replay_survives_sigkill() {
     // A poison record in partition 1: dead-lettered live and again by the replay, never
     // blocking its partition.
     let raw: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("bootstrap.servers", servers::kafka_brokers())
         .create()
         .expect("producer");
     raw.send(
-        rdkafka::producer::FutureRecord::to("messages")
+        rdkafka::producer::FutureRecord::to(&stand.kafka.topic)
             .partition(1)
             .key(&b"not a digest"[..])
             .payload(&b"\xff not json"[..]),
@@ -455,7 +379,7 @@ async fn projector_replay_survives_sigkill() {
     .await
     .expect("poison appended");
     // Generation 0 as the live projector leaves it.
-    project_everything(&log, &generations).await;
+    project_everything(&log, &generations, &stand.group).await;
     let gen0 = generations.open(0).await.expect("generation 0");
 
     let replay = |batch: &str| {
@@ -464,14 +388,11 @@ async fn projector_replay_survives_sigkill() {
             .args([
                 "replay",
                 "--handover-timeout-secs=0",
-                "--kafka-session-timeout-ms=3000",
-                &format!("--kafka-brokers={}", cluster.bootstrap_servers()),
-                &format!("--partitions={PARTITIONS}"),
-                &format!("--scylla-nodes={}", cql.local_addr()),
                 &format!("--batch-size={batch}"),
                 "--log-format=text",
                 "--log=warn",
             ])
+            .args(stand.flags())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
@@ -539,7 +460,7 @@ async fn projector_replay_survives_sigkill() {
     assert!(contents(&gen1).await == expected, "generation 1 complete");
     let dead = log.dead_letter_count().await.expect("dead letters");
     assert!(dead >= 2, "dead-lettered live and by the replay: {dead}");
-    let status = projector_command_status(&cluster, &cql).await;
+    let status = projector_command_status(&stand).await;
     assert!(status.contains("active generation: 1\n"), "{status}");
     assert!(
         status.contains(&format!("dead-lettered events: {dead}")),
@@ -548,18 +469,10 @@ async fn projector_replay_survives_sigkill() {
     assert!(status.contains("total lag: 0"), "{status}");
 }
 
-async fn projector_command_status(
-    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
-    cql: &cql_server::Server,
-) -> String {
+async fn projector_command_status(stand: &Stand) -> String {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
-        .args([
-            "status",
-            &format!("--kafka-brokers={}", cluster.bootstrap_servers()),
-            &format!("--partitions={PARTITIONS}"),
-            &format!("--scylla-nodes={}", cql.local_addr()),
-            "--log=warn",
-        ])
+        .args(["status", "--log=warn"])
+        .args(stand.flags())
         .output()
         .await
         .expect("projector status runs");
@@ -567,13 +480,21 @@ async fn projector_command_status(
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs the live projector on `generations` until it has applied the whole log, then stops.
-async fn project_everything(log: &Arc<dyn EventLog>, generations: &Arc<dyn ModelGenerations>) {
+/// Runs the live projector (consumer group `group`) on `generations` until it has applied
+/// the whole log, then stops.
+async fn project_everything(
+    log: &Arc<dyn EventLog>,
+    generations: &Arc<dyn ModelGenerations>,
+    group: &str,
+) {
     let shutdown = Shutdown::new();
     let live = tokio::spawn(projector::run_projection(
         log.clone(),
         generations.clone(),
-        ProjectorSettings::default(),
+        ProjectorSettings {
+            group: group.into(),
+            ..ProjectorSettings::default()
+        },
         Arc::default(),
         shutdown.clone(),
     ));
@@ -587,12 +508,13 @@ async fn project_everything(log: &Arc<dyn EventLog>, generations: &Arc<dyn Model
 /// files) is rebuilt from the start of the log, not silently left without the old events.
 async fn lost_read_model_is_rebuilt(
     log: Arc<dyn EventLog>,
+    group: &str,
     before: Arc<dyn ModelGenerations>,
     after: impl std::future::Future<Output = Arc<dyn ModelGenerations>>,
 ) {
     let messages: Vec<String> = (0..300).map(|i| format!("kept by the log {i}")).collect();
     load(&log, messages.iter().cloned()).await;
-    project_everything(&log, &before).await;
+    project_everything(&log, &before, group).await;
     drop(before);
     let generations = after.await;
     assert_eq!(
@@ -606,7 +528,7 @@ async fn lost_read_model_is_rebuilt(
         None,
         "the read model starts empty"
     );
-    project_everything(&log, &generations).await;
+    project_everything(&log, &generations, group).await;
     let expected: BTreeMap<Digest, String> = messages
         .iter()
         .map(|m| (Digest::of(m), m.clone()))
@@ -622,7 +544,7 @@ async fn embedded_lost_read_model_is_rebuilt() {
     let before: Arc<dyn ModelGenerations> =
         Arc::new(EmbeddedGenerations::open(dir.path()).expect("generations"));
     let path = dir.path().to_path_buf();
-    lost_read_model_is_rebuilt(log, before, async move {
+    lost_read_model_is_rebuilt(log, GROUP, before, async move {
         for file in ["readmodel.redb", "generations.redb"] {
             std::fs::remove_file(path.join(file)).expect("delete the read model");
         }
@@ -634,15 +556,13 @@ async fn embedded_lost_read_model_is_rebuilt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_and_scylla_lost_keyspace_is_rebuilt() {
-    let cluster = mock_cluster();
-    let log = kafka_log(&cluster).await;
-    let cql = cql_server::start("127.0.0.1:0").await.expect("cql");
-    let before = scylla_generations(&cql).await;
-    let node = cql.local_addr().to_string();
-    // A fresh keyspace on the same cluster plays the keyspace that was lost.
-    lost_read_model_is_rebuilt(log, before, async move {
+    let stand = Stand::new("lost_keyspace");
+    let log = stand.log().await;
+    let before = stand.generations().await;
+    // A fresh keyspace on the same node plays the keyspace that was lost.
+    lost_read_model_is_rebuilt(log, &stand.group, before, async move {
         Arc::new(
-            ScyllaGenerations::connect(&ScyllaSettings::local(node, "msghash_restored"))
+            ScyllaGenerations::connect(&servers::scylla_settings("lost_restored"))
                 .await
                 .expect("scylla"),
         ) as Arc<dyn ModelGenerations>

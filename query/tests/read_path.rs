@@ -1,20 +1,20 @@
 //! The read path's contract and its read-your-writes barrier, through the router, with the
-//! Kafka adapter on librdkafka's mock cluster and the ScyllaDB adapter on the CQL test
-//! server. No projector runs: the test plays the projector by applying batches itself.
+//! Kafka adapter on the test run's Apache Kafka broker and the ScyllaDB adapter on its
+//! Apache Cassandra node (a topic and a keyspace of its own per test). No projector runs:
+//! the test plays the projector by applying batches itself.
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
-use http_body_util::BodyExt;
-use msghash_common::adapters::kafka::{KafkaLog, KafkaSettings};
-use msghash_common::adapters::scylla::{ScyllaModel, ScyllaSettings};
+use msghash_common::adapters::kafka::KafkaLog;
+use msghash_common::adapters::scylla::ScyllaModel;
 use msghash_common::metrics::{exposition, names};
 use msghash_common::{partition_for, Digest, EventLog, MessageHashed, ProjectionBatch, ReadModel};
+use msghash_testkit::router::{call_text, get_message, scrape};
+use msghash_testkit::servers;
 use query::QuerySettings;
-use rdkafka::mocking::MockCluster;
 use std::sync::Arc;
 use std::time::Duration;
-use tower::ServiceExt;
 
 const PARTITIONS: u32 = 2;
 
@@ -22,25 +22,17 @@ struct Fixture {
     app: Router,
     log: Arc<KafkaLog>,
     model: Arc<ScyllaModel>,
-    _cql: cql_server::Server,
+    keyspace: String,
 }
 
-async fn fixture(cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>) -> Fixture {
-    cluster
-        .create_topic("messages", PARTITIONS as i32, 1)
-        .expect("topic");
-    let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
-    settings.create_topic = false;
-    let log = Arc::new(KafkaLog::connect(settings).await.expect("kafka"));
-    let cql = cql_server::start("127.0.0.1:0").await.expect("cql");
-    let model = Arc::new(
-        ScyllaModel::connect(&ScyllaSettings::local(
-            cql.local_addr().to_string(),
-            "msghash",
-        ))
-        .await
-        .expect("scylla"),
+async fn fixture() -> Fixture {
+    let log = Arc::new(
+        KafkaLog::connect(servers::kafka_settings("read_path", PARTITIONS))
+            .await
+            .expect("kafka"),
     );
+    let settings = servers::scylla_settings("read_path");
+    let model = Arc::new(ScyllaModel::connect(&settings).await.expect("scylla"));
     let app = query::app(
         log.clone(),
         model.clone(),
@@ -52,51 +44,23 @@ async fn fixture(cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerCon
         app,
         log,
         model,
-        _cql: cql,
+        keyspace: settings.keyspace,
     }
 }
 
+/// `GET /messages/{digest}`: status, `Retry-After`, JSON body.
 async fn get(app: &Router, digest: &str) -> (StatusCode, Option<String>, serde_json::Value) {
-    let request = Request::get(format!("/messages/{digest}"))
-        .body(Body::empty())
-        .expect("request");
-    let response = app.clone().oneshot(request).await.expect("infallible");
-    let status = response.status();
-    let retry_after = response
-        .headers()
+    let (status, headers, body) = get_message(app, digest).await;
+    let retry_after = headers
         .get(header::RETRY_AFTER)
         .map(|v| v.to_str().unwrap_or_default().to_owned());
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    (
-        status,
-        retry_after,
-        serde_json::from_slice(&bytes).expect("JSON body"),
-    )
+    (status, retry_after, body)
 }
 
 async fn text(app: &Router, path: &str) -> (StatusCode, String) {
     let request = Request::get(path).body(Body::empty()).expect("request");
-    let response = app.clone().oneshot(request).await.expect("infallible");
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
-}
-
-/// `GET /metrics`, checked as Prometheus text.
-async fn scrape(app: &Router) -> exposition::Exposition {
-    let (status, text) = text(app, "/metrics").await;
-    assert_eq!(status, StatusCode::OK);
-    exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    let (status, _, text) = call_text(app, request).await;
+    (status, text)
 }
 
 fn waits(e: &exposition::Exposition, outcome: &str) -> f64 {
@@ -119,8 +83,7 @@ fn projected(message: &str, partition: u32, offset: i64) -> ProjectionBatch {
 
 #[tokio::test]
 async fn unknown_and_malformed_digests_are_404_at_once_on_a_caught_up_model() {
-    let cluster = MockCluster::new(1).expect("cluster");
-    let f = fixture(&cluster).await;
+    let f = fixture().await;
     let not_found = serde_json::json!({"err_msg": "Message not found"});
     let unknown = Digest::of("nobody").to_hex();
     for digest in [
@@ -141,8 +104,7 @@ async fn unknown_and_malformed_digests_are_404_at_once_on_a_caught_up_model() {
 
 #[tokio::test]
 async fn a_miss_waits_for_the_projector_and_never_answers_a_false_404() {
-    let cluster = MockCluster::new(1).expect("cluster");
-    let f = fixture(&cluster).await;
+    let f = fixture().await;
     let (p, offset) = append(&f.log, "pending").await;
     let digest = Digest::of("pending").to_hex();
     let before = scrape(&f.app).await;
@@ -194,12 +156,11 @@ async fn a_miss_waits_for_the_projector_and_never_answers_a_false_404() {
 
 #[tokio::test]
 async fn ready_when_the_log_and_the_read_model_answer() {
-    let cluster = MockCluster::new(1).expect("cluster");
-    let f = fixture(&cluster).await;
+    let f = fixture().await;
     assert_eq!(text(&f.app, "/health/live").await.0, StatusCode::OK);
     assert_eq!(text(&f.app, "/health/ready").await.0, StatusCode::OK);
-    // The read model gone: not ready.
-    f._cql.shutdown().await;
+    // The read model gone (its keyspace dropped): not ready.
+    servers::drop_keyspace(&f.keyspace).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (status, body) = text(&f.app, "/health/ready").await;

@@ -3,11 +3,13 @@
 use futures::stream::{self, StreamExt};
 use msghash_common::metrics::{exposition, names};
 use msghash_common::Digest;
+use msghash_testkit::load::{Hammer, Https};
 use reqwest::StatusCode;
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
@@ -518,53 +520,6 @@ fn admin_command(dir: &Path, args: &[&str]) -> Command {
     c
 }
 
-/// Four readers GET `known` and one writer POSTs until `stop`; returns the failures and
-/// the messages written.
-async fn hammer(
-    client: &reqwest::Client,
-    base: &str,
-    known: &[(String, String)],
-    stop: &std::sync::atomic::AtomicBool,
-) -> (Vec<String>, Vec<(String, String)>) {
-    let failures = std::sync::Mutex::new(Vec::new());
-    let readers = futures::future::join_all((0..4).map(|r| {
-        let failures = &failures;
-        async move {
-            let mut i = r * 101;
-            while !stop.load(Ordering::Relaxed) {
-                let (digest, message) = &known[i % known.len()];
-                i += 7;
-                let r = client
-                    .get(format!("{base}/messages/{digest}"))
-                    .send()
-                    .await
-                    .expect("GET answered");
-                let status = r.status();
-                let body: serde_json::Value = r.json().await.unwrap_or_default();
-                if status != StatusCode::OK || body["message"] != message.as_str() {
-                    let mut f = failures.lock().expect("lock");
-                    f.push(format!("GET {digest}: {status} {body}"));
-                }
-            }
-        }
-    }));
-    let writer = async {
-        let mut written = Vec::new();
-        let mut i = 0;
-        while !stop.load(Ordering::Relaxed) {
-            let message = format!("written during a replay {i}");
-            i += 1;
-            match post(client, base, &message).await {
-                Some(digest) => written.push((digest, message)),
-                None => failures.lock().expect("lock").push("POST failed".into()),
-            }
-        }
-        written
-    };
-    let (_, written) = tokio::join!(readers, writer);
-    (failures.into_inner().expect("lock"), written)
-}
-
 /// Every listed digest with its message, compared with `expected`.
 async fn assert_holds_exactly(client: &reqwest::Client, base: &str, expected: &[(String, String)]) {
     let listed: HashSet<String> = list_all(client, base).await.into_iter().collect();
@@ -585,8 +540,6 @@ async fn assert_holds_exactly(client: &reqwest::Client, base: &str, expected: &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_beside_the_server_under_load_and_after_a_kill() {
-    use std::sync::atomic::AtomicBool;
-
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     // Without a server, a clear error.
@@ -613,17 +566,31 @@ async fn replay_beside_the_server_under_load_and_after_a_kill() {
         .await;
 
     // 1. `msghash replay` while readers and a writer hammer the server.
-    let stop = AtomicBool::new(false);
-    let replay = async {
-        let dir = dir.path().to_path_buf();
-        let out = tokio::task::spawn_blocking(move || run_to_end(admin_command(&dir, &["replay"])))
-            .await
-            .expect("join");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        stop.store(true, Ordering::Relaxed);
-        out
+    let target = Https {
+        client: client.clone(),
+        base: base.clone(),
     };
-    let ((failures, written), out) = tokio::join!(hammer(&client, &base, &known, &stop), replay);
+    let known_messages = Arc::new(
+        known
+            .iter()
+            .map(|(_, message)| (Digest::of(message), message.clone()))
+            .collect::<Vec<_>>(),
+    );
+    let hammer = Hammer::start(&target, known_messages, "written during a replay");
+    let out = {
+        let dir = dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || run_to_end(admin_command(&dir, &["replay"])))
+            .await
+            .expect("join")
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = hammer.stop().await;
+    let failures = report.failures;
+    let written: Vec<(String, String)> = report
+        .written
+        .into_iter()
+        .map(|(digest, message)| (digest.to_hex(), message))
+        .collect();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stdout}\n{stderr}");

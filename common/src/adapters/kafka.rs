@@ -7,7 +7,7 @@
 use crate::ports::{EventLog, LogError, LogRecord, Offset, Subscription};
 use crate::MessageHashed;
 use async_trait::async_trait;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -37,6 +37,10 @@ pub struct KafkaSettings {
     pub session_timeout: Duration,
     /// Create the topic (with `cleanup.policy=compact`) when it does not exist.
     pub create_topic: bool,
+    /// Refuse a topic whose `cleanup.policy` is not `compact` (asked with DescribeConfigs).
+    /// Always on in the services; off only for librdkafka's mock cluster, which cannot
+    /// describe configs.
+    pub verify_compaction: bool,
 }
 
 impl KafkaSettings {
@@ -51,6 +55,7 @@ impl KafkaSettings {
             compression: "lz4".into(),
             session_timeout: Duration::from_secs(10),
             create_topic: true,
+            verify_compaction: true,
         }
     }
 
@@ -101,6 +106,9 @@ impl KafkaLog {
             log.create_topic().await?;
         }
         log.check_partition_count().await?;
+        if log.settings.verify_compaction {
+            log.check_compaction().await?;
+        }
         Ok(log)
     }
 
@@ -108,12 +116,15 @@ impl KafkaLog {
         &self.settings
     }
 
-    async fn create_topic(&self) -> Result<(), LogError> {
-        let admin: AdminClient<DefaultClientContext> = self
-            .settings
+    fn admin(&self) -> Result<AdminClient<DefaultClientContext>, LogError> {
+        self.settings
             .client_config()
             .create()
-            .map_err(|e| LogError::Rejected(format!("admin client: {e}")))?;
+            .map_err(|e| LogError::Rejected(format!("admin client: {e}")))
+    }
+
+    async fn create_topic(&self) -> Result<(), LogError> {
+        let admin = self.admin()?;
         let partitions = i32::try_from(self.settings.partitions)
             .map_err(|_| LogError::Rejected("partition count too large".into()))?;
         // Key = digest and value = a pure function of it, so compaction only ever drops
@@ -157,10 +168,41 @@ impl KafkaLog {
         }
     }
 
+    /// Reads the topic's partition count from the cluster's metadata and compares it with
+    /// the configured one. A topic created a moment ago may not be in every broker's
+    /// metadata yet (a real broker answers UNKNOWN_TOPIC_OR_PART, or no partitions, for a
+    /// short while), so a missing topic is asked again until `METADATA_TIMEOUT` has passed.
     async fn check_partition_count(&self) -> Result<(), LogError> {
+        let deadline = Instant::now() + METADATA_TIMEOUT;
+        let found = loop {
+            match self.partition_count().await {
+                Ok(n) if n > 0 => break n,
+                Ok(_) | Err(LogError::Rejected(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(_) => {
+                    return Err(LogError::Rejected(format!(
+                        "topic {} has no partitions",
+                        self.settings.topic
+                    )))
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if found != self.settings.partitions as usize {
+            return Err(LogError::Misconfigured(format!(
+                "topic {} has {found} partitions but {} are configured; the partition of a \
+                 digest depends on the count, so they must match",
+                self.settings.topic, self.settings.partitions
+            )));
+        }
+        Ok(())
+    }
+
+    async fn partition_count(&self) -> Result<usize, LogError> {
         let producer = self.producer.clone();
         let topic = self.settings.topic.clone();
-        let found = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let metadata = producer
                 .client()
                 .fetch_metadata(Some(&topic), METADATA_TIMEOUT)
@@ -179,12 +221,38 @@ impl KafkaLog {
             Ok(t.partitions().len())
         })
         .await
-        .map_err(|e| LogError::Unavailable(format!("metadata task: {e}")))??;
-        if found != self.settings.partitions as usize {
-            return Err(LogError::Rejected(format!(
-                "topic {} has {found} partitions but {} are configured; the partition of a \
-                 digest depends on the count, so they must match",
-                self.settings.topic, self.settings.partitions
+        .map_err(|e| LogError::Unavailable(format!("metadata task: {e}")))?
+    }
+
+    /// The topic must be compacted and nothing else (`cleanup.policy=compact`): the log is
+    /// the source of truth, and with `delete` retention would silently drop events that a
+    /// replay needs. Compaction loses nothing because the key is the digest and the value a
+    /// pure function of it. Asked with DescribeConfigs.
+    async fn check_compaction(&self) -> Result<(), LogError> {
+        let admin = self.admin()?;
+        let opts = AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT));
+        let topic = &self.settings.topic;
+        let results = admin
+            .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
+            .await
+            .map_err(|e| LogError::Unavailable(format!("describe configs of {topic}: {e}")))?;
+        let resource = results
+            .into_iter()
+            .next()
+            .ok_or_else(|| LogError::Unavailable(format!("no configs returned for {topic}")))?
+            .map_err(|code| {
+                LogError::Unavailable(format!("describe configs of {topic}: {code}"))
+            })?;
+        let policy = resource
+            .get("cleanup.policy")
+            .and_then(|entry| entry.value.clone())
+            .unwrap_or_else(|| "delete".into());
+        if policy.trim() != "compact" {
+            return Err(LogError::Misconfigured(format!(
+                "topic {topic} has cleanup.policy={policy} but msghash needs \
+                 cleanup.policy=compact: the topic is the source of truth, and a delete \
+                 policy would drop events that a replay needs (kafka-configs.sh --alter \
+                 --entity-type topics --entity-name {topic} --add-config cleanup.policy=compact)"
             )));
         }
         Ok(())

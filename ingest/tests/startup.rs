@@ -1,0 +1,73 @@
+//! The `ingest` binary refuses to start on a topic that would lose or misplace events, with
+//! a clear error and exit code 2, against the test run's real Kafka broker.
+
+use msghash_testkit::servers;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// Creates `topic` by hand, as an operator might, with the given cleanup policy.
+async fn create_topic(topic: &str, partitions: i32, cleanup_policy: &str) {
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", servers::kafka_brokers())
+        .create()
+        .expect("admin client");
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
+        .set("cleanup.policy", cleanup_policy);
+    let created = admin
+        .create_topics([&new], &AdminOptions::new())
+        .await
+        .expect("create topics");
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+}
+
+/// Runs `ingest` on `topic` with `partitions` configured, until it exits by itself.
+async fn ingest_on(topic: &str, partitions: u32) -> Output {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
+    command
+        .env("MSGHASH_KAFKA_BROKERS", servers::kafka_brokers())
+        .env("MSGHASH_TOPIC", topic)
+        .env("MSGHASH_PARTITIONS", partitions.to_string())
+        .env("MSGHASH_LISTEN", "127.0.0.1:0")
+        .env("MSGHASH_CERT_DIR", certs.path())
+        .env("MSGHASH_LOG", "error");
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || command.output()),
+    )
+    .await
+    .expect("ingest exits by itself instead of serving")
+    .expect("join")
+    .expect("ingest runs");
+    drop(certs);
+    output
+}
+
+#[tokio::test]
+async fn refuses_a_topic_that_is_not_compacted_with_exit_code_2() {
+    let topic = servers::unique_name("not_compacted");
+    create_topic(&topic, 4, "delete").await;
+    let output = ingest_on(&topic, 4).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("topic {topic} has cleanup.policy=delete"))
+            && stderr.contains("cleanup.policy=compact"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn refuses_a_topic_with_another_partition_count_with_exit_code_2() {
+    let topic = servers::unique_name("partitions");
+    create_topic(&topic, 3, "compact").await;
+    let output = ingest_on(&topic, 4).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("has 3 partitions but 4 are configured"),
+        "{stderr}"
+    );
+}

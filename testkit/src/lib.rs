@@ -1,0 +1,13 @@
+//! Test support shared by every crate's tests, so that no test file carries its own copy:
+//!
+//! - [`servers`]: the real Apache Kafka broker and Apache Cassandra node that `scripts/test`
+//!   starts once per run, and unique topic and keyspace names that keep tests apart on them;
+//! - [`router`]: calling an axum router in process and scraping its `/metrics`;
+//! - [`load`]: readers and a writer hammering a router while something else happens.
+//!
+//! A test that needs a server and finds none fails with a line saying how to get one; it is
+//! never skipped.
+
+pub mod load;
+pub mod router;
+pub mod servers;
