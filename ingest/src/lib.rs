@@ -6,7 +6,7 @@
 //! (after retries with backoff) yields `503` with `Retry-After`, never a hang or a 500.
 //!
 //! [`router`] is what the standalone binary composes; [`app`] adds health, `/metrics` and
-//! request observation; [`run`] is the service on its own.
+//! request observation; [`Application`] is the service on its own.
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
@@ -173,4 +173,4 @@ impl WriteArgs {
 #[cfg(feature = "service")]
 mod service;
 #[cfg(feature = "service")]
-pub use service::{run, Cli};
+pub use service::{Application, Cli};

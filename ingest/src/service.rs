@@ -4,7 +4,7 @@ use crate::{app, WriteArgs};
 use clap::Parser;
 use msghash_common::adapters::kafka::KafkaLog;
 use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, TlsArgs};
-use msghash_common::http;
+use msghash_common::http::Server;
 use msghash_common::shutdown::Shutdown;
 use msghash_common::EventLog;
 use std::net::SocketAddr;
@@ -18,7 +18,7 @@ use std::sync::Arc;
     about = "msghash write path: POST /messages over TLS"
 )]
 pub struct Cli {
-    /// Address to listen on.
+    /// Address to listen on (port 0: any free port, logged at start).
     #[arg(long, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:8081", value_parser = parse_listen)]
     pub listen: SocketAddr,
     #[command(flatten)]
@@ -31,14 +31,33 @@ pub struct Cli {
     pub log: LogArgs,
 }
 
-/// Runs the service until `shutdown` is cancelled.
-pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
-    msghash_common::metrics::install();
-    let tls = msghash_common::tls::server_config(&cli.tls.source())?;
-    let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
-    let app = app(log, cli.write.settings());
-    let listener = http::bind(cli.listen)?;
-    tracing::info!(listen = %listener.local_addr()?, "ingest listening");
-    http::serve_tls(listener, tls, app, shutdown).await?;
-    Ok(())
+/// The ingest service, connected to the broker and bound to its port, not yet serving.
+pub struct Application {
+    server: Server,
+}
+
+impl Application {
+    /// Connects to the broker (checking the topic), binds the port.
+    pub async fn build(cli: Cli) -> anyhow::Result<Application> {
+        msghash_common::metrics::install();
+        let tls = msghash_common::tls::server_config(&cli.tls.source())?;
+        let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
+        let server = Server::bind(cli.listen, tls, app(log, cli.write.settings()))?;
+        tracing::info!(listen = %server.address(), "ingest listening");
+        Ok(Application { server })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.server.address()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address().port()
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    pub async fn run_until_stopped(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        self.server.serve(shutdown).await?;
+        Ok(())
+    }
 }

@@ -564,7 +564,7 @@ pub fn app(log: Arc<dyn EventLog>, model: Arc<dyn ReadModel>) -> Router {
 #[cfg(feature = "service")]
 mod service;
 #[cfg(feature = "service")]
-pub use service::{print_status, run, run_replay, Cli, Command, ReplayArgs};
+pub use service::{print_status, run_replay, Application, Cli, Command, ReplayArgs};
 
 #[cfg(test)]
 mod tests {

@@ -1,26 +1,27 @@
 use clap::Parser;
-use msghash_common::ports::LogError;
+use msghash_common::shutdown::on_signals;
 use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = projector::Cli::parse();
     msghash_common::telemetry::init(&cli.log.log_format, &cli.log.log);
-    let shutdown = msghash_common::shutdown::on_signals();
     let result = match cli.command {
-        Some(projector::Command::Status) => projector::print_status(&cli).await.map(|_| true),
-        // A replay that stopped before the switch exits 1; running it again resumes it.
-        Some(projector::Command::Replay(ref args)) => projector::run_replay(&cli, args, shutdown)
-            .await
-            .map(|report| report.is_some()),
-        Some(projector::Command::Run) | None => projector::run(cli, shutdown).await.map(|_| true),
-    };
-    match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("projector: {e:#}");
-            ExitCode::from(LogError::exit_code(&e))
+        Some(projector::Command::Status) => projector::print_status(&cli).await.map(|_| ()),
+        Some(projector::Command::Replay(ref args)) => {
+            match projector::run_replay(&cli, args, on_signals()).await {
+                // Stopped before the switch: running it again resumes it.
+                Ok(None) => return ExitCode::from(1),
+                r => r.map(|_| ()),
+            }
         }
-    }
+        Some(projector::Command::Run) | None => {
+            async {
+                let app = projector::Application::build(cli).await?;
+                app.run_until_stopped(on_signals()).await
+            }
+            .await
+        }
+    };
+    msghash_common::exit::exit_code("projector", result)
 }

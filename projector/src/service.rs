@@ -8,7 +8,7 @@ use msghash_common::adapters::kafka::KafkaLog;
 use msghash_common::adapters::scylla::ScyllaGenerations;
 use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
 use msghash_common::generation::{LiveModel, DEFAULT_FOLLOW_INTERVAL};
-use msghash_common::http;
+use msghash_common::http::Server;
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{EventLog, ModelGenerations, ReadModel};
 use std::net::SocketAddr;
@@ -37,7 +37,8 @@ pub struct Cli {
     #[arg(long, global = true, env = "MSGHASH_BATCH_SIZE", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch_size: u64,
-    /// Address of the HTTPS port serving /health/live, /health/ready and /metrics.
+    /// Address of the HTTPS port serving /health/live, /health/ready and /metrics (port 0:
+    /// any free port, logged at start).
     #[arg(long, global = true, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:8083", value_parser = parse_listen)]
     pub listen: SocketAddr,
     #[command(flatten)]
@@ -126,40 +127,78 @@ pub async fn run_replay(
     Ok(report)
 }
 
-/// Runs the service until `shutdown` is cancelled: the projection, and the HTTPS port.
-/// Either one ending (an error, or shutdown) stops the other.
-pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
-    msghash_common::metrics::install();
-    let tls = msghash_common::tls::server_config(&cli.tls.source())?;
-    let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
-    let generations: Arc<dyn ModelGenerations> =
-        Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
-    let live = LiveModel::open(generations.clone()).await?;
-    let _follow = live.follow(DEFAULT_FOLLOW_INTERVAL, shutdown.clone());
-    let model: Arc<dyn ReadModel> = live;
-    let settings = ProjectorSettings {
-        group: cli.group,
-        batch_size: usize::try_from(cli.batch_size)?,
-        ..ProjectorSettings::default()
-    };
-    let listener = http::bind(cli.listen)?;
-    tracing::info!(listen = %listener.local_addr()?, "projector listening");
-    let stop = shutdown.child_token();
-    let server = http::serve_tls(listener, tls, app(log.clone(), model.clone()), stop.clone());
-    let projection = run_projection(log, generations, settings, Arc::default(), stop.clone());
-    let (served, projected) = tokio::join!(
-        async {
-            let r = server.await;
-            stop.cancel();
-            r
-        },
-        async {
-            let r = projection.await;
-            stop.cancel();
-            r
-        }
-    );
-    projected?;
-    served?;
-    Ok(())
+/// The projector service, connected to the broker and the read model and bound to its
+/// health-and-metrics port, not yet projecting.
+pub struct Application {
+    server: Server,
+    log: Arc<dyn EventLog>,
+    generations: Arc<dyn ModelGenerations>,
+    live: Arc<LiveModel>,
+    settings: ProjectorSettings,
+}
+
+impl Application {
+    /// Connects to the broker (checking the topic) and the read model, binds the port.
+    pub async fn build(cli: Cli) -> anyhow::Result<Application> {
+        msghash_common::metrics::install();
+        let tls = msghash_common::tls::server_config(&cli.tls.source())?;
+        let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
+        let generations: Arc<dyn ModelGenerations> =
+            Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
+        // Readiness and lag follow the active generation, as the projection does.
+        let live = LiveModel::open(generations.clone()).await?;
+        let model: Arc<dyn ReadModel> = live.clone();
+        let settings = ProjectorSettings {
+            group: cli.group,
+            batch_size: usize::try_from(cli.batch_size)?,
+            ..ProjectorSettings::default()
+        };
+        let server = Server::bind(cli.listen, tls, app(log.clone(), model))?;
+        tracing::info!(listen = %server.address(), "projector listening");
+        Ok(Application {
+            server,
+            log,
+            generations,
+            live,
+            settings,
+        })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.server.address()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address().port()
+    }
+
+    /// Projects and serves until `shutdown` is cancelled. Either one ending (an error, or
+    /// shutdown) stops the other.
+    pub async fn run_until_stopped(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let _follow = self.live.follow(DEFAULT_FOLLOW_INTERVAL, shutdown.clone());
+        let stop = shutdown.child_token();
+        let server = self.server.serve(stop.clone());
+        let projection = run_projection(
+            self.log,
+            self.generations,
+            self.settings,
+            Arc::default(),
+            stop.clone(),
+        );
+        let (served, projected) = tokio::join!(
+            async {
+                let r = server.await;
+                stop.cancel();
+                r
+            },
+            async {
+                let r = projection.await;
+                stop.cancel();
+                r
+            }
+        );
+        projected?;
+        served?;
+        Ok(())
+    }
 }

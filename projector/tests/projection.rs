@@ -156,13 +156,6 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
     task.await.expect("join").expect("clean stop");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 async fn https_get(client: &reqwest::Client, url: &str) -> Option<(u16, String)> {
     let r = client.get(url).send().await.ok()?;
     let status = r.status().as_u16();
@@ -179,7 +172,6 @@ async fn the_service_serves_health_and_metrics_over_tls() {
     let settings = servers::kafka_settings("projector_http", PARTITIONS);
     let scylla = servers::scylla_settings("projector_http");
     let certs = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
     let cli = <projector::Cli as clap::Parser>::try_parse_from([
         "projector".to_owned(),
         format!("--kafka-brokers={}", settings.brokers),
@@ -191,31 +183,30 @@ async fn the_service_serves_health_and_metrics_over_tls() {
         ),
         format!("--scylla-nodes={}", scylla.nodes.join(",")),
         format!("--keyspace={}", scylla.keyspace),
-        format!("--listen=127.0.0.1:{port}"),
+        "--listen=127.0.0.1:0".to_owned(),
         format!("--cert-dir={}", certs.path().display()),
         format!("--group={}", servers::unique_name("projector_http")),
     ])
     .expect("flags parse");
     let shutdown = Shutdown::new();
-    let service = tokio::spawn(projector::run(cli, shutdown.clone()));
+    let application = projector::Application::build(cli)
+        .await
+        .expect("the projector starts");
+    let base = format!("https://localhost:{}", application.port());
+    let service = tokio::spawn(application.run_until_stopped(shutdown.clone()));
 
-    let base = format!("https://localhost:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let client = loop {
-        assert!(Instant::now() < deadline, "projector did not serve");
-        assert!(!service.is_finished(), "projector stopped early");
-        if let Ok(pem) = std::fs::read(certs.path().join(CERT_FILE)) {
-            let client = reqwest::Client::builder()
-                .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
-                .timeout(Duration::from_secs(10))
-                .build()
-                .expect("client");
-            if let Some((200, _)) = https_get(&client, &format!("{base}/health/live")).await {
-                break client;
-            }
-        }
-        sleep(Duration::from_millis(100)).await;
-    };
+    // The certificate is written by build; the port is bound, so it answers at once.
+    let pem = std::fs::read(certs.path().join(CERT_FILE)).expect("certificate written");
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let (status, _) = https_get(&client, &format!("{base}/health/live"))
+        .await
+        .expect("live answers");
+    assert_eq!(status, 200);
+    assert!(!service.is_finished(), "projector stopped early");
     let (status, body) = https_get(&client, &format!("{base}/health/ready"))
         .await
         .expect("ready answers");

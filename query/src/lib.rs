@@ -5,7 +5,7 @@
 //! found"}`; a malformed digest names no message and gets the 404 at once.
 //!
 //! [`router`] is what the standalone binary composes; [`app`] adds health, `/metrics` and
-//! request observation; [`run`] is the service on its own.
+//! request observation; [`Application`] is the service on its own.
 
 pub mod barrier;
 
@@ -214,4 +214,4 @@ impl ReadArgs {
 #[cfg(feature = "service")]
 mod service;
 #[cfg(feature = "service")]
-pub use service::{run, Cli};
+pub use service::{Application, Cli};

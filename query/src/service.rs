@@ -6,7 +6,7 @@ use msghash_common::adapters::kafka::KafkaLog;
 use msghash_common::adapters::scylla::ScyllaGenerations;
 use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
 use msghash_common::generation::{LiveModel, DEFAULT_FOLLOW_INTERVAL};
-use msghash_common::http;
+use msghash_common::http::Server;
 use msghash_common::shutdown::Shutdown;
 use msghash_common::EventLog;
 use std::net::SocketAddr;
@@ -20,7 +20,7 @@ use std::sync::Arc;
     about = "msghash read path: GET /messages/{digest} over TLS"
 )]
 pub struct Cli {
-    /// Address to listen on.
+    /// Address to listen on (port 0: any free port, logged at start).
     #[arg(long, env = "MSGHASH_LISTEN", default_value = "0.0.0.0:8082", value_parser = parse_listen)]
     pub listen: SocketAddr,
     #[command(flatten)]
@@ -35,18 +35,39 @@ pub struct Cli {
     pub log: LogArgs,
 }
 
-/// Runs the service until `shutdown` is cancelled.
-pub async fn run(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
-    msghash_common::metrics::install();
-    let tls = msghash_common::tls::server_config(&cli.tls.source())?;
-    let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
-    let generations = Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
-    // Reads go to the active generation and move when a replay switches it.
-    let live = LiveModel::open(generations).await?;
-    let _follow = live.follow(DEFAULT_FOLLOW_INTERVAL, shutdown.clone());
-    let app = app(log, live, cli.read.settings());
-    let listener = http::bind(cli.listen)?;
-    tracing::info!(listen = %listener.local_addr()?, "query listening");
-    http::serve_tls(listener, tls, app, shutdown).await?;
-    Ok(())
+/// The query service, connected to the broker and the read model and bound to its port,
+/// not yet serving.
+pub struct Application {
+    server: Server,
+    live: Arc<LiveModel>,
+}
+
+impl Application {
+    /// Connects to the broker (checking the topic) and the read model, binds the port.
+    pub async fn build(cli: Cli) -> anyhow::Result<Application> {
+        msghash_common::metrics::install();
+        let tls = msghash_common::tls::server_config(&cli.tls.source())?;
+        let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
+        let generations = Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
+        // Reads go to the active generation and move when a replay switches it.
+        let live = LiveModel::open(generations).await?;
+        let server = Server::bind(cli.listen, tls, app(log, live.clone(), cli.read.settings()))?;
+        tracing::info!(listen = %server.address(), "query listening");
+        Ok(Application { server, live })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.server.address()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address().port()
+    }
+
+    /// Serves, following the active generation, until `shutdown` is cancelled.
+    pub async fn run_until_stopped(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let _follow = self.live.follow(DEFAULT_FOLLOW_INTERVAL, shutdown.clone());
+        self.server.serve(shutdown).await?;
+        Ok(())
+    }
 }

@@ -159,94 +159,142 @@ const FOLLOW_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10
 /// The `service` label of the standalone's HTTP metrics.
 pub const SERVICE: &str = "msghash";
 
-/// Runs msghash until `shutdown` is cancelled, then stops gracefully: in-flight requests
-/// finish, the projector stops after its current batch, the stores are closed.
-pub async fn run(cli: Cli, shutdown: Shutdown) -> Result<(), RunError> {
-    let tls_source = cli.tls.source();
-    let tls = msghash_common::tls::server_config(&tls_source).map_err(|e| {
-        RunError::Config(format!(
-            "TLS (MSGHASH_TLS_CERT/MSGHASH_TLS_KEY/MSGHASH_CERT_DIR): {e}"
-        ))
-    })?;
-    let data = cli.data_dir.clone();
-    let embedded_log = EmbeddedLog::open(&data, cli.partitions)
-        .map_err(|e| RunError::Config(format!("MSGHASH_DATA_DIR: {e}")))?;
-    let log: Arc<dyn EventLog> = Arc::new(embedded_log);
-    let generations: Arc<dyn ModelGenerations> = Arc::new(
-        EmbeddedGenerations::open(&data)
-            .map_err(|e| RunError::Config(format!("MSGHASH_DATA_DIR: {e}")))?,
-    );
-    let live = LiveModel::open(generations.clone())
-        .await
-        .map_err(|e| RunError::Config(format!("MSGHASH_DATA_DIR: {e}")))?;
-    // The catalog is a local file: asking it often costs nothing and makes the switch
-    // after `msghash replay` quick.
-    let _follow = live.follow(FOLLOW_INTERVAL, shutdown.clone());
-    let model: Arc<dyn ReadModel> = live;
-    let listener = http::bind(cli.listen)
-        .map_err(|e| RunError::Config(format!("MSGHASH_LISTEN {}: {e}", cli.listen)))?;
+/// msghash with its stores open, its admin socket and its TLS port bound, not yet serving.
+pub struct Application {
+    server: http::Server,
+    data: PathBuf,
+    tls_source: msghash_common::tls::CertSource,
+    log: Arc<dyn EventLog>,
+    generations: Arc<dyn ModelGenerations>,
+    live: Arc<LiveModel>,
+    projector_settings: projector::ProjectorSettings,
+    admin: tokio::task::JoinHandle<()>,
+    /// Stops the admin socket (started in `build`, so its path is taken at once) and
+    /// everything `run_until_stopped` starts; cancelled when the application ends or is
+    /// dropped unrun.
+    stop: tokio_util::sync::DropGuard,
+}
 
-    msghash_common::metrics::install();
-    let app = http::service_app(
-        SERVICE,
-        ingest::router(log.clone(), cli.write.settings()).merge(query::router(
+impl Application {
+    /// Opens the data directory (locking it), binds the admin socket and the port. Every
+    /// error here is a setting or a resource it names: [`RunError::Config`].
+    pub async fn build(cli: Cli) -> Result<Application, RunError> {
+        let tls_source = cli.tls.source();
+        let tls = msghash_common::tls::server_config(&tls_source).map_err(|e| {
+            RunError::Config(format!(
+                "TLS (MSGHASH_TLS_CERT/MSGHASH_TLS_KEY/MSGHASH_CERT_DIR): {e}"
+            ))
+        })?;
+        let data = cli.data_dir.clone();
+        let config = |e: &dyn std::fmt::Display| RunError::Config(format!("MSGHASH_DATA_DIR: {e}"));
+        let log: Arc<dyn EventLog> =
+            Arc::new(EmbeddedLog::open(&data, cli.partitions).map_err(|e| config(&e))?);
+        let generations: Arc<dyn ModelGenerations> =
+            Arc::new(EmbeddedGenerations::open(&data).map_err(|e| config(&e))?);
+        let live = LiveModel::open(generations.clone())
+            .await
+            .map_err(|e| config(&e))?;
+        let model: Arc<dyn ReadModel> = live.clone();
+
+        msghash_common::metrics::install();
+        let app = http::service_app(
+            SERVICE,
+            ingest::router(log.clone(), cli.write.settings()).merge(query::router(
+                log.clone(),
+                model.clone(),
+                cli.read.settings(),
+            )),
+            http::log_and_model_ready(log.clone(), model),
+        );
+        let server = http::Server::bind(cli.listen, tls, app)
+            .map_err(|e| RunError::Config(format!("MSGHASH_LISTEN {}: {e}", cli.listen)))?;
+
+        let batch_size = usize::try_from(cli.batch_size).map_err(anyhow::Error::from)?;
+        let projector_settings = projector::ProjectorSettings {
+            generation_check: FOLLOW_INTERVAL,
+            batch_size,
+            ..projector::ProjectorSettings::default()
+        };
+        let replay_settings = projector::ReplaySettings {
+            group: projector_settings.group.clone(),
+            batch_size,
+            handover_timeout: std::time::Duration::from_secs(10),
+            // Readers here poll the catalog every 100 ms.
+            drop_grace: std::time::Duration::from_secs(1),
+            ..projector::ReplaySettings::default()
+        };
+        let stop = Shutdown::new();
+        let admin = admin::serve(
+            &data,
             log.clone(),
-            model.clone(),
-            cli.read.settings(),
-        )),
-        http::log_and_model_ready(log.clone(), model.clone()),
-    );
-
-    let batch_size = usize::try_from(cli.batch_size).map_err(anyhow::Error::from)?;
-    let projector_settings = projector::ProjectorSettings {
-        generation_check: FOLLOW_INTERVAL,
-        batch_size,
-        ..projector::ProjectorSettings::default()
-    };
-    let replay_settings = projector::ReplaySettings {
-        group: projector_settings.group.clone(),
-        batch_size,
-        handover_timeout: std::time::Duration::from_secs(10),
-        // Readers here poll the catalog every 100 ms.
-        drop_grace: std::time::Duration::from_secs(1),
-        ..projector::ReplaySettings::default()
-    };
-    let admin = admin::serve(
-        &data,
-        log.clone(),
-        generations.clone(),
-        replay_settings,
-        shutdown.clone(),
-    )
-    .map_err(|e| {
-        RunError::Config(format!(
-            "MSGHASH_DATA_DIR: cannot serve {}: {e}",
-            data.join(admin::SOCKET_FILE).display()
-        ))
-    })?;
-    let projection = tokio::spawn(projector::run_projection(
-        log.clone(),
-        generations,
-        projector_settings,
-        Arc::default(),
-        shutdown.clone(),
-    ));
-
-    let port = listener.local_addr().map_err(anyhow::Error::from)?.port();
-    announce(port, &data, &tls_source);
-    let served = http::serve_tls(listener, tls, app, shutdown.clone()).await;
-    shutdown.cancel();
-    match projection.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "projector failed"),
-        Err(e) => tracing::error!(error = %e, "projector task failed"),
+            generations.clone(),
+            replay_settings,
+            stop.clone(),
+        )
+        .map_err(|e| {
+            RunError::Config(format!(
+                "MSGHASH_DATA_DIR: cannot serve {}: {e}",
+                data.join(admin::SOCKET_FILE).display()
+            ))
+        })?;
+        Ok(Application {
+            server,
+            data,
+            tls_source,
+            log,
+            generations,
+            live,
+            projector_settings,
+            admin,
+            stop: stop.drop_guard(),
+        })
     }
-    if let Err(e) = admin.await {
-        tracing::error!(error = %e, "admin task failed");
+
+    pub fn address(&self) -> SocketAddr {
+        self.server.address()
     }
-    served.map_err(anyhow::Error::from)?;
-    tracing::info!("stopped; data is in {}", data.display());
-    Ok(())
+
+    pub fn port(&self) -> u16 {
+        self.address().port()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops gracefully: in-flight requests
+    /// finish, the projector stops after its current batch, the stores are closed.
+    pub async fn run_until_stopped(self, shutdown: Shutdown) -> Result<(), RunError> {
+        let stop = self.stop.disarm();
+        let on_shutdown = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                stop.cancel();
+            })
+        };
+        // The catalog is a local file: asking it often costs nothing and makes the switch
+        // after `msghash replay` quick.
+        let _follow = self.live.follow(FOLLOW_INTERVAL, stop.clone());
+        let projection = tokio::spawn(projector::run_projection(
+            self.log,
+            self.generations,
+            self.projector_settings,
+            Arc::default(),
+            stop.clone(),
+        ));
+        announce(self.server.address().port(), &self.data, &self.tls_source);
+        let served = self.server.serve(stop.clone()).await;
+        stop.cancel();
+        on_shutdown.abort();
+        match projection.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "projector failed"),
+            Err(e) => tracing::error!(error = %e, "projector task failed"),
+        }
+        if let Err(e) = self.admin.await {
+            tracing::error!(error = %e, "admin task failed");
+        }
+        served.map_err(anyhow::Error::from)?;
+        tracing::info!("stopped; data is in {}", self.data.display());
+        Ok(())
+    }
 }
 
 fn announce(port: u16, data: &std::path::Path, tls: &msghash_common::tls::CertSource) {

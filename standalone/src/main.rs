@@ -47,7 +47,14 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        match msghash::run(cli, msghash_common::shutdown::on_signals()).await {
+        let result = match msghash::Application::build(cli).await {
+            Ok(app) => {
+                app.run_until_stopped(msghash_common::shutdown::on_signals())
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(msghash::RunError::Config(e)) => {
                 eprintln!("msghash: {e}");

@@ -12,17 +12,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-fn command(dir: &Path, port: u16) -> Command {
+/// `msghash` in `dir` on port 0 (any free port: it prints the one it bound), with none of
+/// the caller's MSGHASH_* settings leaking in.
+fn command(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_msghash"));
     c.current_dir(dir)
-        .env("MSGHASH_LISTEN", format!("127.0.0.1:{port}"))
+        .env("MSGHASH_LISTEN", "127.0.0.1:0")
         .env_remove("MSGHASH_DATA_DIR")
         .env_remove("MSGHASH_CERT_DIR")
         .env_remove("MSGHASH_TLS_CERT")
@@ -38,26 +33,51 @@ fn command(dir: &Path, port: u16) -> Command {
 /// `./data` and `./certs/localhost.crt`.
 struct Msghash {
     child: Child,
+    port: u16,
     base: String,
 }
 
 impl Msghash {
-    async fn start(dir: &Path, port: u16) -> (Msghash, reqwest::Client) {
-        Msghash::start_with(dir, port, &[]).await
+    async fn start(dir: &Path) -> (Msghash, reqwest::Client) {
+        Msghash::start_with(dir, &[]).await
     }
 
-    async fn start_with(
-        dir: &Path,
-        port: u16,
-        env: &[(&str, &Path)],
-    ) -> (Msghash, reqwest::Client) {
-        let mut c = command(dir, port);
+    async fn start_with(dir: &Path, env: &[(&str, &Path)]) -> (Msghash, reqwest::Client) {
+        let mut c = command(dir);
         for (k, v) in env {
             c.env(k, v);
         }
-        let child = c.spawn().expect("msghash starts");
+        Msghash::spawn(c, dir).await
+    }
+
+    /// Spawns `c`, reads the port from the line msghash prints once it listens (stdout is
+    /// drained to the end by a thread, so the child never blocks on it), and waits until it
+    /// answers over TLS.
+    async fn spawn(mut c: Command, dir: &Path) -> (Msghash, reqwest::Client) {
+        c.stdout(Stdio::piped());
+        let mut child = c.spawn().expect("msghash starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(rest) = line.strip_prefix("msghash is listening on https://localhost:")
+                {
+                    let _ = tx.send(rest.split(' ').next().and_then(|p| p.parse::<u16>().ok()));
+                }
+            }
+        });
+        let port = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
+            .await
+            .expect("join")
+            .expect("msghash printed the address it listens on")
+            .expect("a port in that line");
         let mut m = Msghash {
             child,
+            port,
             base: format!("https://localhost:{port}"),
         };
         let client = m.wait_ready(dir).await;
@@ -181,8 +201,7 @@ async fn list_all(client: &reqwest::Client, base: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_message_survives_kill_9_mid_load_and_nothing_else_appears() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let (m, client) = Msghash::start(dir.path(), port).await;
+    let (m, client) = Msghash::start(dir.path()).await;
     let base = m.base.clone();
 
     let attempted: Vec<String> = (0..2_000).map(|i| format!("durable {i} 🌍")).collect();
@@ -209,7 +228,7 @@ async fn every_acknowledged_message_survives_kill_9_mid_load_and_nothing_else_ap
     assert!(acked.len() >= 600, "load ran before the kill");
     assert!(acked.len() < attempted.len(), "the kill landed mid-load");
 
-    let (m, client) = Msghash::start(dir.path(), port).await;
+    let (m, client) = Msghash::start(dir.path()).await;
     for (digest, message) in &acked {
         let (status, body) = get_message(&client, &m.base, digest).await;
         assert_eq!(status, StatusCode::OK, "acknowledged {digest} lost");
@@ -230,7 +249,7 @@ async fn every_acknowledged_message_survives_kill_9_mid_load_and_nothing_else_ap
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_get_right_after_a_201_never_answers_404() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (m, client) = Msghash::start(dir.path(), free_port()).await;
+    let (m, client) = Msghash::start(dir.path()).await;
     let results = futures::future::join_all((0..1_000).map(|i| {
         let (client, base) = (&client, &m.base);
         async move {
@@ -264,11 +283,10 @@ fn run_to_end(mut c: Command) -> Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_on_the_same_data_dir_fails_fast_and_ctrl_c_is_graceful() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let (m, client) = Msghash::start(dir.path(), port).await;
+    let (m, client) = Msghash::start(dir.path()).await;
     let digest = post(&client, &m.base, "kept").await.expect("201");
 
-    let second = run_to_end(command(dir.path(), free_port()));
+    let second = run_to_end(command(dir.path()));
     assert_eq!(second.status.code(), Some(2));
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("in use"), "clear message: {err}");
@@ -278,7 +296,7 @@ async fn a_second_process_on_the_same_data_dir_fails_fast_and_ctrl_c_is_graceful
     let mut m = m;
     let status = m.child.wait().expect("exits");
     assert!(status.success(), "graceful stop: {status}");
-    let (m, client) = Msghash::start(dir.path(), port).await;
+    let (m, client) = Msghash::start(dir.path()).await;
     let (status, body) = get_message(&client, &m.base, &digest).await;
     assert_eq!(
         (status, body["message"].as_str()),
@@ -295,7 +313,7 @@ fn bad_configuration_is_one_line_naming_the_setting_and_exit_2() {
         ("MSGHASH_BODY_LIMIT", "lots", "MSGHASH_BODY_LIMIT"),
         ("MSGHASH_TLS_CERT", "/nonexistent/cert.pem", "MSGHASH_TLS"),
     ] {
-        let mut c = command(dir.path(), free_port());
+        let mut c = command(dir.path());
         c.env(var, value);
         if var == "MSGHASH_TLS_CERT" {
             c.env("MSGHASH_TLS_KEY", "/nonexistent/key.pem");
@@ -343,7 +361,7 @@ async fn scrape(client: &reqwest::Client, base: &str) -> exposition::Exposition 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_every_family_after_a_post_and_a_get() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (m, client) = Msghash::start(dir.path(), free_port()).await;
+    let (m, client) = Msghash::start(dir.path()).await;
 
     let r = client
         .post(format!("{}/messages", m.base))
@@ -473,8 +491,8 @@ async fn cert_command_adds_names_and_log_dir_gets_the_logs() {
 
     // The binary serves that certificate (./certs is its default), and logs to --log-dir.
     let logs = dir.path().join("logs");
-    let port = free_port();
-    let (m, _) = Msghash::start_with(dir.path(), port, &[("MSGHASH_LOG_DIR", &logs)]).await;
+    let (m, _) = Msghash::start_with(dir.path(), &[("MSGHASH_LOG_DIR", &logs)]).await;
+    let port = m.port;
     let edge = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
         .resolve("edge", std::net::SocketAddr::from(([127, 0, 0, 1], port)))
@@ -515,7 +533,7 @@ async fn cert_command_adds_names_and_log_dir_gets_the_logs() {
 
 /// `msghash replay` or `msghash status` beside the server in `dir`.
 fn admin_command(dir: &Path, args: &[&str]) -> Command {
-    let mut c = command(dir, 0);
+    let mut c = command(dir);
     c.args(args);
     c
 }
@@ -541,14 +559,13 @@ async fn assert_holds_exactly(client: &reqwest::Client, base: &str, expected: &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_beside_the_server_under_load_and_after_a_kill() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
     // Without a server, a clear error.
     let out = run_to_end(admin_command(dir.path(), &["replay"]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no msghash server is running"), "{stderr}");
 
-    let (m, client) = Msghash::start(dir.path(), port).await;
+    let (m, client) = Msghash::start(dir.path()).await;
     let base = m.base.clone();
     let messages: Vec<String> = (0..3_000).map(|i| format!("before a replay {i}")).collect();
     let known: Vec<(String, String)> = stream::iter(&messages)
@@ -583,7 +600,8 @@ async fn replay_beside_the_server_under_load_and_after_a_kill() {
             .await
             .expect("join")
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The load goes on, on the new generation, before it stops.
+    hammer.wait_for_more(200, 20, Duration::from_secs(60)).await;
     let report = hammer.stop().await;
     let failures = report.failures;
     let written: Vec<(String, String)> = report
@@ -619,14 +637,9 @@ async fn replay_beside_the_server_under_load_and_after_a_kill() {
 
     // 2. The server killed half-way through a slow replay: the active generation stays,
     //    the next `msghash replay` resumes and finishes.
-    let mut slow = command(dir.path(), port);
+    let mut slow = command(dir.path());
     slow.env("MSGHASH_BATCH_SIZE", "1");
-    let child = slow.spawn().expect("msghash starts");
-    let mut m = Msghash {
-        child,
-        base: base.clone(),
-    };
-    let client = m.wait_ready(dir.path()).await;
+    let (m, client) = Msghash::spawn(slow, dir.path()).await;
     let mut replay = admin_command(dir.path(), &["replay", "--drop-old"]);
     replay.stderr(Stdio::piped());
     let mut replay = replay.spawn().expect("msghash replay starts");
@@ -654,7 +667,7 @@ async fn replay_beside_the_server_under_load_and_after_a_kill() {
     m.kill9();
     let code = replay.wait().expect("replay client ends");
     assert!(!code.success(), "the client reports the lost server");
-    let (m, client2) = Msghash::start(dir.path(), port).await;
+    let (m, client2) = Msghash::start(dir.path()).await;
     drop(client);
     let status = run_to_end(admin_command(dir.path(), &["status"]));
     let text = String::from_utf8_lossy(&status.stdout);

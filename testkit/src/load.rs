@@ -9,6 +9,8 @@ use msghash_common::Digest;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Something that answers the two calls of the HTTP contract: a router in process, or a
 /// running server over HTTPS.
@@ -177,6 +179,23 @@ impl Hammer {
     /// Messages written (201) so far.
     pub fn written(&self) -> usize {
         self.written.lock().expect("lock").len()
+    }
+
+    /// Waits until the readers answered `reads` more GETs and the writer got `writes` more
+    /// 201s than when called: proof that the load went on (say, on a new generation), where
+    /// a fixed sleep would prove nothing. Fails the test if that takes longer than `within`.
+    pub async fn wait_for_more(&self, reads: u64, writes: usize, within: Duration) {
+        let (r0, w0) = (self.reads(), self.written());
+        let deadline = Instant::now() + within;
+        while self.reads() < r0 + reads || self.written() < w0 + writes {
+            assert!(
+                Instant::now() < deadline,
+                "the load stalled: {} more reads and {} more writes in {within:?}, wanted {reads} and {writes}",
+                self.reads() - r0,
+                self.written() - w0
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Stops every reader and the writer, waits for them, and reports.
