@@ -1,0 +1,189 @@
+//! [`EmbeddedGenerations`]: the catalog of read-model generations (`generations.redb`),
+//! beside one model file per generation.
+
+use super::model::model_unavailable;
+use super::*;
+
+/// The file of the generation catalog inside the data directory.
+pub const GENERATIONS_FILE: &str = "generations.redb";
+
+/// `active`, `pending`, `adopted` → generation.
+const GENERATION_STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
+/// Every generation whose file exists (or is being created).
+const GENERATION_FILES: TableDefinition<u64, ()> = TableDefinition::new("files");
+
+/// The embedded generation catalog: `generations.redb` beside one model file per
+/// generation ([`model_file`]). Each change is one durable transaction.
+#[derive(Clone)]
+pub struct EmbeddedGenerations {
+    dir: Arc<PathBuf>,
+    catalog: Arc<Database>,
+    opened: Arc<std::sync::Mutex<std::collections::HashMap<Generation, EmbeddedModel>>>,
+}
+
+impl EmbeddedGenerations {
+    /// Opens (or creates) the catalog in `dir`; a data directory from before generations
+    /// has generation 0 active, which is the file it already has. Blocking.
+    pub fn open(dir: &Path) -> Result<EmbeddedGenerations, EmbeddedError> {
+        let (db, file) = open_database(dir, GENERATIONS_FILE)?;
+        let storage = |e: redb::Error| EmbeddedError::storage(&file, e);
+        let txn = begin_durable(&db).map_err(storage)?;
+        {
+            let mut meta = txn.open_table(MODEL_META).map_err(|e| storage(e.into()))?;
+            check_layout(&mut meta, &file)?;
+            let mut state = txn
+                .open_table(GENERATION_STATE)
+                .map_err(|e| storage(e.into()))?;
+            if state
+                .get("active")
+                .map_err(|e| storage(e.into()))?
+                .is_none()
+            {
+                state.insert("active", 0).map_err(|e| storage(e.into()))?;
+                let mut files = txn
+                    .open_table(GENERATION_FILES)
+                    .map_err(|e| storage(e.into()))?;
+                files.insert(0, ()).map_err(|e| storage(e.into()))?;
+            }
+        }
+        txn.commit().map_err(|e| storage(e.into()))?;
+        Ok(EmbeddedGenerations {
+            dir: Arc::new(dir.to_path_buf()),
+            catalog: Arc::new(db),
+            opened: Arc::default(),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&EmbeddedGenerations) -> Result<T, ModelError> + Send + 'static,
+    ) -> Result<T, ModelError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .map_err(|e| ModelError::Unavailable(format!("embedded catalog task: {e}")))?
+    }
+
+    fn write(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), ModelError> {
+        let txn = begin_durable(&self.catalog).map_err(model_unavailable)?;
+        f(&txn).map_err(model_unavailable)?;
+        txn.commit().map_err(model_unavailable)
+    }
+
+    fn set(&self, name: &'static str, generation: Generation) -> Result<(), ModelError> {
+        self.write(|txn| {
+            txn.open_table(GENERATION_STATE)?.insert(name, generation)?;
+            Ok(())
+        })
+    }
+
+    fn read_state(&self) -> Result<GenerationState, ModelError> {
+        let txn = self.catalog.begin_read().map_err(model_unavailable)?;
+        let table = txn
+            .open_table(GENERATION_STATE)
+            .map_err(model_unavailable)?;
+        let get = |name: &str| -> Result<Option<u64>, ModelError> {
+            Ok(table
+                .get(name)
+                .map_err(model_unavailable)?
+                .map(|v| v.value()))
+        };
+        let active = get("active")?.unwrap_or(0);
+        Ok(GenerationState {
+            active,
+            pending: get("pending")?.filter(|&p| p > active),
+            adopted: get("adopted")?.unwrap_or(0),
+        })
+    }
+}
+
+#[async_trait]
+impl ModelGenerations for EmbeddedGenerations {
+    async fn state(&self) -> Result<GenerationState, ModelError> {
+        self.blocking(|this| this.read_state()).await
+    }
+
+    async fn open(&self, generation: Generation) -> Result<Arc<dyn ReadModel>, ModelError> {
+        self.blocking(move |this| {
+            let mut opened = this
+                .opened
+                .lock()
+                .map_err(|_| ModelError::Unavailable("embedded catalog lock poisoned".into()))?;
+            if let Some(model) = opened.get(&generation) {
+                return Ok(Arc::new(model.clone()) as Arc<dyn ReadModel>);
+            }
+            this.write(|txn| {
+                txn.open_table(GENERATION_FILES)?.insert(generation, ())?;
+                Ok(())
+            })?;
+            let model = EmbeddedModel::open_generation(&this.dir, generation)
+                .map_err(|e| ModelError::Unavailable(e.to_string()))?;
+            opened.insert(generation, model.clone());
+            Ok(Arc::new(model) as Arc<dyn ReadModel>)
+        })
+        .await
+    }
+
+    async fn begin(&self, generation: Generation) -> Result<(), ModelError> {
+        self.blocking(move |this| this.set("pending", generation))
+            .await
+    }
+
+    async fn activate(&self, generation: Generation) -> Result<(), ModelError> {
+        self.blocking(move |this| this.set("active", generation))
+            .await
+    }
+
+    async fn adopt(&self, generation: Generation) -> Result<(), ModelError> {
+        self.blocking(move |this| this.set("adopted", generation))
+            .await
+    }
+
+    async fn list(&self) -> Result<Vec<Generation>, ModelError> {
+        self.blocking(|this| {
+            let txn = this.catalog.begin_read().map_err(model_unavailable)?;
+            let files = txn
+                .open_table(GENERATION_FILES)
+                .map_err(model_unavailable)?;
+            let mut all = Vec::new();
+            for entry in files.iter().map_err(model_unavailable)? {
+                all.push(entry.map_err(model_unavailable)?.0.value());
+            }
+            Ok(all)
+        })
+        .await
+    }
+
+    async fn drop_generation(&self, generation: Generation) -> Result<(), ModelError> {
+        self.blocking(move |this| {
+            if this.read_state()?.active == generation {
+                return Err(ModelError::Corrupt(format!(
+                    "generation {generation} is active; it cannot be dropped"
+                )));
+            }
+            if let Ok(mut opened) = this.opened.lock() {
+                opened.remove(&generation);
+            }
+            // A handle still open elsewhere keeps reading the unlinked file until it closes.
+            let file = this.dir.join(model_file(generation));
+            match std::fs::remove_file(&file) {
+                Ok(()) => sync_dir(&this.dir),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(ModelError::Unavailable(format!(
+                        "cannot delete {}: {e}",
+                        file.display()
+                    )))
+                }
+            }
+            this.write(|txn| {
+                txn.open_table(GENERATION_FILES)?.remove(generation)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+}

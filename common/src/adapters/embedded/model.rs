@@ -1,0 +1,171 @@
+//! [`EmbeddedModel`]: the read model of one generation in its own redb file, rows and
+//! applied offsets written in one durable transaction.
+
+use super::*;
+
+/// The embedded read model. Cloning is cheap (one `Arc`).
+#[derive(Clone)]
+pub struct EmbeddedModel {
+    db: Arc<Database>,
+    file: Arc<PathBuf>,
+    generation: Generation,
+}
+
+pub(super) fn model_unavailable(e: impl Into<redb::Error>) -> ModelError {
+    ModelError::Unavailable(format!("embedded read model: {}", e.into()))
+}
+
+/// The file of read-model generation `generation`: `readmodel.redb` for generation 0,
+/// `readmodel-g<N>.redb` after that.
+pub fn model_file(generation: Generation) -> String {
+    if generation == 0 {
+        MODEL_FILE.to_owned()
+    } else {
+        format!("readmodel-g{generation}.redb")
+    }
+}
+
+impl EmbeddedModel {
+    /// Opens (or creates) `dir/readmodel.redb`, generation 0. Blocking.
+    pub fn open(dir: &Path) -> Result<EmbeddedModel, EmbeddedError> {
+        EmbeddedModel::open_generation(dir, 0)
+    }
+
+    /// Opens (or creates) the file of `generation` in `dir`. Blocking.
+    pub fn open_generation(
+        dir: &Path,
+        generation: Generation,
+    ) -> Result<EmbeddedModel, EmbeddedError> {
+        let (db, file) = open_database(dir, &model_file(generation))?;
+        let storage = |e: redb::Error| EmbeddedError::storage(&file, e);
+        let txn = begin_durable(&db).map_err(storage)?;
+        {
+            let mut meta = txn.open_table(MODEL_META).map_err(|e| storage(e.into()))?;
+            check_layout(&mut meta, &file)?;
+            txn.open_table(MESSAGES).map_err(|e| storage(e.into()))?;
+            txn.open_table(PROJECTION_OFFSETS)
+                .map_err(|e| storage(e.into()))?;
+        }
+        txn.commit().map_err(|e| storage(e.into()))?;
+        Ok(EmbeddedModel {
+            db: Arc::new(db),
+            file: Arc::new(file),
+            generation,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.file
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, ModelError> + Send + 'static,
+    ) -> Result<T, ModelError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| ModelError::Unavailable(format!("embedded read model task: {e}")))?
+    }
+}
+
+#[async_trait]
+impl ReadModel for EmbeddedModel {
+    async fn apply(&self, batch: &ProjectionBatch) -> Result<(), ModelError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let batch = batch.clone();
+        self.blocking(move |db| {
+            // Rows and offsets in one durable transaction: both or neither.
+            let txn = begin_durable(db).map_err(model_unavailable)?;
+            {
+                let mut messages = txn.open_table(MESSAGES).map_err(model_unavailable)?;
+                for (digest, message) in &batch.messages {
+                    messages
+                        .insert(digest.as_bytes(), message.as_str())
+                        .map_err(model_unavailable)?;
+                }
+                let mut offsets = txn
+                    .open_table(PROJECTION_OFFSETS)
+                    .map_err(model_unavailable)?;
+                for &(partition, offset) in &batch.applied {
+                    let current = offsets
+                        .get(partition)
+                        .map_err(model_unavailable)?
+                        .map(|v| v.value());
+                    // An applied offset never moves backwards.
+                    if current.is_none_or(|c| offset > c) {
+                        offsets
+                            .insert(partition, offset)
+                            .map_err(model_unavailable)?;
+                    }
+                }
+            }
+            txn.commit().map_err(model_unavailable)
+        })
+        .await
+    }
+
+    async fn get(&self, digest: &Digest) -> Result<Option<String>, ModelError> {
+        let digest = *digest;
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(model_unavailable)?;
+            let messages = txn.open_table(MESSAGES).map_err(model_unavailable)?;
+            let message = messages
+                .get(digest.as_bytes())
+                .map_err(model_unavailable)?
+                .map(|v| v.value().to_owned());
+            Ok(message)
+        })
+        .await
+    }
+
+    async fn applied_offset(&self, partition: u32) -> Result<Option<Offset>, ModelError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(model_unavailable)?;
+            let offsets = txn
+                .open_table(PROJECTION_OFFSETS)
+                .map_err(model_unavailable)?;
+            let offset = offsets
+                .get(partition)
+                .map_err(model_unavailable)?
+                .map(|v| v.value());
+            Ok(offset)
+        })
+        .await
+    }
+
+    async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<Digest>, ModelError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let after = after.copied();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(model_unavailable)?;
+            let messages = txn.open_table(MESSAGES).map_err(model_unavailable)?;
+            let start = after
+                .as_ref()
+                .map_or(Bound::Unbounded, |d| Bound::Excluded(d.as_bytes()));
+            let mut digests = Vec::with_capacity(limit.min(1024));
+            for entry in messages
+                .range::<&[u8; 32]>((start, Bound::Unbounded))
+                .map_err(model_unavailable)?
+                .take(limit)
+            {
+                let (key, _) = entry.map_err(model_unavailable)?;
+                // The key type is 32 bytes wide, so this cannot fail on an intact file.
+                let digest = Digest::from_bytes(key.value())
+                    .ok_or_else(|| ModelError::Corrupt("stored digest is not 32 bytes".into()))?;
+                digests.push(digest);
+            }
+            Ok(digests)
+        })
+        .await
+    }
+
+    fn generation(&self) -> Generation {
+        self.generation
+    }
+}
