@@ -330,16 +330,13 @@ const CHILD_DIR: &str = "MSGHASH_EMBEDDED_TEST_CHILD_DIR";
 const CHILD_ACKS_BEFORE_HOLDING: usize = 200;
 const CHILD_WRITERS: usize = 16;
 
-/// Not a test of its own: it does nothing unless `another_process_is_refused_and_kill_9_-
-/// loses_nothing` runs it in a child process. There it appends without end from several
-/// tasks, prints every acknowledged offset, and says when it holds the directory; the
-/// parent kills it in the middle of its appends.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn child_holding_the_directory() {
-    let Some(dir) = std::env::var_os(CHILD_DIR) else {
-        return;
-    };
-    let log = Arc::new(open_log(Path::new(&dir), 4));
+/// The child's side of `another_process_is_refused_and_kill_9_loses_nothing`, which runs
+/// this test binary again with `CHILD_DIR` set: it opens the log and the read model like a
+/// running msghash, appends without end from several tasks, prints every acknowledged
+/// offset, and says when it holds the directory; the parent kills it mid-append.
+async fn hold_the_directory_and_append(dir: &Path) {
+    let log = Arc::new(open_log(dir, 4));
+    let _model = EmbeddedModel::open(dir).expect("the child opens the read model");
     let acks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let enough = Arc::new(tokio::sync::Notify::new());
     for writer in 0..CHILD_WRITERS {
@@ -380,13 +377,16 @@ fn parse_ack(line: &str) -> Option<(usize, u32, Offset)> {
     fields.next().is_none().then_some(ack)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn another_process_is_refused_and_kill_9_loses_nothing() {
+    if let Some(dir) = std::env::var_os(CHILD_DIR) {
+        return hold_the_directory_and_append(Path::new(&dir)).await;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = std::env::current_exe().expect("test binary");
     let mut child = Command::new(exe)
         .args([
-            "child_holding_the_directory",
+            "another_process_is_refused_and_kill_9_loses_nothing",
             "--exact",
             "--nocapture",
             "--test-threads=1",
@@ -422,10 +422,13 @@ async fn another_process_is_refused_and_kill_9_loses_nothing() {
             .contains("is in use by another msghash process"),
         "{err}"
     );
-    assert!(matches!(
-        EmbeddedModel::open(dir.path()),
-        Ok(_) | Err(EmbeddedError::InUse { .. })
-    ));
+    assert!(
+        matches!(
+            EmbeddedModel::open(dir.path()),
+            Err(EmbeddedError::InUse { .. })
+        ),
+        "the read model is refused too"
+    );
 
     // SIGKILL in the middle of the appends: no destructor, no flush, no unlock of its own.
     child.kill().expect("kill -9");

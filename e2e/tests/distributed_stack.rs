@@ -7,6 +7,7 @@
 use futures::future::join_all;
 use futures::stream::{self, StreamExt};
 use msghash_common::Digest;
+use msghash_testkit::load::{Hammer, Https};
 use reqwest::StatusCode;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -419,7 +420,8 @@ async fn metrics_move(stack: &Stack) {
 
 /// `projector <args>` against the running stack, configured like its services.
 fn projector_command(stack: &Stack, args: &[&str]) -> Command {
-    let mut command = Command::new(repo_root().join("target/debug/projector"));
+    // The binary the stack runs, whatever the profile or target directory.
+    let mut command = Command::new(stack.run_dir.join("bin/projector"));
     command
         .args(args)
         .env(
@@ -572,53 +574,24 @@ async fn replay_beside_the_stack(stack: &Stack) {
         (stack.store(&message).await, message)
     }))
     .await;
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let failures = std::sync::Mutex::new(Vec::<String>::new());
-    let written = std::sync::Mutex::new(Vec::<(String, String)>::new());
-    let reads = AtomicUsize::new(0);
-    let readers = join_all((0..4).map(|r| {
-        let (known, stop, failures, reads) = (&known, &stop, &failures, &reads);
-        async move {
-            let mut i = r * 31;
-            while !stop.load(Ordering::Relaxed) {
-                let (digest, message) = &known[i % known.len()];
-                i += 7;
-                let (status, body) = json_of(stack.get(digest).await).await;
-                reads.fetch_add(1, Ordering::Relaxed);
-                if status != StatusCode::OK || body["message"] != message.as_str() {
-                    let mut f = failures.lock().expect("lock");
-                    f.push(format!("GET {digest}: {status} {body}"));
-                }
-            }
-        }
-    }));
-    let writer = async {
-        let mut i = 0;
-        while !stop.load(Ordering::Relaxed) {
-            let message = format!("during the replay {i}");
-            i += 1;
-            let r = stack.post(&message).await;
-            if r.status() == StatusCode::CREATED {
-                let body: serde_json::Value = r.json().await.expect("json");
-                let digest = body["digest"].as_str().expect("digest").to_owned();
-                written.lock().expect("lock").push((digest, message));
-            } else {
-                let mut f = failures.lock().expect("lock");
-                f.push(format!("POST: {}", r.status()));
-            }
-        }
+    let target = Https {
+        client: stack.client.clone(),
+        base: stack.edge.clone(),
     };
-    let replay = async {
-        let out = projector_command(stack, &["replay", "--drop-old"])
-            .output()
-            .await
-            .expect("projector replay runs");
-        // Keep the load on the new generation for a moment.
-        sleep(Duration::from_secs(2)).await;
-        stop.store(true, Ordering::Relaxed);
-        out
-    };
-    let (_, _, out) = tokio::join!(readers, writer, replay);
+    let known_messages = Arc::new(
+        known
+            .iter()
+            .map(|(_, message)| (Digest::of(message), message.clone()))
+            .collect::<Vec<_>>(),
+    );
+    let hammer = Hammer::start(&target, known_messages, "during the replay");
+    let out = projector_command(stack, &["replay", "--drop-old"])
+        .output()
+        .await
+        .expect("projector replay runs");
+    // The load goes on, on the new generation, before it stops.
+    hammer.wait_for_more(200, 20, Duration::from_secs(60)).await;
+    let report = hammer.stop().await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
@@ -634,19 +607,21 @@ async fn replay_beside_the_stack(stack: &Stack) {
         stderr.contains("generation 1 building: "),
         "progress: {stderr}"
     );
-    let failures = failures.into_inner().expect("lock");
     assert!(
-        failures.is_empty(),
+        report.failures.is_empty(),
         "{} of {} requests failed during the replay: {:?}",
-        failures.len(),
-        reads.load(Ordering::Relaxed),
-        &failures[..failures.len().min(5)]
+        report.failures.len(),
+        report.reads,
+        &report.failures[..report.failures.len().min(5)]
     );
     projector_status(stack, 1).await;
-    let written = written.into_inner().expect("lock");
-    assert!(!written.is_empty());
-    for (digest, message) in known.iter().chain(&written) {
-        let (status, body) = json_of(stack.get(digest).await).await;
+    assert!(!report.written.is_empty());
+    let written = report
+        .written
+        .iter()
+        .map(|(digest, message)| (digest.to_hex(), message.clone()));
+    for (digest, message) in known.iter().cloned().chain(written) {
+        let (status, body) = json_of(stack.get(&digest).await).await;
         assert_eq!(
             (status, body["message"].as_str()),
             (StatusCode::OK, Some(message.as_str()))

@@ -181,14 +181,8 @@ async fn replay_story(
     assert!(report.resumed, "{report:?}");
     assert!(report.adopted, "the live projector took over: {report:?}");
     assert!(report.to_string().starts_with("applied "), "{report}");
-    // Keep hammering on the new generation for a while.
-    let reads_at_switch = hammer.reads();
-    let written_at_switch = hammer.written();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while hammer.reads() < reads_at_switch + 200 || hammer.written() < written_at_switch + 20 {
-        assert!(Instant::now() < deadline, "hammer stalled after the switch");
-        sleep(Duration::from_millis(20)).await;
-    }
+    // The load goes on, on the new generation.
+    hammer.wait_for_more(200, 20, Duration::from_secs(60)).await;
     assert_eq!(live.generation(), 1, "readers are on the new generation");
     let hammered = hammer.stop().await;
     let failures = &hammered.failures;
