@@ -1,0 +1,209 @@
+//! Reading a JSON request body: the content type first, then the size (bounded, drained so
+//! that a client still sending gets its 413), then the shape.
+
+use super::ApiError;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderMap};
+use http_body_util::BodyExt;
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// How much of an oversized body is read and thrown away so that the client, still
+/// sending, gets the 413 instead of a reset connection.
+pub const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// Reads a JSON body of at most `limit` bytes.
+///
+/// 415 unless the content type is JSON; 413 over the limit (after draining up to
+/// [`DRAIN_LIMIT`] bytes, or at once when the client waits for `100 Continue`); 400 when the
+/// body is not a JSON object that deserializes into `T`.
+pub async fn read_json<T: DeserializeOwned>(
+    request: Request,
+    limit: usize,
+    bad_body: &'static str,
+) -> Result<T, ApiError> {
+    let (parts, body) = request.into_parts();
+    if !is_json(&parts.headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let expects_continue = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if declared.is_some_and(|n| n > limit as u64) && expects_continue {
+        // The client has not sent the body yet and will not once it sees the answer.
+        return Err(ApiError::PayloadTooLarge {
+            limit,
+            drained: true,
+        });
+    }
+    let bytes = collect_bounded(body, limit).await?;
+    // Only a JSON object is a request body: serde would also read a struct from an array.
+    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(value @ serde_json::Value::Object(_)) => {
+            serde_json::from_value(value).map_err(|_| ApiError::BadRequest(bad_body))
+        }
+        _ => Err(ApiError::BadRequest(bad_body)),
+    }
+}
+
+async fn collect_bounded(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let mut body = body;
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+    loop {
+        let frame = if seen > limit {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(f) => f,
+                Err(_) => {
+                    return Err(ApiError::PayloadTooLarge {
+                        limit,
+                        drained: false,
+                    })
+                }
+            }
+        } else {
+            body.frame().await
+        };
+        match frame {
+            None => break,
+            Some(Err(_)) if seen > limit => {
+                return Err(ApiError::PayloadTooLarge {
+                    limit,
+                    drained: false,
+                })
+            }
+            Some(Err(_)) => return Err(ApiError::BadRequest("Request body could not be read")),
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                seen = seen.saturating_add(data.len());
+                if seen <= limit {
+                    buf.extend_from_slice(&data);
+                } else if seen > DRAIN_LIMIT {
+                    return Err(ApiError::PayloadTooLarge {
+                        limit,
+                        drained: false,
+                    });
+                }
+            }
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::PayloadTooLarge {
+            limit,
+            drained: true,
+        });
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use serde::Deserialize;
+
+    #[derive(Deserialize, Debug, PartialEq)]
+    struct Body1 {
+        message: String,
+    }
+
+    fn request(content_type: Option<&str>, body: Body) -> Request {
+        let mut b = axum::http::Request::post("/messages");
+        if let Some(ct) = content_type {
+            b = b.header(header::CONTENT_TYPE, ct);
+        }
+        b.body(body).expect("request")
+    }
+
+    async fn read(r: Request, limit: usize) -> Result<Body1, ApiError> {
+        tokio::time::timeout(Duration::from_secs(5), read_json(r, limit, "bad body"))
+            .await
+            .expect("never hangs")
+    }
+
+    #[tokio::test]
+    async fn json_bodies_are_checked_in_order_type_size_shape() {
+        let ok = r#"{"message":"hi","extra":1}"#;
+        assert_eq!(
+            read(request(Some("application/json"), ok.into()), 100).await,
+            Ok(Body1 {
+                message: "hi".into()
+            })
+        );
+        assert_eq!(
+            read(request(Some("application/problem+json"), ok.into()), 100)
+                .await
+                .map(|b| b.message),
+            Ok("hi".into())
+        );
+        assert_eq!(
+            read(request(None, ok.into()), 100).await,
+            Err(ApiError::UnsupportedMediaType)
+        );
+        assert_eq!(
+            read(request(Some("text/json-ish"), ok.into()), 100).await,
+            Err(ApiError::UnsupportedMediaType)
+        );
+        assert_eq!(
+            read(request(Some("application/json"), ok.into()), 10).await,
+            Err(ApiError::PayloadTooLarge {
+                limit: 10,
+                drained: true
+            })
+        );
+        for bad in [r#"["hi"]"#, "\"hi\"", "{", r#"{"message":1}"#, ""] {
+            assert_eq!(
+                read(request(Some("application/json"), bad.into()), 100).await,
+                Err(ApiError::BadRequest("bad body")),
+                "{bad}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_behind_expect_continue_is_refused_without_reading_it() {
+        // A body that never arrives: reading it would hang the test.
+        let never =
+            Body::from_stream(futures::stream::pending::<Result<Vec<u8>, std::io::Error>>());
+        let mut r = request(Some("application/json"), never);
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(8 * 1024 * 1024));
+        r.headers_mut()
+            .insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        assert_eq!(
+            read(r, 1024).await,
+            Err(ApiError::PayloadTooLarge {
+                limit: 1024,
+                drained: true
+            })
+        );
+    }
+}
