@@ -16,9 +16,10 @@
 //! 5. With `drop_old`, every older generation is deleted, at least `drop_grace` after the
 //!    switch so that no reader still uses one.
 
-use crate::{
-    lag, partition_statuses, project_batch, subscribe, Continuity, PartitionStatus, ProjectorStats,
-};
+use crate::continuity::Continuity;
+use crate::status::{lag, partition_statuses, PartitionStatus};
+use crate::step::{poll, project_batch, subscribe};
+use crate::ProjectorStats;
 use msghash_common::generation::group_for;
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{EventLog, Generation, ModelGenerations, ReadModel};
@@ -231,14 +232,15 @@ pub async fn replay(
     // Switch once the target is this close to the end of the log.
     let switch_lag = i64::try_from(settings.batch_size).unwrap_or(i64::MAX);
     while !shutdown.is_cancelled() {
+        // Read the log, then keep only what the target may take (see Continuity).
+        let records = poll(
+            subscription.as_mut(),
+            settings.batch_size,
+            settings.poll_wait,
+        )
+        .await;
         let records = continuity
-            .next_batch(
-                log.as_ref(),
-                model.as_ref(),
-                subscription.as_mut(),
-                settings.batch_size,
-                settings.poll_wait,
-            )
+            .guard(records, log.as_ref(), model.as_ref(), subscription.as_mut())
             .await?;
         let idle = records.is_empty();
         if !idle

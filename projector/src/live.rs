@@ -1,0 +1,147 @@
+//! The live projection: [`run_projection`] reads the log, guards and applies each batch to
+//! the active generation, follows a replay's switch to a new one, and keeps
+//! `msghash_projector_lag` fresh.
+
+use crate::continuity::Continuity;
+use crate::status::lag;
+use crate::step::{poll, project_batch, subscribe, write_backoff};
+use crate::{ProjectorSettings, ProjectorStats};
+use backon::{ExponentialBuilder, Retryable};
+use msghash_common::generation::{group_for, LiveModel};
+use msghash_common::metrics::names;
+use msghash_common::shutdown::Shutdown;
+use msghash_common::{EventLog, ModelGenerations, ReadModel};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::task::AbortOnDropHandle;
+
+/// Runs the projection until `shutdown` is cancelled. Transient failures of the log or the
+/// read model are retried with backoff for as long as it takes: the projector never skips
+/// an event it could not write.
+///
+/// It writes the active generation with that generation's consumer group
+/// ([`group_for`]). When a replay makes a newer generation active, it finishes its batch,
+/// leaves the old group, joins the new generation's group (which resumes where the replay
+/// committed) and records the adoption in the catalog.
+pub async fn run_projection(
+    log: Arc<dyn EventLog>,
+    generations: Arc<dyn ModelGenerations>,
+    settings: ProjectorSettings,
+    stats: Arc<ProjectorStats>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    // Present (at 0) from the start, so rate() and alerts see the series.
+    metrics::counter!(names::PROJECTOR_EVENTS_APPLIED_TOTAL).increment(0);
+    metrics::counter!(names::PROJECTOR_DEAD_LETTERED_TOTAL).increment(0);
+    let open = (|| LiveModel::open(generations.clone()))
+        .retry(ExponentialBuilder::default().with_max_times(usize::MAX))
+        .notify(|e, after| tracing::warn!(error = %e, ?after, "opening the read model failed; retrying"));
+    let live = tokio::select! {
+        live = open => live?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    let _lag = AbortOnDropHandle::new(tokio::spawn(refresh_lag(
+        log.clone(),
+        live.clone(),
+        settings.lag_interval,
+        shutdown.clone(),
+    )));
+    loop {
+        let (generation, model) = live.current();
+        let adopt = (|| async {
+            if generations.state().await?.adopted < generation {
+                generations.adopt(generation).await?;
+            }
+            Ok::<_, msghash_common::ModelError>(())
+        })
+        .retry(write_backoff())
+        .notify(
+            |e, after| tracing::warn!(error = %e, ?after, "recording adoption failed; retrying"),
+        );
+        tokio::select! {
+            result = adopt => result?,
+            _ = shutdown.cancelled() => break,
+        }
+        let group = group_for(&settings.group, generation);
+        let Some(mut subscription) = subscribe(log.as_ref(), &group, &shutdown).await? else {
+            break;
+        };
+        tracing::info!(%group, generation, "projector subscribed");
+        let mut continuity = Continuity::default();
+        let mut checked = Instant::now();
+        while !shutdown.is_cancelled() {
+            if checked.elapsed() >= settings.generation_check {
+                checked = Instant::now();
+                match live.refresh().await {
+                    Ok(now) if now != generation => break,
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "could not read the active generation"),
+                }
+            }
+            // Read the log, then keep only what the read model may take (see Continuity).
+            let records = poll(
+                subscription.as_mut(),
+                settings.batch_size,
+                settings.poll_wait,
+            )
+            .await;
+            let records = continuity
+                .guard(records, log.as_ref(), model.as_ref(), subscription.as_mut())
+                .await?;
+            if records.is_empty() {
+                continue;
+            }
+            let done = project_batch(
+                log.as_ref(),
+                model.as_ref(),
+                subscription.as_mut(),
+                &records,
+                &stats,
+                &shutdown,
+            )
+            .await?;
+            if !done {
+                break;
+            }
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+        tracing::info!(
+            from = generation,
+            to = live.current().0,
+            "projector moves to the new generation"
+        );
+    }
+    tracing::info!("projector stopped");
+    Ok(())
+}
+
+/// Sets `msghash_projector_lag{partition}` for every partition now, then every `interval`,
+/// until `shutdown`. A partition whose offsets cannot be read keeps its last value.
+async fn refresh_lag(
+    log: Arc<dyn EventLog>,
+    model: Arc<LiveModel>,
+    interval: Duration,
+    shutdown: Shutdown,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        for partition in 0..log.partitions() {
+            let offsets = tokio::join!(log.end_offset(partition), model.applied_offset(partition));
+            match offsets {
+                (Ok(end), Ok(applied)) => {
+                    metrics::gauge!(names::PROJECTOR_LAG, "partition" => partition.to_string())
+                        .set(lag(end, applied) as f64);
+                }
+                (Err(e), _) => tracing::debug!(partition, error = %e, "lag: no end offset"),
+                (_, Err(e)) => tracing::debug!(partition, error = %e, "lag: no applied offset"),
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! One projection step, shared by the live projection and the replay: read a batch from
+//! the log ([`poll`]), turn it into rows and applied offsets ([`build_batch`]), dead-letter
+//! what does not decode, apply, commit the group's positions ([`project_batch`]).
+
+use crate::ProjectorStats;
+use backon::{ExponentialBuilder, Retryable};
+use msghash_common::metrics::names;
+use msghash_common::ports::{LogRecord, Subscription};
+use msghash_common::shutdown::Shutdown;
+use msghash_common::{EventLog, MessageHashed, ProjectionBatch, ReadModel};
+use std::time::{Duration, Instant};
+
+pub(crate) async fn subscribe(
+    log: &dyn EventLog,
+    group: &str,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<Box<dyn Subscription>>> {
+    let attempt = (|| log.subscribe(group))
+        .retry(ExponentialBuilder::default().with_max_times(usize::MAX))
+        .notify(|e, after| tracing::warn!(error = %e, ?after, "subscribe failed; retrying"));
+    tokio::select! {
+        s = attempt => Ok(Some(s?)),
+        _ = shutdown.cancelled() => Ok(None),
+    }
+}
+
+/// Reads the log: the next records of this member's partitions, up to `max`, waiting up to
+/// `wait` for the first. A failed poll is logged and counts as an empty batch (after a
+/// short pause), so the caller's loop goes round and checks for shutdown.
+pub(crate) async fn poll(
+    subscription: &mut dyn Subscription,
+    max: usize,
+    wait: Duration,
+) -> Vec<LogRecord> {
+    match subscription.next_batch(max, wait).await {
+        Ok(records) => records,
+        Err(e) => {
+            tracing::warn!(error = %e, "polling the log failed; retrying");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Vec::new()
+        }
+    }
+}
+
+/// Turns records into one batch, dead-lettering what does not decode.
+pub fn build_batch<'r>(
+    records: &'r [LogRecord],
+    stats: &ProjectorStats,
+) -> (ProjectionBatch, Vec<(&'r LogRecord, String)>) {
+    let mut batch = ProjectionBatch::default();
+    let mut poison = Vec::new();
+    for r in records {
+        match MessageHashed::decode(r.key.as_deref(), r.value.as_deref()) {
+            Ok(event) => batch.push_event(r.partition, r.offset, event),
+            Err(e) => {
+                stats.record_dead_lettered();
+                tracing::warn!(partition = r.partition, offset = r.offset, error = %e,
+                    "dead-lettering an undecodable event");
+                batch.advance(r.partition, r.offset);
+                poison.push((r, e.to_string()));
+            }
+        }
+    }
+    (batch, poison)
+}
+
+/// The retry policy of the projection's writes: quick at first, then every 2 s, forever.
+pub(crate) fn write_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(usize::MAX)
+        .with_jitter()
+}
+
+/// Projects one polled batch: dead letters, then rows and applied offsets, then the group
+/// commit. Returns `false` when `shutdown` came first (nothing half-done is committed).
+pub(crate) async fn project_batch(
+    log: &dyn EventLog,
+    model: &dyn ReadModel,
+    subscription: &mut dyn Subscription,
+    records: &[LogRecord],
+    stats: &ProjectorStats,
+    shutdown: &Shutdown,
+) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let backoff = write_backoff();
+    let (batch, poison) = build_batch(records, stats);
+    // Dead letters first: once the batch's offsets are applied, they are past them.
+    for (record, reason) in &poison {
+        let keep = (|| log.dead_letter(record, reason))
+            .retry(backoff)
+            .notify(|e, after| tracing::warn!(error = %e, ?after, "dead-letter failed; retrying"));
+        tokio::select! {
+            result = keep => result?,
+            _ = shutdown.cancelled() => return Ok(false),
+        }
+    }
+    let apply = (|| model.apply(&batch))
+        .retry(backoff)
+        .notify(|e, after| tracing::warn!(error = %e, ?after, "apply failed; retrying"));
+    tokio::select! {
+        result = apply => result?,
+        _ = shutdown.cancelled() => return Ok(false),
+    }
+    stats.record_applied(batch.messages.len() as u64);
+    if let Err(e) = subscription.commit(&batch.applied).await {
+        // Not fatal: the rows and offsets are written; a restart replays the batch.
+        tracing::warn!(error = %e, "committing consumer offsets failed");
+    }
+    metrics::histogram!(names::PROJECTOR_BATCH_DURATION_SECONDS)
+        .record(started.elapsed().as_secs_f64());
+    Ok(true)
+}
