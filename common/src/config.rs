@@ -8,6 +8,7 @@
 use crate::adapters::kafka::KafkaSettings;
 #[cfg(feature = "scylla")]
 use crate::adapters::scylla::{valid_keyspace, valid_replication, ScyllaSettings};
+use crate::telemetry::LogFormat;
 use crate::tls::CertSource;
 use clap::Args;
 #[cfg(feature = "scylla")]
@@ -202,8 +203,8 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 #[derive(Args, Debug, Clone)]
 pub struct LogArgs {
     /// Log format on stdout: json (one object per line) or text.
-    #[arg(long, global = true, env = "MSGHASH_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
-    pub log_format: String,
+    #[arg(long, global = true, env = "MSGHASH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
     /// Log filter, in tracing's EnvFilter syntax (e.g. info,msghash_common=debug).
     #[arg(long, global = true, env = "MSGHASH_LOG", default_value = "info")]
     pub log: String,

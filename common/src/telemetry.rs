@@ -8,10 +8,18 @@ use tracing_subscriber::layer::{Layered, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-/// Installs the global subscriber, logging to stdout. `format` is `json` or `text`;
-/// `filter` uses EnvFilter syntax. Calling it twice is harmless (the second call does
-/// nothing).
-pub fn init(format: &str, filter: &str) {
+/// How log lines look on stdout (and in the log files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line: for machines, the default of the services.
+    Json,
+    /// Human-readable lines: the default of `msghash`.
+    Text,
+}
+
+/// Installs the global subscriber, logging to stdout; `filter` uses EnvFilter syntax.
+/// Calling it twice is harmless (the second call does nothing).
+pub fn init(format: LogFormat, filter: &str) {
     // Without files there is no writer thread to keep, and nothing can fail.
     let _ = init_with_files(format, filter, None);
 }
@@ -63,12 +71,12 @@ where
 /// [`init`], plus the same lines written to daily-rotated files when `files` is given
 /// (through a background writer: keep the returned guard for the process lifetime).
 pub fn init_with_files(
-    format: &str,
+    format: LogFormat,
     filter: &str,
     files: Option<&LogFiles>,
 ) -> Result<LogGuard, TelemetryError> {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = format != "text";
+    let json = format == LogFormat::Json;
     let mut layers: Vec<BoxedLayer> = vec![fmt_layer(
         json,
         std::io::stdout,
@@ -102,6 +110,6 @@ pub fn init_with_files(
 /// For tests: logs only when `TEST_LOG` is set, so test output stays readable.
 pub fn init_for_tests() {
     if std::env::var_os("TEST_LOG").is_some() {
-        init("text", "debug");
+        init(LogFormat::Text, "debug");
     }
 }

@@ -4,7 +4,7 @@ use msghash_common::shutdown::on_signals;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = ingest::Cli::parse();
-    msghash_common::telemetry::init(&cli.log.log_format, &cli.log.log);
+    msghash_common::telemetry::init(cli.log.log_format, &cli.log.log);
     let result = async {
         let app = ingest::Application::build(cli).await?;
         app.run_until_stopped(on_signals()).await

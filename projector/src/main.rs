@@ -5,7 +5,7 @@ use std::process::ExitCode;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = projector::Cli::parse();
-    msghash_common::telemetry::init(&cli.log.log_format, &cli.log.log);
+    msghash_common::telemetry::init(cli.log.log_format, &cli.log.log);
     let result = match cli.command {
         Some(projector::Command::Status) => projector::print_status(&cli).await.map(|_| ()),
         Some(projector::Command::Replay(ref args)) => {

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     }
     // Kept to the end of main: dropping it flushes the log files.
     let _log_guard = match msghash_common::telemetry::init_with_files(
-        &cli.log.log_format,
+        cli.log.log_format,
         &cli.log.log,
         cli.log_files().as_ref(),
     ) {
