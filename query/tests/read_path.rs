@@ -21,8 +21,55 @@ const PARTITIONS: u32 = 2;
 struct Fixture {
     app: Router,
     log: Arc<KafkaLog>,
+    /// The read model itself, for the test playing the projector.
     model: Arc<ScyllaModel>,
+    /// The same model as query sees it, telling when query asks for applied offsets.
+    watched: Arc<Watched>,
     keyspace: String,
+}
+
+/// The read model as query sees it. It counts the applied-offset reads, which the
+/// read-your-writes barrier makes while a miss waits, so a test can act exactly while a GET
+/// waits instead of hoping the timing works out.
+struct Watched {
+    inner: Arc<ScyllaModel>,
+    asked: tokio::sync::watch::Sender<u64>,
+}
+
+#[async_trait::async_trait]
+impl ReadModel for Watched {
+    async fn apply(&self, batch: &ProjectionBatch) -> Result<(), msghash_common::ModelError> {
+        self.inner.apply(batch).await
+    }
+    async fn get(&self, digest: &Digest) -> Result<Option<String>, msghash_common::ModelError> {
+        self.inner.get(digest).await
+    }
+    async fn applied_offset(
+        &self,
+        partition: u32,
+    ) -> Result<Option<i64>, msghash_common::ModelError> {
+        let offset = self.inner.applied_offset(partition).await;
+        self.asked.send_modify(|n| *n += 1);
+        offset
+    }
+    async fn list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> Result<Vec<Digest>, msghash_common::ModelError> {
+        self.inner.list(after, limit).await
+    }
+}
+
+impl Watched {
+    /// Waits until query has read applied offsets more than `times` times in all.
+    async fn asked_more_than(&self, times: u64) {
+        let mut asked = self.asked.subscribe();
+        tokio::time::timeout(Duration::from_secs(30), asked.wait_for(|n| *n > times))
+            .await
+            .expect("query asked the read model while the GET waited")
+            .expect("sender alive");
+    }
 }
 
 async fn fixture() -> Fixture {
@@ -33,9 +80,13 @@ async fn fixture() -> Fixture {
     );
     let settings = servers::scylla_settings("read_path");
     let model = Arc::new(ScyllaModel::connect(&settings).await.expect("scylla"));
+    let watched = Arc::new(Watched {
+        inner: model.clone(),
+        asked: tokio::sync::watch::Sender::new(0),
+    });
     let app = query::app(
         log.clone(),
-        model.clone(),
+        watched.clone(),
         QuerySettings {
             read_your_writes_timeout: Duration::from_millis(500),
         },
@@ -44,6 +95,7 @@ async fn fixture() -> Fixture {
         app,
         log,
         model,
+        watched,
         keyspace: settings.keyspace,
     }
 }
@@ -121,12 +173,19 @@ async fn a_miss_waits_for_the_projector_and_never_answers_a_false_404() {
     assert_eq!(retry_after.as_deref(), Some("1"));
     assert!(body["err_msg"].is_string());
 
-    // The projector catches up while a GET waits: the GET answers 200.
-    let waiting = get(&f.app, &digest);
-    let batch = projected("pending", p, offset);
-    let projecting = f.model.apply(&batch);
-    let ((status, _, body), applied) = tokio::join!(waiting, projecting);
-    applied.expect("apply");
+    // The projector catches up while a GET waits: the GET answers 200. The batch is applied
+    // once the GET is seen waiting at the barrier, not before.
+    let asked = *f.watched.asked.borrow();
+    let waiting = tokio::spawn({
+        let (app, digest) = (f.app.clone(), digest.clone());
+        async move { get(&app, &digest).await }
+    });
+    f.watched.asked_more_than(asked).await;
+    f.model
+        .apply(&projected("pending", p, offset))
+        .await
+        .expect("apply");
+    let (status, _, body) = waiting.await.expect("the GET task");
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, serde_json::json!({"message": "pending"}));
 
