@@ -33,11 +33,6 @@ struct Stack {
     client: reqwest::Client,
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -63,29 +58,20 @@ impl Stack {
         let tmp = tempfile::tempdir().expect("tempdir");
         let run_dir = tmp.path().join("run");
         let cert_dir = tmp.path().join("certs");
-        let edge_port = free_port();
-        let service_ports = [
-            ("ingest", free_port()),
-            ("query", free_port()),
-            ("projector", free_port()),
-        ];
-        let (broker_port, controller_port) = (free_port(), free_port());
         let keyspace = msghash_testkit::servers::unique_name("e2e");
         let mut child = Command::new(repo_root().join("scripts/dev-stack"))
-            .env("MSGHASH_EDGE_PORT", edge_port.to_string())
-            .env("MSGHASH_BROKER_PORT", broker_port.to_string())
-            .env(
-                "MSGHASH_BROKER_CONTROLLER_PORT",
-                controller_port.to_string(),
-            )
+            // Port 0: dev-stack picks free ports and says which in ports.env.
+            .env("MSGHASH_EDGE_PORT", "0")
+            .env("MSGHASH_BROKER_PORT", "0")
+            .env("MSGHASH_BROKER_CONTROLLER_PORT", "0")
             .env(
                 "MSGHASH_DEV_STACK_CQL",
                 msghash_testkit::servers::cql_node(),
             )
             .env("MSGHASH_KEYSPACE", &keyspace)
-            .env("MSGHASH_INGEST_PORT", service_ports[0].1.to_string())
-            .env("MSGHASH_QUERY_PORT", service_ports[1].1.to_string())
-            .env("MSGHASH_PROJECTOR_PORT", service_ports[2].1.to_string())
+            .env("MSGHASH_INGEST_PORT", "0")
+            .env("MSGHASH_QUERY_PORT", "0")
+            .env("MSGHASH_PROJECTOR_PORT", "0")
             .env("MSGHASH_RUN_DIR", &run_dir)
             .env("MSGHASH_CERT_DIR", &cert_dir)
             .stdout(Stdio::piped())
@@ -104,6 +90,21 @@ impl Stack {
         })
         .await;
         assert_eq!(ready, Ok(true), "dev-stack never printed `ready`");
+        let ports = std::fs::read_to_string(run_dir.join("ports.env")).expect("ports.env");
+        let port = |name: &str| -> u16 {
+            ports
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in ports.env: {ports}"))
+        };
+        let edge_port = port("EDGE_PORT");
+        let service_ports = [
+            ("ingest", port("INGEST_PORT")),
+            ("query", port("QUERY_PORT")),
+            ("projector", port("PROJECTOR_PORT")),
+        ];
+        let broker_port = port("BROKER_PORT");
         let pem = std::fs::read(cert_dir.join("localhost.crt")).expect("edge certificate written");
         let client = reqwest::Client::builder()
             .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
