@@ -7,7 +7,7 @@
 #[cfg(feature = "kafka")]
 use crate::adapters::kafka::KafkaSettings;
 #[cfg(feature = "scylla")]
-use crate::adapters::scylla::{valid_keyspace, valid_replication, ScyllaSettings};
+use crate::adapters::scylla::{valid_replication, Keyspace, ScyllaSettings};
 use crate::telemetry::LogFormat;
 use crate::tls::CertSource;
 use clap::Args;
@@ -100,15 +100,6 @@ impl From<ConsistencyArg> for scylla::statement::Consistency {
 }
 
 #[cfg(feature = "scylla")]
-fn parse_keyspace(s: &str) -> Result<String, String> {
-    if valid_keyspace(s) {
-        Ok(s.to_owned())
-    } else {
-        Err("a lower-case identifier of at most 48 characters (a-z, 0-9, _)".into())
-    }
-}
-
-#[cfg(feature = "scylla")]
 fn parse_replication(s: &str) -> Result<String, String> {
     if valid_replication(s) {
         Ok(s.to_owned())
@@ -134,8 +125,13 @@ pub struct ScyllaArgs {
     )]
     pub scylla_nodes: Vec<String>,
     /// Keyspace of the read model; created if missing.
-    #[arg(long, global = true, env = "MSGHASH_KEYSPACE", default_value = "msghash", value_parser = parse_keyspace)]
-    pub keyspace: String,
+    #[arg(
+        long,
+        global = true,
+        env = "MSGHASH_KEYSPACE",
+        default_value = "msghash"
+    )]
+    pub keyspace: Keyspace,
     /// Replication map used when msghash creates the keyspace.
     #[arg(long, global = true, env = "MSGHASH_KEYSPACE_REPLICATION",
           default_value = "{'class': 'SimpleStrategy', 'replication_factor': 1}",

@@ -1,7 +1,7 @@
 //! The ScyllaDB adapter against the test run's Apache Cassandra node, through the real
 //! `scylla` driver, each test in a keyspace of its own.
 
-use msghash_common::adapters::scylla::{ScyllaModel, ScyllaSettings};
+use msghash_common::adapters::scylla::{Keyspace, ScyllaModel, ScyllaSettings};
 use msghash_common::{Digest, ProjectionBatch, ReadModel};
 use msghash_testkit::servers;
 
@@ -100,7 +100,8 @@ async fn an_unreachable_cluster_is_an_error_not_a_hang() {
         .local_addr()
         .expect("addr")
         .port();
-    let settings = ScyllaSettings::local(format!("127.0.0.1:{port}"), "msghash");
+    let keyspace = Keyspace::parse("msghash").expect("keyspace");
+    let settings = ScyllaSettings::local(format!("127.0.0.1:{port}"), keyspace);
     let result = tokio::time::timeout(
         std::time::Duration::from_secs(30),
         ScyllaModel::connect(&settings),

@@ -28,7 +28,7 @@ struct Stack {
     service_ports: [(&'static str, u16); 3],
     broker_port: u16,
     /// The stack's keyspace on the test run's Cassandra node.
-    keyspace: String,
+    keyspace: msghash_common::adapters::scylla::Keyspace,
     cert: PathBuf,
     client: reqwest::Client,
 }
@@ -58,7 +58,7 @@ impl Stack {
         let tmp = tempfile::tempdir().expect("tempdir");
         let run_dir = tmp.path().join("run");
         let cert_dir = tmp.path().join("certs");
-        let keyspace = msghash_testkit::servers::unique_name("e2e");
+        let keyspace = msghash_testkit::servers::unique_keyspace("e2e");
         let mut child = Command::new(repo_root().join("scripts/dev-stack"))
             // Port 0: dev-stack picks free ports and says which in ports.env.
             .env("MSGHASH_EDGE_PORT", "0")
@@ -68,7 +68,7 @@ impl Stack {
                 "MSGHASH_DEV_STACK_CQL",
                 msghash_testkit::servers::cql_node(),
             )
-            .env("MSGHASH_KEYSPACE", &keyspace)
+            .env("MSGHASH_KEYSPACE", keyspace.to_string())
             .env("MSGHASH_INGEST_PORT", "0")
             .env("MSGHASH_QUERY_PORT", "0")
             .env("MSGHASH_PROJECTOR_PORT", "0")
@@ -430,7 +430,7 @@ fn projector_command(stack: &Stack, args: &[&str]) -> Command {
             format!("127.0.0.1:{}", stack.broker_port),
         )
         .env("MSGHASH_SCYLLA_NODES", msghash_testkit::servers::cql_node())
-        .env("MSGHASH_KEYSPACE", &stack.keyspace)
+        .env("MSGHASH_KEYSPACE", stack.keyspace.to_string())
         .env("MSGHASH_PARTITIONS", "8")
         .env("MSGHASH_LOG", "warn")
         .env("MSGHASH_LOG_FORMAT", "text");

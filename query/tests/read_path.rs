@@ -25,7 +25,7 @@ struct Fixture {
     model: Arc<ScyllaModel>,
     /// The same model as query sees it, telling when query asks for applied offsets.
     watched: Arc<Watched>,
-    keyspace: String,
+    keyspace: msghash_common::adapters::scylla::Keyspace,
 }
 
 /// The read model as query sees it. It counts the applied-offset reads, which the

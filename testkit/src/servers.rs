@@ -6,7 +6,7 @@
 //! parallel on the same servers without seeing each other's data.
 
 use msghash_common::adapters::kafka::KafkaSettings;
-use msghash_common::adapters::scylla::ScyllaSettings;
+use msghash_common::adapters::scylla::{Keyspace, ScyllaSettings};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -78,15 +78,16 @@ pub fn kafka_settings(prefix: &str, partitions: u32) -> KafkaSettings {
 
 /// Settings for a keyspace of its own on the test run's Cassandra node.
 pub fn scylla_settings(prefix: &str) -> ScyllaSettings {
-    ScyllaSettings::local(cql_node(), unique_name(prefix))
+    ScyllaSettings::local(cql_node(), unique_keyspace(prefix))
+}
+
+/// A keyspace name no other test uses ([`unique_name`]).
+pub fn unique_keyspace(prefix: &str) -> Keyspace {
+    Keyspace::parse(&unique_name(prefix)).expect("unique names are keyspace names")
 }
 
 /// Drops `keyspace` on the test run's Cassandra node: a read model lost in one statement.
-pub async fn drop_keyspace(keyspace: &str) {
-    assert!(
-        msghash_common::adapters::scylla::valid_keyspace(keyspace),
-        "{keyspace:?} is not a keyspace name"
-    );
+pub async fn drop_keyspace(keyspace: &Keyspace) {
     let session = scylla::client::session_builder::SessionBuilder::new()
         .known_node(cql_node())
         .build()
@@ -101,7 +102,6 @@ pub async fn drop_keyspace(keyspace: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use msghash_common::adapters::scylla::valid_keyspace;
 
     #[test]
     fn unique_names_are_valid_keyspaces_and_differ() {
@@ -114,7 +114,7 @@ mod tests {
             unique_name("9lives"),
             unique_name("a_very_long_prefix_indeed"),
         ] {
-            assert!(valid_keyspace(&name), "{name}");
+            assert!(Keyspace::parse(&name).is_ok(), "{name}");
         }
     }
 }

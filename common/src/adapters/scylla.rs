@@ -29,7 +29,7 @@ use std::time::Duration;
 pub struct ScyllaSettings {
     /// `host:port` contact points.
     pub nodes: Vec<String>,
-    pub keyspace: String,
+    pub keyspace: Keyspace,
     /// The replication map used when msghash creates the keyspace, in CQL, e.g.
     /// `{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}`.
     pub replication: String,
@@ -38,22 +38,57 @@ pub struct ScyllaSettings {
 
 impl ScyllaSettings {
     /// Settings for a single local node, handy in tests.
-    pub fn local(node: impl Into<String>, keyspace: impl Into<String>) -> Self {
+    pub fn local(node: impl Into<String>, keyspace: Keyspace) -> Self {
         ScyllaSettings {
             nodes: vec![node.into()],
-            keyspace: keyspace.into(),
+            keyspace,
             replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
             consistency: Consistency::LocalQuorum,
         }
     }
 }
 
-/// Keyspace names are interpolated into CQL, so only plain identifiers are accepted.
-pub fn valid_keyspace(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && name.len() <= 48
+/// A keyspace name. It is interpolated into CQL, so only a plain identifier can be one:
+/// a lower-case letter, then lower-case letters, digits and `_`, at most 48 characters.
+/// The only way to get one is [`Keyspace::parse`] (or `str::parse`), so every keyspace the
+/// adapter meets is valid.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Keyspace(String);
+
+/// Why a name is not a keyspace.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a keyspace name: a lower-case identifier of at most 48 characters (a-z, 0-9, _), starting with a letter")]
+pub struct InvalidKeyspace(pub String);
+
+impl Keyspace {
+    pub fn parse(name: &str) -> Result<Keyspace, InvalidKeyspace> {
+        let mut chars = name.chars();
+        let valid = matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && name.len() <= 48;
+        if valid {
+            Ok(Keyspace(name.to_owned()))
+        } else {
+            Err(InvalidKeyspace(name.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Keyspace {
+    type Err = InvalidKeyspace;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Keyspace::parse(s)
+    }
+}
+
+impl std::fmt::Display for Keyspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// The replication map is interpolated into CQL: accept one `{...}` map and nothing else.
@@ -76,8 +111,8 @@ pub struct ScyllaModel {
 /// How many row writes of one batch are in flight at once.
 const WRITE_CONCURRENCY: usize = 64;
 
-fn unavailable(e: impl std::fmt::Display) -> ModelError {
-    ModelError::Unavailable(e.to_string())
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> ModelError {
+    ModelError::unavailable("scylla", e)
 }
 
 /// The tables of one generation: `messages` and `projection_offsets` for generation 0,
@@ -95,14 +130,8 @@ pub fn table_names(generation: Generation) -> (String, String) {
 
 /// Opens a session, checks the settings, creates the keyspace when missing.
 async fn connect_session(settings: &ScyllaSettings) -> Result<Session, ModelError> {
-    if !valid_keyspace(&settings.keyspace) {
-        return Err(ModelError::Corrupt(format!(
-            "invalid keyspace name {:?}",
-            settings.keyspace
-        )));
-    }
     if !valid_replication(&settings.replication) {
-        return Err(ModelError::Corrupt(format!(
+        return Err(ModelError::Misconfigured(format!(
             "invalid replication map {:?}",
             settings.replication
         )));
@@ -344,7 +373,7 @@ impl ModelGenerations for ScyllaGenerations {
 
     async fn drop_generation(&self, generation: Generation) -> Result<(), ModelError> {
         if self.state().await?.active == generation {
-            return Err(ModelError::Corrupt(format!(
+            return Err(ModelError::Refused(format!(
                 "generation {generation} is active; it cannot be dropped"
             )));
         }
@@ -467,8 +496,11 @@ mod tests {
 
     #[test]
     fn only_plain_identifiers_are_keyspaces() {
-        assert!(valid_keyspace("msghash"));
-        assert!(valid_keyspace("msghash_test_2"));
+        assert_eq!(
+            Keyspace::parse("msghash").map(|k| k.to_string()),
+            Ok("msghash".to_owned())
+        );
+        assert!(Keyspace::parse("msghash_test_2").is_ok());
         for bad in [
             "",
             "1abc",
@@ -478,7 +510,11 @@ mod tests {
             "a.b",
             &"a".repeat(49),
         ] {
-            assert!(!valid_keyspace(bad), "{bad:?}");
+            assert_eq!(
+                Keyspace::parse(bad),
+                Err(InvalidKeyspace(bad.to_owned())),
+                "{bad:?}"
+            );
         }
     }
 
