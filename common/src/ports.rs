@@ -121,13 +121,51 @@ impl ProjectionBatch {
     }
 }
 
+/// The error of a store or driver underneath an adapter, kept as the source of a
+/// [`ModelError`].
+pub type SourceError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Why the read model could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("read model unavailable: {0}")]
-    Unavailable(String),
+    /// The store did not answer (connection lost, timeout, I/O): worth a retry. The store's
+    /// own error, when there is one, is the source.
+    #[error("read model unavailable: {context}")]
+    Unavailable {
+        context: String,
+        #[source]
+        source: Option<SourceError>,
+    },
+    /// The store answered with data msghash did not write.
     #[error("read model returned unexpected data: {0}")]
     Corrupt(String),
+    /// The settings cannot work (an invalid replication map, ...): no retry helps.
+    #[error("read model misconfigured: {0}")]
+    Misconfigured(String),
+    /// The operation is not allowed in the current state (dropping the active generation).
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+impl ModelError {
+    /// [`ModelError::Unavailable`] with the store's error as its source.
+    pub fn unavailable(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> ModelError {
+        ModelError::Unavailable {
+            context: context.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// [`ModelError::Unavailable`] with no error underneath.
+    pub fn unavailable_because(context: impl Into<String>) -> ModelError {
+        ModelError::Unavailable {
+            context: context.into(),
+            source: None,
+        }
+    }
 }
 
 /// The query side's store: digest → message, plus how far each partition is applied.

@@ -280,9 +280,10 @@ async fn generations_conform(generations: Arc<dyn ModelGenerations>) {
     assert_eq!(generations.state().await.expect("state").adopted, 1);
 
     assert_eq!(generations.list().await.expect("list"), vec![0, 1]);
+    let refused = generations.drop_generation(1).await;
     assert!(
-        generations.drop_generation(1).await.is_err(),
-        "the active generation cannot be dropped"
+        matches!(refused, Err(msghash_common::ModelError::Refused(_))),
+        "the active generation cannot be dropped: {refused:?}"
     );
     generations.drop_generation(0).await.expect("drop 0");
     assert_eq!(generations.list().await.expect("list"), vec![1]);

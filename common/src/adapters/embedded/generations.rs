@@ -61,7 +61,7 @@ impl EmbeddedGenerations {
         let this = self.clone();
         tokio::task::spawn_blocking(move || f(&this))
             .await
-            .map_err(|e| ModelError::Unavailable(format!("embedded catalog task: {e}")))?
+            .map_err(|e| ModelError::unavailable("embedded catalog task", e))?
     }
 
     fn write(
@@ -111,7 +111,7 @@ impl ModelGenerations for EmbeddedGenerations {
             let mut opened = this
                 .opened
                 .lock()
-                .map_err(|_| ModelError::Unavailable("embedded catalog lock poisoned".into()))?;
+                .map_err(|_| ModelError::unavailable_because("embedded catalog lock poisoned"))?;
             if let Some(model) = opened.get(&generation) {
                 return Ok(Arc::new(model.clone()) as Arc<dyn ReadModel>);
             }
@@ -120,7 +120,7 @@ impl ModelGenerations for EmbeddedGenerations {
                 Ok(())
             })?;
             let model = EmbeddedModel::open_generation(&this.dir, generation)
-                .map_err(|e| ModelError::Unavailable(e.to_string()))?;
+                .map_err(|e| ModelError::unavailable("embedded read model", e))?;
             opened.insert(generation, model.clone());
             Ok(Arc::new(model) as Arc<dyn ReadModel>)
         })
@@ -160,7 +160,7 @@ impl ModelGenerations for EmbeddedGenerations {
     async fn drop_generation(&self, generation: Generation) -> Result<(), ModelError> {
         self.blocking(move |this| {
             if this.read_state()?.active == generation {
-                return Err(ModelError::Corrupt(format!(
+                return Err(ModelError::Refused(format!(
                     "generation {generation} is active; it cannot be dropped"
                 )));
             }
@@ -173,10 +173,10 @@ impl ModelGenerations for EmbeddedGenerations {
                 Ok(()) => sync_dir(&this.dir),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    return Err(ModelError::Unavailable(format!(
-                        "cannot delete {}: {e}",
-                        file.display()
-                    )))
+                    return Err(ModelError::unavailable(
+                        format!("cannot delete {}", file.display()),
+                        e,
+                    ))
                 }
             }
             this.write(|txn| {

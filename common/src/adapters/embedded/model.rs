@@ -12,7 +12,7 @@ pub struct EmbeddedModel {
 }
 
 pub(super) fn model_unavailable(e: impl Into<redb::Error>) -> ModelError {
-    ModelError::Unavailable(format!("embedded read model: {}", e.into()))
+    ModelError::unavailable("embedded read model", e.into())
 }
 
 /// The file of read-model generation `generation`: `readmodel.redb` for generation 0,
@@ -66,7 +66,7 @@ impl EmbeddedModel {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || f(&db))
             .await
-            .map_err(|e| ModelError::Unavailable(format!("embedded read model task: {e}")))?
+            .map_err(|e| ModelError::unavailable("embedded read model task", e))?
     }
 }
 
