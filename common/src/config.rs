@@ -14,6 +14,7 @@ use clap::Args;
 #[cfg(feature = "scylla")]
 use clap::ValueEnum;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 #[cfg(feature = "kafka")]
 use std::time::Duration;
@@ -34,9 +35,9 @@ pub struct KafkaArgs {
     #[arg(long, global = true, env = "MSGHASH_TOPIC", default_value = "messages")]
     pub topic: String,
     /// Partition count of the topic; every service must use the same value.
-    #[arg(long, global = true, env = "MSGHASH_PARTITIONS", default_value_t = 8,
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub partitions: u32,
+    #[arg(long, global = true, env = "MSGHASH_PARTITIONS", default_value = "8",
+          value_parser = parse_partitions::<10_000>)]
+    pub partitions: NonZeroU32,
     /// Replication factor used when msghash creates the topic.
     #[arg(long, global = true, env = "MSGHASH_TOPIC_REPLICATION", default_value_t = 1,
           value_parser = clap::value_parser!(i32).range(1..=16))]
@@ -189,6 +190,15 @@ impl TlsArgs {
     }
 }
 
+/// Parses a partition count from 1 to `MAX`.
+pub fn parse_partitions<const MAX: u32>(s: &str) -> Result<NonZeroU32, String> {
+    s.parse::<u32>()
+        .ok()
+        .filter(|n| *n <= MAX)
+        .and_then(NonZeroU32::new)
+        .ok_or_else(|| format!("{s:?} is not a partition count from 1 to {MAX}"))
+}
+
 /// Parses a listen address, naming the setting on error.
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     s.parse()
@@ -224,7 +234,7 @@ mod tests {
     #[test]
     fn defaults_are_a_local_stack() {
         let cli = Cli::try_parse_from(["x"]).expect("defaults parse");
-        assert_eq!(cli.kafka.partitions, 8);
+        assert_eq!(cli.kafka.partitions.get(), 8);
         assert_eq!(cli.scylla.scylla_nodes, vec!["127.0.0.1:9042"]);
         assert!(matches!(cli.tls.source(), CertSource::Generated { .. }));
     }

@@ -3,6 +3,7 @@
 
 use crate::{Digest, MessageHashed};
 use async_trait::async_trait;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +52,7 @@ impl LogError {
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
     /// How many partitions the topic has; `partition_for` maps digests onto them.
-    fn partitions(&self) -> u32;
+    fn partitions(&self) -> NonZeroU32;
 
     /// Appends one event to the given partition and returns its offset once the log has
     /// durably acknowledged it (for Kafka: acks=all).

@@ -15,11 +15,12 @@ use msghash_common::{
 use msghash_common::{GenerationState, ModelGenerations};
 use msghash_testkit::servers;
 use std::collections::{BTreeMap, HashSet};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-const PARTITIONS: u32 = 3;
+const PARTITIONS: NonZeroU32 = NonZeroU32::new(3).unwrap();
 
 async fn drain(sub: &mut dyn Subscription, want: usize) -> Vec<LogRecord> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -64,7 +65,7 @@ async fn append_all(log: &dyn EventLog, messages: &[String]) -> BTreeMap<u32, Ve
 /// append / end offsets / subscribe / commit / resume / replay.
 async fn event_log_conforms(log: &dyn EventLog) {
     assert_eq!(log.partitions(), PARTITIONS);
-    for p in 0..PARTITIONS {
+    for p in 0..PARTITIONS.get() {
         assert_eq!(
             log.end_offset(p).await.expect("end"),
             0,
@@ -147,7 +148,7 @@ async fn event_log_conforms(log: &dyn EventLog) {
         .expect("dead letter");
     assert_eq!(log.dead_letter_count().await.expect("count"), 2);
     let mut total = 0;
-    for p in 0..PARTITIONS {
+    for p in 0..PARTITIONS.get() {
         total += log.end_offset(p).await.expect("end");
     }
     assert_eq!(total, 35, "dead letters do not enter the main log");
@@ -210,7 +211,7 @@ async fn rewind_conforms(log: &dyn EventLog) {
     let end = log.end_offset(0).await.expect("end");
     let total: i64 = {
         let mut t = 0;
-        for p in 0..PARTITIONS {
+        for p in 0..PARTITIONS.get() {
             t += log.end_offset(p).await.expect("end");
         }
         t

@@ -9,15 +9,19 @@ use msghash_testkit::servers;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::mocking::MockCluster;
+use std::num::NonZeroU32;
 use std::time::Duration;
 use tokio::time::Instant;
+
+const TWO: NonZeroU32 = NonZeroU32::new(2).unwrap();
+const FOUR: NonZeroU32 = NonZeroU32::new(4).unwrap();
 
 /// The topic on the mock cluster, which is this test's own.
 const TOPIC: &str = "messages";
 
 /// Settings for the mock cluster, which cannot create topics through the admin API (the
 /// test does) nor describe their configs.
-fn mock_settings(brokers: String, partitions: u32) -> KafkaSettings {
+fn mock_settings(brokers: String, partitions: NonZeroU32) -> KafkaSettings {
     let mut s = KafkaSettings::local(brokers, TOPIC, partitions);
     s.message_timeout = Duration::from_millis(1_500);
     s.create_topic = false;
@@ -42,7 +46,7 @@ async fn collect(sub: &mut dyn Subscription, want: usize, within: Duration) -> V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_resumes_from_commits_and_replays_from_zero() {
     msghash_common::telemetry::init_for_tests();
-    let log = KafkaLog::connect(servers::kafka_settings("adapter", 4))
+    let log = KafkaLog::connect(servers::kafka_settings("adapter", FOUR))
         .await
         .expect("connect");
 
@@ -50,7 +54,7 @@ async fn appends_resumes_from_commits_and_replays_from_zero() {
         .map(|i| MessageHashed::new(format!("message {i}")))
         .collect();
     for e in &events {
-        let p = partition_for(&e.digest, 4);
+        let p = partition_for(&e.digest, FOUR);
         let before = log.end_offset(p).await.expect("end offset");
         let offset = log.append(p, e).await.expect("append");
         assert_eq!(
@@ -67,7 +71,7 @@ async fn appends_resumes_from_commits_and_replays_from_zero() {
         let e = MessageHashed::decode(r.key.as_deref(), r.value.as_deref()).expect("decodes");
         assert_eq!(
             r.partition,
-            partition_for(&e.digest, 4),
+            partition_for(&e.digest, FOUR),
             "explicit partition kept"
         );
         assert!(events
@@ -85,7 +89,7 @@ async fn appends_resumes_from_commits_and_replays_from_zero() {
     drop(sub);
 
     let late = MessageHashed::new("late".into());
-    log.append(partition_for(&late.digest, 4), &late)
+    log.append(partition_for(&late.digest, FOUR), &late)
         .await
         .expect("append");
 
@@ -104,12 +108,12 @@ async fn appends_resumes_from_commits_and_replays_from_zero() {
 
 #[tokio::test]
 async fn refuses_a_topic_with_another_partition_count() {
-    let settings = servers::kafka_settings("partitions", 4);
+    let settings = servers::kafka_settings("partitions", FOUR);
     KafkaLog::connect(settings.clone())
         .await
         .expect("creates the topic with 4 partitions");
     let err = KafkaLog::connect(KafkaSettings {
-        partitions: 8,
+        partitions: NonZeroU32::new(8).expect("8"),
         ..settings
     })
     .await
@@ -125,7 +129,7 @@ async fn refuses_a_topic_with_another_partition_count() {
 /// events to retention; the adapter finds it with DescribeConfigs and refuses it.
 #[tokio::test]
 async fn refuses_a_topic_that_is_not_compacted() {
-    let mut settings = servers::kafka_settings("not_compacted", 2);
+    let mut settings = servers::kafka_settings("not_compacted", TWO);
     let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", servers::kafka_brokers())
         .create()
@@ -158,7 +162,7 @@ async fn a_broker_that_is_down_fails_appends_instead_of_hanging() {
     // The shared broker cannot be stopped under the other tests: MockCluster takes it down.
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(TOPIC, 2, 1).expect("topic");
-    let log = KafkaLog::connect(mock_settings(cluster.bootstrap_servers(), 2))
+    let log = KafkaLog::connect(mock_settings(cluster.bootstrap_servers(), TWO))
         .await
         .expect("connect");
     let e = MessageHashed::new("x".into());

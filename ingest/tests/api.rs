@@ -12,10 +12,11 @@ use msghash_common::{partition_for, EventLog, MessageHashed};
 use msghash_testkit::router::{call, scrape};
 use msghash_testkit::servers;
 use rdkafka::mocking::MockCluster;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-const PARTITIONS: u32 = 4;
+const PARTITIONS: NonZeroU32 = NonZeroU32::new(4).unwrap();
 
 async fn app_on(mut settings: KafkaSettings) -> (Router, Arc<KafkaLog>) {
     settings.message_timeout = Duration::from_millis(800);
@@ -155,7 +156,7 @@ async fn bad_requests_get_json_errors_and_nothing_is_appended() {
             "err_msg on every error: {body}"
         );
     }
-    for p in 0..PARTITIONS {
+    for p in 0..PARTITIONS.get() {
         assert_eq!(log.end_offset(p).await.expect("end"), 0, "nothing appended");
     }
 }
@@ -164,7 +165,7 @@ async fn bad_requests_get_json_errors_and_nothing_is_appended() {
 async fn a_broker_that_is_down_gets_503_with_retry_after_within_the_deadline() {
     let cluster = MockCluster::new(1).expect("cluster");
     cluster
-        .create_topic("messages", PARTITIONS as i32, 1)
+        .create_topic("messages", PARTITIONS.get() as i32, 1)
         .expect("topic");
     let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), "messages", PARTITIONS);
     // The mock cluster creates topics only through its own API, and cannot describe their

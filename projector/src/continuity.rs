@@ -61,7 +61,7 @@ impl Continuity {
             return;
         }
         self.last_audit = Some(Instant::now());
-        for partition in 0..log.partitions() {
+        for partition in 0..log.partitions().get() {
             if self.checked.contains(&partition) || self.rewound.contains(&partition) {
                 continue;
             }

@@ -132,7 +132,7 @@ async fn refresh_lag(
             _ = ticks.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        for partition in 0..log.partitions() {
+        for partition in 0..log.partitions().get() {
             let offsets = tokio::join!(log.end_offset(partition), model.applied_offset(partition));
             match offsets {
                 (Ok(end), Ok(applied)) => {

@@ -15,7 +15,7 @@ pub async fn partition_statuses(
     model: &dyn ReadModel,
 ) -> anyhow::Result<Vec<PartitionStatus>> {
     let mut partitions = Vec::new();
-    for partition in 0..log.partitions() {
+    for partition in 0..log.partitions().get() {
         partitions.push(PartitionStatus {
             partition,
             applied: model.applied_offset(partition).await?,

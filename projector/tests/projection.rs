@@ -10,18 +10,19 @@ use msghash_testkit::servers;
 use projector::{run_projection, ProjectorSettings, ProjectorStats};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{sleep, Instant};
 
-const PARTITIONS: u32 = 2;
+const PARTITIONS: NonZeroU32 = NonZeroU32::new(2).unwrap();
 
 async fn wait_until_projected(log: &KafkaLog, model: &dyn ReadModel, messages: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut done = true;
-        for p in 0..PARTITIONS {
+        for p in 0..PARTITIONS.get() {
             let end = log.end_offset(p).await.expect("end");
             let applied = model.applied_offset(p).await.expect("applied");
             done &= end == 0 || applied == Some(end - 1);
@@ -125,7 +126,7 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
         .expect("status");
     assert_eq!(status.total_lag(), 0, "{status}");
     assert_eq!(status.dead_lettered, 1);
-    assert_eq!(status.partitions.len(), PARTITIONS as usize);
+    assert_eq!(status.partitions.len(), PARTITIONS.get() as usize);
     let text = status.to_string();
     assert!(text.contains("dead-lettered events: 1"), "{text}");
     assert!(text.contains("total lag: 0"), "{text}");
@@ -224,7 +225,7 @@ async fn the_service_serves_health_and_metrics_over_tls() {
         assert_eq!(status, 200);
         let e = exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let applied = e.sum(names::PROJECTOR_EVENTS_APPLIED_TOTAL, &[]);
-        let lags: Vec<f64> = (0..PARTITIONS)
+        let lags: Vec<f64> = (0..PARTITIONS.get())
             .map(|p| {
                 e.matching(names::PROJECTOR_LAG, &[("partition", &p.to_string())])
                     .map(|s| s.value)

@@ -18,11 +18,12 @@ use msghash_testkit::router::get_message;
 use msghash_testkit::servers;
 use projector::{Phase, Progress, ProjectorSettings, ReplaySettings};
 use std::collections::BTreeMap;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::{sleep, Instant};
 
-const PARTITIONS: u32 = 4;
+const PARTITIONS: NonZeroU32 = NonZeroU32::new(4).unwrap();
 const GROUP: &str = "msghash-projector";
 
 /// Appends `messages` straight to the log, 64 at a time.
@@ -47,7 +48,7 @@ async fn wait_caught_up(log: &dyn EventLog, model: &dyn ReadModel) {
     let deadline = Instant::now() + Duration::from_secs(180);
     'outer: loop {
         assert!(Instant::now() < deadline, "projection did not catch up");
-        for p in 0..PARTITIONS {
+        for p in 0..PARTITIONS.get() {
             let end = log.end_offset(p).await.expect("end");
             let applied = model.applied_offset(p).await.expect("applied");
             if end > 0 && applied != Some(end - 1) {

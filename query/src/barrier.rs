@@ -83,7 +83,7 @@ const MAX_POLL: Duration = Duration::from_millis(50);
 
 impl ReadBarrier {
     pub fn new(log: Arc<dyn EventLog>, model: Arc<dyn ReadModel>, timeout: Duration) -> Self {
-        let partitions = log.partitions();
+        let partitions = log.partitions().get();
         // Every outcome present (at 0) from the start, so rate() and alerts see them.
         for outcome in OUTCOMES {
             metrics::counter!(QUERY_BARRIER_WAITS_TOTAL, "outcome" => outcome).increment(0);
@@ -157,8 +157,8 @@ mod tests {
 
     #[async_trait]
     impl EventLog for Log {
-        fn partitions(&self) -> u32 {
-            1
+        fn partitions(&self) -> std::num::NonZeroU32 {
+            std::num::NonZeroU32::MIN
         }
         async fn append(&self, _: u32, _: &MessageHashed) -> Result<Offset, LogError> {
             Err(LogError::Rejected("read-only".into()))

@@ -38,7 +38,7 @@ impl Default for QuerySettings {
 #[derive(Clone)]
 struct AppState {
     model: Arc<dyn ReadModel>,
-    partitions: u32,
+    partitions: std::num::NonZeroU32,
     barrier: Arc<ReadBarrier>,
 }
 

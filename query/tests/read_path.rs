@@ -13,10 +13,11 @@ use msghash_common::{partition_for, Digest, EventLog, MessageHashed, ProjectionB
 use msghash_testkit::router::{call_text, get_message, scrape};
 use msghash_testkit::servers;
 use query::QuerySettings;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-const PARTITIONS: u32 = 2;
+const PARTITIONS: NonZeroU32 = NonZeroU32::new(2).unwrap();
 
 struct Fixture {
     app: Router,

@@ -37,9 +37,9 @@ pub struct Cli {
     #[arg(long, global = true, env = "MSGHASH_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
     /// Partitions of the event log; fixed when the data directory is created.
-    #[arg(long, global = true, env = "MSGHASH_PARTITIONS", default_value_t = 8,
-          value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub partitions: u32,
+    #[arg(long, global = true, env = "MSGHASH_PARTITIONS", default_value = "8",
+          value_parser = msghash_common::config::parse_partitions::<1024>)]
+    pub partitions: std::num::NonZeroU32,
     /// Most events the projector (and a replay) applies in one transaction.
     #[arg(long, global = true, env = "MSGHASH_BATCH_SIZE", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]

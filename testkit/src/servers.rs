@@ -7,6 +7,7 @@
 
 use msghash_common::adapters::kafka::KafkaSettings;
 use msghash_common::adapters::scylla::{Keyspace, ScyllaSettings};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -67,7 +68,7 @@ pub fn unique_name(prefix: &str) -> String {
 
 /// Settings for a topic of its own on the test run's broker, created (compacted, with its
 /// dead-letter topic) by the adapter on connect.
-pub fn kafka_settings(prefix: &str, partitions: u32) -> KafkaSettings {
+pub fn kafka_settings(prefix: &str, partitions: NonZeroU32) -> KafkaSettings {
     let mut s = KafkaSettings::local(kafka_brokers(), unique_name(prefix), partitions);
     // Short enough that a test of a failure does not wait long, long enough for a busy
     // 2-core machine.

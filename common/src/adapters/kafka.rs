@@ -16,6 +16,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::TopicPartitionList;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -26,7 +27,7 @@ pub struct KafkaSettings {
     /// `host:port[,host:port...]`.
     pub brokers: String,
     pub topic: String,
-    pub partitions: u32,
+    pub partitions: NonZeroU32,
     /// Replication factor used when msghash creates the topic.
     pub replication_factor: i32,
     /// How long librdkafka may keep retrying one produce before it reports failure.
@@ -45,7 +46,11 @@ pub struct KafkaSettings {
 
 impl KafkaSettings {
     /// Settings for a local broker, handy in tests.
-    pub fn local(brokers: impl Into<String>, topic: impl Into<String>, partitions: u32) -> Self {
+    pub fn local(
+        brokers: impl Into<String>,
+        topic: impl Into<String>,
+        partitions: NonZeroU32,
+    ) -> Self {
         KafkaSettings {
             brokers: brokers.into(),
             topic: topic.into(),
@@ -125,7 +130,7 @@ impl KafkaLog {
 
     async fn create_topic(&self) -> Result<(), LogError> {
         let admin = self.admin()?;
-        let partitions = i32::try_from(self.settings.partitions)
+        let partitions = i32::try_from(self.settings.partitions.get())
             .map_err(|_| LogError::Rejected("partition count too large".into()))?;
         // Key = digest and value = a pure function of it, so compaction only ever drops
         // exact duplicates.
@@ -189,7 +194,7 @@ impl KafkaLog {
                 Err(e) => return Err(e),
             }
         };
-        if found != self.settings.partitions as usize {
+        if found != self.settings.partitions.get() as usize {
             return Err(LogError::Misconfigured(format!(
                 "topic {} has {found} partitions but {} are configured; the partition of a \
                  digest depends on the count, so they must match",
@@ -265,7 +270,7 @@ fn unavailable(e: KafkaError) -> LogError {
 
 #[async_trait]
 impl EventLog for KafkaLog {
-    fn partitions(&self) -> u32 {
+    fn partitions(&self) -> NonZeroU32 {
         self.settings.partitions
     }
 

@@ -4,6 +4,7 @@
 
 use super::writer::{Request, Writer};
 use super::*;
+use std::num::NonZeroU32;
 
 /// The embedded event log. Cloning is cheap (one `Arc`); the database closes when the last
 /// clone and the last subscription are gone.
@@ -15,7 +16,7 @@ pub struct EmbeddedLog {
 struct LogInner {
     db: Arc<Database>,
     file: PathBuf,
-    partitions: u32,
+    partitions: NonZeroU32,
     /// `None` only while dropping, so that the writer sees the channel close.
     requests: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
@@ -41,10 +42,8 @@ impl Drop for LogInner {
 impl EmbeddedLog {
     /// Opens (or creates) `dir/events.redb` with `partitions` partitions. The count is
     /// recorded on first open; any later open must ask for the same count. Blocking.
-    pub fn open(dir: &Path, partitions: u32) -> Result<EmbeddedLog, EmbeddedError> {
-        if partitions == 0 {
-            return Err(EmbeddedError::NoPartitions(partitions));
-        }
+    pub fn open(dir: &Path, count: NonZeroU32) -> Result<EmbeddedLog, EmbeddedError> {
+        let partitions = count.get();
         let (db, file) = open_database(dir, LOG_FILE)?;
         let storage = |e: redb::Error| EmbeddedError::storage(&file, e);
 
@@ -108,7 +107,7 @@ impl EmbeddedLog {
             inner: Arc::new(LogInner {
                 db,
                 file,
-                partitions,
+                partitions: count,
                 requests: Some(requests),
                 writer: Some(writer),
                 ends: ends_rx,
@@ -129,7 +128,7 @@ impl EmbeddedLog {
     }
 
     fn check_partition(&self, partition: u32) -> Result<(), LogError> {
-        if partition < self.inner.partitions {
+        if partition < self.inner.partitions.get() {
             Ok(())
         } else {
             Err(LogError::Rejected(format!(
@@ -152,7 +151,7 @@ impl LogInner {
 
 #[async_trait]
 impl EventLog for EmbeddedLog {
-    fn partitions(&self) -> u32 {
+    fn partitions(&self) -> NonZeroU32 {
         self.inner.partitions
     }
 
@@ -220,7 +219,7 @@ impl EventLog for EmbeddedLog {
             let table = txn
                 .open_table(GROUP_POSITIONS)
                 .map_err(storage_unavailable)?;
-            let mut next = vec![0; inner.partitions as usize];
+            let mut next = vec![0; inner.partitions.get() as usize];
             for entry in table
                 .range((name.as_str(), 0)..=(name.as_str(), u32::MAX))
                 .map_err(storage_unavailable)?
@@ -386,7 +385,7 @@ impl Subscription for EmbeddedSubscription {
     async fn commit(&mut self, done: &[(u32, Offset)]) -> Result<(), LogError> {
         let mut positions: Vec<(u32, u64)> = Vec::with_capacity(done.len());
         for &(partition, offset) in done {
-            if partition >= self.inner.partitions {
+            if partition >= self.inner.partitions.get() {
                 return Err(LogError::Rejected(format!(
                     "partition {partition} out of range: the log has {} partitions",
                     self.inner.partitions

@@ -164,9 +164,6 @@ pub enum EmbeddedError {
         requested: u32,
     },
 
-    #[error("the partition count must be at least 1, got {0}")]
-    NoPartitions(u32),
-
     #[error(
         "{} has storage layout version {found}, this build reads version {LAYOUT_VERSION}",
         file.display()
