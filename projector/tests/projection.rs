@@ -165,8 +165,9 @@ async fn https_get(client: &reqwest::Client, url: &str) -> Option<(u16, String)>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_serves_health_and_metrics_over_tls() {
-    use msghash_common::metrics::{exposition, names};
+    use msghash_common::metrics::names;
     use msghash_common::tls::CERT_FILE;
+    use msghash_testkit::exposition;
 
     msghash_common::telemetry::init_for_tests();
     // The service creates the topic on connect; the test's own log below shares it.

@@ -146,9 +146,10 @@ impl ReadBarrier {
 mod tests {
     use super::*;
     use async_trait::async_trait;
-    use msghash_common::metrics::{exposition, install};
+    use msghash_common::metrics::install;
     use msghash_common::ports::{LogRecord, Subscription};
     use msghash_common::{Digest, LogError, MessageHashed, ModelError, ProjectionBatch};
+    use msghash_testkit::exposition;
 
     /// A log whose partition 0 ends at `end` (or fails when `end` is `None`).
     struct Log {

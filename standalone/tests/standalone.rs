@@ -1,8 +1,9 @@
 //! The real `msghash` binary, started as a user starts it, driven over HTTPS.
 
 use futures::stream::{self, StreamExt};
-use msghash_common::metrics::{exposition, names};
+use msghash_common::metrics::names;
 use msghash_common::Digest;
+use msghash_testkit::exposition;
 use msghash_testkit::load::{Hammer, Https};
 use reqwest::StatusCode;
 use std::collections::HashSet;

@@ -3,11 +3,13 @@
 //! - [`servers`]: the real Apache Kafka broker and Apache Cassandra node that `scripts/test`
 //!   starts once per run, and unique topic and keyspace names that keep tests apart on them;
 //! - [`router`]: calling an axum router in process and scraping its `/metrics`;
+//! - [`exposition`]: reading the Prometheus text format strictly;
 //! - [`load`]: readers and a writer hammering a router while something else happens.
 //!
 //! A test that needs a server and finds none fails with a line saying how to get one; it is
 //! never skipped.
 
+pub mod exposition;
 pub mod load;
 pub mod router;
 pub mod servers;

@@ -1,10 +1,10 @@
 //! Calling an axum router in process, as a client would over HTTP.
 
+use crate::exposition;
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
-use msghash_common::metrics::exposition;
 use tower::ServiceExt;
 
 /// Sends `request` and returns the status, the headers and the body as text.
