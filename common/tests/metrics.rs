@@ -6,11 +6,11 @@ use axum::http::header;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use http_body_util::BodyExt;
 use msghash_common::metrics::{
     install, names, observe, routes, CONTENT_TYPE, REQUEST_ID, UNMATCHED_ROUTE,
 };
 use msghash_testkit::exposition;
+use msghash_testkit::router::call_text;
 use tower::ServiceExt;
 
 fn app() -> Router {
@@ -26,21 +26,11 @@ async fn call(app: &Router, request: axum::http::Request<Body>) -> Response {
 }
 
 async fn scrape(app: &Router) -> exposition::Exposition {
-    let response = call(
-        app,
-        axum::http::Request::get("/metrics")
-            .body(Body::empty())
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(response.headers()[header::CONTENT_TYPE], CONTENT_TYPE);
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    let text = String::from_utf8(bytes.to_vec()).expect("utf-8");
+    let request = axum::http::Request::get("/metrics")
+        .body(Body::empty())
+        .expect("request");
+    let (_, headers, text) = call_text(app, request).await;
+    assert_eq!(headers[header::CONTENT_TYPE], CONTENT_TYPE);
     exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
