@@ -6,19 +6,16 @@
 //!   one process, has one registry: the metric names in [`names`] never collide, and the
 //!   `service` label of the HTTP metrics tells the services apart.
 //! - [`routes`] serves the registry as Prometheus text at `GET /metrics`.
-//! - [`observe`] wraps a router: request id (`x-request-id`, honoured or generated, always
-//!   echoed), one log event per request, and the two HTTP metrics.
+//!
+//! The HTTP metrics are recorded per request by [`crate::http::observe`].
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderName, HeaderValue, Method};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::http::header;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
-use tracing::Instrument;
+use std::time::Duration;
 
 /// Every metric msghash exports. Dashboards and alerts depend on these names and labels.
 pub mod names {
@@ -155,110 +152,4 @@ pub fn routes() -> Router {
         "/metrics",
         get(|| async { ([(header::CONTENT_TYPE, CONTENT_TYPE)], render()).into_response() }),
     )
-}
-
-/// The request id header, read from the request and always set on the response.
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// The id of the request being served, in the request's extensions for handlers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId(pub String);
-
-/// The `route` label of a request that matched no route (the 404 fallback).
-pub const UNMATCHED_ROUTE: &str = "unmatched";
-
-/// Wraps every route of `router` (and its fallbacks: add them first) with the request
-/// observer: request id, one log event per request, the HTTP metrics labelled `service`.
-pub fn observe(router: Router, service: &'static str) -> Router {
-    router.layer(axum::middleware::from_fn_with_state(service, track))
-}
-
-async fn track(State(service): State<&'static str>, mut request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let id = request
-        .headers()
-        .get(&REQUEST_ID)
-        .and_then(client_request_id)
-        .unwrap_or_else(new_request_id);
-    let method = method_label(request.method());
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
-    request.extensions_mut().insert(RequestId(id.clone()));
-    let span = tracing::info_span!("request", request_id = %id);
-    let mut response = next.run(request).instrument(span).await;
-    let elapsed = started.elapsed();
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert(REQUEST_ID, value);
-    }
-    let status = response.status().as_u16();
-    ::metrics::counter!(
-        names::HTTP_REQUESTS_TOTAL,
-        "service" => service,
-        "route" => route.clone(),
-        "method" => method,
-        "status" => status.to_string(),
-    )
-    .increment(1);
-    ::metrics::histogram!(
-        names::HTTP_REQUEST_DURATION_SECONDS,
-        "service" => service,
-        "route" => route.clone(),
-        "method" => method,
-    )
-    .record(elapsed.as_secs_f64());
-    let latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
-    // Probes come every few seconds from orchestrators and scrapers: debug, not info.
-    if route.starts_with("/health/") || route == "/metrics" {
-        tracing::debug!(request_id = %id, service, method, route, status, latency_ms, "request");
-    } else {
-        tracing::info!(request_id = %id, service, method, route, status, latency_ms, "request");
-    }
-    response
-}
-
-/// A client's `x-request-id` is kept when it is 1–128 visible ASCII characters.
-fn client_request_id(value: &HeaderValue) -> Option<String> {
-    let bytes = value.as_bytes();
-    let ok = (1..=128).contains(&bytes.len()) && bytes.iter().all(u8::is_ascii_graphic);
-    ok.then(|| String::from_utf8_lossy(bytes).into_owned())
-}
-
-fn new_request_id() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-/// The standard methods by name; anything else is `other`, so a client cannot grow the
-/// label set.
-fn method_label(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::PATCH => "PATCH",
-        Method::TRACE => "TRACE",
-        Method::CONNECT => "CONNECT",
-        _ => "other",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn method_and_request_id_labels_stay_bounded() {
-        assert_eq!(method_label(&Method::GET), "GET");
-        let odd = Method::from_bytes(b"BREW").expect("method");
-        assert_eq!(method_label(&odd), "other");
-        assert!(client_request_id(&HeaderValue::from_static("abc-123")).is_some());
-        assert!(client_request_id(&HeaderValue::from_static("")).is_none());
-        let long = "x".repeat(129);
-        assert!(client_request_id(&HeaderValue::from_str(&long).expect("value")).is_none());
-    }
 }

@@ -6,9 +6,8 @@ use axum::http::header;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use msghash_common::metrics::{
-    install, names, observe, routes, CONTENT_TYPE, REQUEST_ID, UNMATCHED_ROUTE,
-};
+use msghash_common::http::{observe, REQUEST_ID, UNMATCHED_ROUTE};
+use msghash_common::metrics::{install, names, routes, CONTENT_TYPE};
 use msghash_testkit::exposition;
 use msghash_testkit::router::call_text;
 use tower::ServiceExt;
@@ -116,4 +115,69 @@ async fn requests_get_an_id_and_count_under_their_route_template() {
             "bucket le={le}"
         );
     }
+}
+
+#[derive(serde::Deserialize)]
+struct Note {
+    #[allow(dead_code)]
+    text: String,
+}
+
+impl msghash_common::http::RequestBody for Note {
+    const INVALID: &'static str = "a note";
+}
+
+/// A router whose one handler never finishes, and one that reads a JSON body.
+fn stalling_app() -> Router {
+    use axum::routing::post;
+    use msghash_common::http::{BodyLimit, JsonBody};
+    let routes = Router::new()
+        .route("/stall", get(std::future::pending::<&'static str>))
+        .route(
+            "/notes",
+            post(|JsonBody(_): JsonBody<Note>| async { "noted" }),
+        )
+        .with_state(BodyLimit(1024));
+    observe(msghash_common::http::with_error_fallbacks(routes), "unit")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_request_gets_a_json_503_and_a_stalled_body_a_400() {
+    use msghash_common::http::observe::{BODY_TIMEOUT, REQUEST_TIMEOUT};
+    let app = stalling_app();
+    let started = tokio::time::Instant::now();
+    let request = axum::http::Request::get("/stall")
+        .body(Body::empty())
+        .expect("request");
+    let (status, headers, text) = call_text(&app, request).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    assert!(headers.contains_key(&REQUEST_ID));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&text).expect("json"),
+        serde_json::json!({ "err_msg": "Service temporarily unavailable, retry later" })
+    );
+    assert!(started.elapsed() >= REQUEST_TIMEOUT);
+
+    // A client that sends its headers and then nothing of the body.
+    let started = tokio::time::Instant::now();
+    let never = Body::from_stream(futures::stream::pending::<Result<Vec<u8>, std::io::Error>>());
+    let request = axum::http::Request::post("/notes")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(never)
+        .expect("request");
+    let (status, _, text) = call_text(&app, request).await;
+    assert_eq!(status, 400, "{text}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= BODY_TIMEOUT && waited < REQUEST_TIMEOUT,
+        "{waited:?}"
+    );
+
+    let request = axum::http::Request::post("/notes")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(r#"{"text":"hi"}"#))
+        .expect("request");
+    let (status, _, text) = call_text(&app, request).await;
+    assert_eq!((status.as_u16(), text.as_str()), (200, "noted"));
 }

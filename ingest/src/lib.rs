@@ -8,16 +8,15 @@
 //! [`router`] is what the standalone binary composes; [`app`] adds health, `/metrics` and
 //! request observation; [`Application`] is the service on its own.
 
-use axum::extract::{Request, State};
+use axum::extract::{FromRef, State};
 use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use backon::{ExponentialBuilder, Retryable};
-use msghash_common::http::{self, ApiError};
+use msghash_common::http::{self, ApiError, BodyLimit, JsonBody, RequestBody};
 use msghash_common::metrics::names;
 use msghash_common::{partition_for, EventLog, LogError, MessageHashed, Offset};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +44,12 @@ struct AppState {
     settings: Arc<IngestSettings>,
 }
 
+impl FromRef<AppState> for BodyLimit {
+    fn from_ref(state: &AppState) -> BodyLimit {
+        BodyLimit(state.settings.body_limit)
+    }
+}
+
 /// The write-path routes: `POST /messages`.
 pub fn router(log: Arc<dyn EventLog>, settings: IngestSettings) -> Router {
     // Present (at 0) from the start, so rate() and alerts see the series before a failure.
@@ -57,25 +62,38 @@ pub fn router(log: Arc<dyn EventLog>, settings: IngestSettings) -> Router {
         })
 }
 
+/// The body of `POST /messages`.
 #[derive(Deserialize)]
 struct PostMessage {
     message: String,
 }
 
-const BAD_BODY: &str = "Request body must be a JSON object with a string field \"message\"";
+impl RequestBody for PostMessage {
+    const INVALID: &'static str =
+        "Request body must be a JSON object with a string field \"message\"";
+}
+
+/// The body of the 201.
+#[derive(Serialize)]
+struct Accepted {
+    digest: String,
+}
 
 /// What a client is told to wait before retrying when the log is down.
 const RETRY_AFTER_SECS: u32 = 1;
 
-async fn post_message(State(state): State<AppState>, request: Request) -> Response {
-    match accept(&state, request).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn accept(state: &AppState, request: Request) -> Result<Response, ApiError> {
-    let body: PostMessage = http::read_json(request, state.settings.body_limit, BAD_BODY).await?;
+/// `POST /messages`: hash, append, and answer 201 once the log acknowledged.
+async fn post_message(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<PostMessage>,
+) -> Result<
+    (
+        StatusCode,
+        [(header::HeaderName, String); 1],
+        Json<Accepted>,
+    ),
+    ApiError,
+> {
     let event = MessageHashed::new(body.message);
     let partition = partition_for(&event.digest, state.log.partitions());
     let offset = append_within(
@@ -96,9 +114,8 @@ async fn accept(state: &AppState, request: Request) -> Result<Response, ApiError
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/messages/{digest}"))],
-        Json(serde_json::json!({ "digest": digest })),
-    )
-        .into_response())
+        Json(Accepted { digest }),
+    ))
 }
 
 /// The write path as the `ingest` service serves it: [`router`], health (ready when the

@@ -9,13 +9,14 @@
 
 pub mod barrier;
 
-use axum::extract::{Path, Query, State};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::routing::get;
 use axum::{Json, Router};
 use barrier::{BarrierError, ReadBarrier};
 use msghash_common::http::{self, ApiError};
 use msghash_common::{partition_for, Digest, EventLog, ReadModel};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -75,72 +76,109 @@ pub fn app(log: Arc<dyn EventLog>, model: Arc<dyn ReadModel>, settings: QuerySet
     )
 }
 
+/// The `{digest}` of a path. Text that is not 64 hex characters names no message: 404.
+struct DigestPath(Digest);
+
+impl<S: Send + Sync> FromRequestParts<S> for DigestPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(text) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::MessageNotFound)?;
+        Digest::parse(&text)
+            .map(DigestPath)
+            .ok_or(ApiError::MessageNotFound)
+    }
+}
+
+/// The body of a 200 to `GET /messages/{digest}`.
+#[derive(Serialize)]
+struct Found {
+    message: String,
+}
+
+/// `GET /messages/{digest}`.
 async fn get_message(
     State(state): State<AppState>,
-    digest: Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> Response {
-    let Some(digest) = digest.ok().and_then(|Path(d)| Digest::parse(&d)) else {
-        return ApiError::MessageNotFound.into_response();
-    };
-    match lookup_across_switch(&state, &digest).await {
-        Ok(message) => Json(serde_json::json!({ "message": message })).into_response(),
-        Err(e) => e.into_response(),
-    }
+    DigestPath(digest): DigestPath,
+) -> Result<Json<Found>, ApiError> {
+    let message = lookup_across_switch(&state, &digest).await?;
+    Ok(Json(Found { message }))
 }
 
 /// Page size of `GET /messages` when the client gives none, and the most it may ask for.
 pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;
 
-#[derive(serde::Deserialize)]
-struct ListParams {
+/// `?limit=&after=` of a listing, checked: 400 with what is wrong otherwise.
+struct Page {
+    limit: usize,
+    after: Option<Digest>,
+}
+
+#[derive(Deserialize)]
+struct PageParams {
     limit: Option<String>,
     after: Option<String>,
 }
 
-/// `GET /messages?limit=&after=`: one page of digests and the cursor of the next page
-/// (`null` on the last page).
+impl<S: Send + Sync> FromRequestParts<S> for Page {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Query(params) = Query::<PageParams>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::BadRequest("Query must be ?limit=<1..1000>&after=<digest>"))?;
+        let limit = match params.limit.as_deref().map(str::parse::<usize>) {
+            None => DEFAULT_PAGE,
+            Some(Ok(n)) if (1..=MAX_PAGE).contains(&n) => n,
+            Some(_) => {
+                return Err(ApiError::BadRequest(
+                    "limit must be an integer from 1 to 1000",
+                ))
+            }
+        };
+        let after = match params.after.as_deref() {
+            None | Some("") => None,
+            Some(text) => Some(Digest::parse(text).ok_or(ApiError::BadRequest(
+                "after must be a digest (64 hex characters)",
+            ))?),
+        };
+        Ok(Page { limit, after })
+    }
+}
+
+/// The body of a 200 to `GET /messages`: one page and the cursor of the next (`null` on the
+/// last page).
+#[derive(Serialize)]
+struct Listing {
+    digests: Vec<String>,
+    next: Option<String>,
+}
+
+/// `GET /messages?limit=&after=`.
 async fn list_messages(
     State(state): State<AppState>,
-    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let Ok(Query(params)) = params else {
-        return ApiError::BadRequest("Query must be ?limit=<1..1000>&after=<digest>")
-            .into_response();
-    };
-    let limit = match params.limit.as_deref().map(str::parse::<usize>) {
-        None => DEFAULT_PAGE,
-        Some(Ok(n)) if (1..=MAX_PAGE).contains(&n) => n,
-        Some(_) => {
-            return ApiError::BadRequest("limit must be an integer from 1 to 1000").into_response()
-        }
-    };
-    let after = match params.after.as_deref() {
-        None | Some("") => None,
-        Some(text) => match Digest::parse(text) {
-            Some(d) => Some(d),
-            None => {
-                return ApiError::BadRequest("after must be a digest (64 hex characters)")
-                    .into_response()
-            }
-        },
-    };
-    match state.model.list(after.as_ref(), limit).await {
-        Ok(digests) => {
-            let next = (digests.len() == limit)
-                .then(|| digests.last().map(Digest::to_hex))
-                .flatten();
-            let digests: Vec<String> = digests.iter().map(Digest::to_hex).collect();
-            Json(serde_json::json!({ "digests": digests, "next": next })).into_response()
-        }
-        Err(e) => {
+    page: Page,
+) -> Result<Json<Listing>, ApiError> {
+    let digests = state
+        .model
+        .list(page.after.as_ref(), page.limit)
+        .await
+        .map_err(|e| {
             tracing::warn!(error = %e, "listing failed");
             ApiError::Unavailable {
                 retry_after_secs: 1,
             }
-            .into_response()
-        }
-    }
+        })?;
+    let next = (digests.len() == page.limit)
+        .then(|| digests.last().map(Digest::to_hex))
+        .flatten();
+    Ok(Json(Listing {
+        digests: digests.iter().map(Digest::to_hex).collect(),
+        next,
+    }))
 }
 
 /// [`lookup`], once more if the read model switched generation during it: the barrier's

@@ -1,13 +1,43 @@
 //! Reading a JSON request body: the content type first, then the size (bounded, drained so
-//! that a client still sending gets its 413), then the shape.
+//! that a client still sending gets its 413), then the shape. Handlers take a
+//! [`JsonBody<T>`] argument; its rejection is an [`ApiError`].
 
 use super::ApiError;
 use axum::body::Body;
-use axum::extract::Request;
+use axum::extract::{FromRef, FromRequest, Request};
 use axum::http::{header, HeaderMap};
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
-use std::time::Duration;
+
+/// A type a request body decodes into, and what a client whose body does not fit it is told.
+pub trait RequestBody: DeserializeOwned {
+    /// The 400's `err_msg`.
+    const INVALID: &'static str;
+}
+
+/// The largest request body a router's routes accept, in bytes: a [`JsonBody`] finds it in
+/// the router's state (through `FromRef`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimit(pub usize);
+
+/// Extracts a `T` from a JSON request body as [`read_json`] reads it, at most the state's
+/// [`BodyLimit`] long.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    T: RequestBody,
+    S: Send + Sync,
+    BodyLimit: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let BodyLimit(limit) = BodyLimit::from_ref(state);
+        read_json(request, limit, T::INVALID).await.map(JsonBody)
+    }
+}
 
 fn is_json(headers: &HeaderMap) -> bool {
     let Some(value) = headers
@@ -27,9 +57,9 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// How much of an oversized body is read and thrown away so that the client, still
-/// sending, gets the 413 instead of a reset connection.
+/// sending, gets the 413 instead of a reset connection. How long that may take is bounded by
+/// the body timeout of [`super::observe`].
 pub const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
-const DRAIN_TIME: Duration = Duration::from_secs(10);
 
 /// Reads a JSON body of at most `limit` bytes.
 ///
@@ -75,21 +105,8 @@ async fn collect_bounded(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> 
     let mut body = body;
     let mut buf = Vec::new();
     let mut seen = 0usize;
-    let deadline = tokio::time::Instant::now() + DRAIN_TIME;
     loop {
-        let frame = if seen > limit {
-            match tokio::time::timeout_at(deadline, body.frame()).await {
-                Ok(f) => f,
-                Err(_) => {
-                    return Err(ApiError::PayloadTooLarge {
-                        limit,
-                        drained: false,
-                    })
-                }
-            }
-        } else {
-            body.frame().await
-        };
+        let frame = body.frame().await;
         match frame {
             None => break,
             Some(Err(_)) if seen > limit => {
@@ -129,6 +146,7 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
     use serde::Deserialize;
+    use std::time::Duration;
 
     #[derive(Deserialize, Debug, PartialEq)]
     struct Body1 {

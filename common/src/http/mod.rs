@@ -3,24 +3,28 @@
 //! - [`body`]: the bounded JSON body reader;
 //! - [`serve`]: the TLS server, bound first and served until shutdown;
 //! - [`health`]: the health routes and readiness checks;
+//! - [`observe`]: the layers around every route (request id, tracing span, request log
+//!   line and metrics, timeouts);
 //! - [`service_app`] (here): a service's routes with health, `/metrics`, the JSON fallbacks
 //!   and request observation around them.
 
 pub mod body;
 pub mod error;
 pub mod health;
+pub mod observe;
 pub mod serve;
 
-pub use body::{read_json, DRAIN_LIMIT};
+pub use body::{read_json, BodyLimit, JsonBody, RequestBody, DRAIN_LIMIT};
 pub use error::{method_not_allowed, route_not_found, with_error_fallbacks, ApiError};
 pub use health::{health_routes, log_and_model_ready, log_ready};
+pub use observe::{observe, REQUEST_ID, UNMATCHED_ROUTE};
 pub use serve::{Server, GRACE};
 
 use axum::Router;
 
 /// Everything a service serves on its port: its own `routes`, `/health/live` and
 /// `/health/ready` (from `ready`), `/metrics`, the JSON 404/405 fallbacks, all observed
-/// under `service` (request id, one log event per request, HTTP metrics). Installs the
+/// under `service` (see [`observe`]). Installs the
 /// metrics recorder if that has not happened yet.
 pub fn service_app<F, Fut>(service: &'static str, routes: Router, ready: F) -> Router
 where
@@ -28,7 +32,7 @@ where
     Fut: std::future::Future<Output = bool> + Send + 'static,
 {
     crate::metrics::install();
-    crate::metrics::observe(
+    observe(
         with_error_fallbacks(
             routes
                 .merge(health_routes(ready))

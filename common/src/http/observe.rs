@@ -1,0 +1,173 @@
+//! What wraps every route of every service, built from tower-http's layers, outermost first:
+//! - a client's malformed `x-request-id` is dropped, then [`SetRequestIdLayer`] keeps a
+//!   valid one or generates a UUID, and [`PropagateRequestIdLayer`] echoes it on the response;
+//! - [`TraceLayer`] runs the request inside a `request` span carrying that id, so every event
+//!   logged while handling it can be found by it;
+//! - [`record`] logs one event per request and counts it in the two HTTP metrics, under the
+//!   route template (never the raw path);
+//! - a bare error from a layer below (the timeout's 503) gets the JSON `{"err_msg"}` body;
+//! - [`TimeoutLayer`] bounds a whole request, [`RequestBodyTimeoutLayer`] the reading of
+//!   its body, so a stalled handler or a client that stops sending cannot hold a task.
+
+use super::ApiError;
+use crate::metrics::names;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use std::time::{Duration, Instant};
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
+use tower_http::trace::TraceLayer;
+
+/// The request id header, read from the request and always set on the response.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The `route` label of a request that matched no route (the 404 fallback).
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// The longest a request may take from its head to its response head, body reading and
+/// read-your-writes waits included. Every service's own deadlines are shorter; this is the
+/// bound when something below them hangs. Past it: 503 with `Retry-After`.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest a client may take to send a request body. Past it the read fails: 400, or
+/// 413 when the body was already over the limit.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Wraps every route of `router` (and its fallbacks: add them first) with the layers in the
+/// module doc; the HTTP metrics are labelled `service`.
+pub fn observe(router: Router, service: &'static str) -> Router {
+    router
+        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(middleware::map_response(json_error_body))
+        .layer(middleware::from_fn_with_state(service, record))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(middleware::map_request(drop_malformed_request_id))
+}
+
+/// A client's `x-request-id` is kept when it is 1–128 visible ASCII characters; any other
+/// is removed here, so that the next layer generates one.
+async fn drop_malformed_request_id(mut request: Request) -> Request {
+    if request
+        .headers()
+        .get(&REQUEST_ID)
+        .is_some_and(|v| !is_valid_request_id(v))
+    {
+        request.headers_mut().remove(&REQUEST_ID);
+    }
+    request
+}
+
+fn is_valid_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    (1..=128).contains(&bytes.len()) && bytes.iter().all(u8::is_ascii_graphic)
+}
+
+fn request_id(request: &Request) -> &str {
+    request
+        .extensions()
+        .get::<RequestId>()
+        .and_then(|id| id.header_value().to_str().ok())
+        .unwrap_or_default()
+}
+
+fn request_span(request: &Request) -> tracing::Span {
+    tracing::info_span!("request", request_id = %request_id(request))
+}
+
+/// One log event and the two HTTP metrics per request.
+async fn record(State(service): State<&'static str>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request_id(&request).to_owned();
+    let method = method_label(request.method());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
+    let response = next.run(request).await;
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    ::metrics::counter!(
+        names::HTTP_REQUESTS_TOTAL,
+        "service" => service,
+        "route" => route.clone(),
+        "method" => method,
+        "status" => status.to_string(),
+    )
+    .increment(1);
+    ::metrics::histogram!(
+        names::HTTP_REQUEST_DURATION_SECONDS,
+        "service" => service,
+        "route" => route.clone(),
+        "method" => method,
+    )
+    .record(elapsed.as_secs_f64());
+    let latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
+    // Probes come every few seconds from orchestrators and scrapers: debug, not info.
+    if route.starts_with("/health/") || route == "/metrics" {
+        tracing::debug!(request_id = %id, service, method, route, status, latency_ms, "request");
+    } else {
+        tracing::info!(request_id = %id, service, method, route, status, latency_ms, "request");
+    }
+    response
+}
+
+/// A 503 without a body (the timeout layer's) becomes [`ApiError::Unavailable`], so a client
+/// sees the same JSON error and `Retry-After` as from any other 503.
+async fn json_error_body(response: Response) -> Response {
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE
+        && !response.headers().contains_key(header::CONTENT_TYPE)
+    {
+        return ApiError::Unavailable {
+            retry_after_secs: 1,
+        }
+        .into_response();
+    }
+    response
+}
+
+/// The standard methods by name; anything else is `other`, so a client cannot grow the
+/// label set.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_and_request_id_labels_stay_bounded() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        let odd = Method::from_bytes(b"BREW").expect("method");
+        assert_eq!(method_label(&odd), "other");
+        assert!(is_valid_request_id(&HeaderValue::from_static("abc-123")));
+        assert!(!is_valid_request_id(&HeaderValue::from_static("")));
+        let long = "x".repeat(129);
+        assert!(!is_valid_request_id(
+            &HeaderValue::from_str(&long).expect("value")
+        ));
+    }
+}
