@@ -75,6 +75,11 @@ pub trait EventLog: Send + Sync + 'static {
 }
 
 /// A consumer-group member reading the log in order within each partition.
+///
+/// Delivery is at least once: after a rebalance, a restart or a [`rewind`](Self::rewind)
+/// records come again, and a member that lost its partitions (a zombie) may still be
+/// finishing a batch of them while the new owner moves on. The read model absorbs both:
+/// [`ReadModel::apply`] is idempotent and its applied offsets never move backwards.
 #[async_trait]
 pub trait Subscription: Send {
     /// Up to `max` records; waits at most `max_wait` for the first one and returns an empty
@@ -170,21 +175,41 @@ impl ModelError {
 }
 
 /// The query side's store: digest → message, plus how far each partition is applied.
+///
+/// The contract every adapter keeps (checked for each one by `common/tests/conformance.rs`):
+/// - **Applied offsets never move backwards.** An [`apply`](Self::apply) whose batch carries
+///   a lower offset for a partition than the one already recorded leaves the recorded one,
+///   also when two projectors race (a zombie group member finishing a stale batch while
+///   the new owner applies a later one): the result is the maximum, whatever the order.
+/// - **`apply` is idempotent.** Applying the same batch twice leaves the same state as
+///   applying it once (rows, applied offsets, listing), so a batch may be replayed after a
+///   crash or a driver retry.
+/// - **A listing cursor is stable.** See [`list`](Self::list).
 #[async_trait]
 pub trait ReadModel: Send + Sync + 'static {
-    /// Writes the rows first, then the applied offsets. Applying the same batch twice
-    /// changes nothing.
+    /// Writes the rows first, then the applied offsets, so once an offset is visible every
+    /// row up to it is readable.
+    ///
+    /// Rows are upserts (a digest always names the same message). Each applied offset is
+    /// merged with the recorded one by maximum: a batch with a lower offset than the
+    /// recorded one still writes its rows but does not move the offset back, even when it
+    /// races with a later batch. Applying the same batch twice changes nothing.
     async fn apply(&self, batch: &ProjectionBatch) -> Result<(), ModelError>;
 
     /// The message named by `digest`, if the projection has it.
     async fn get(&self, digest: &Digest) -> Result<Option<String>, ModelError>;
 
     /// The highest offset of `partition` whose event is applied; `None` before the first.
+    /// It is the maximum over every applied batch and never decreases.
     async fn applied_offset(&self, partition: u32) -> Result<Option<Offset>, ModelError>;
 
     /// Up to `limit` digests that come after `after` in the adapter's listing order (a
-    /// stable order of its choosing: byte order, token order, ...). Paging with the last
-    /// digest of each page as the next `after` visits every stored digest exactly once.
+    /// stable order of its choosing: byte order, token order, ...).
+    ///
+    /// The cursor is stable: paging with the last digest of each page as the next `after`
+    /// visits every digest stored before the listing began exactly once, even if rows are
+    /// added between pages. Rows added meanwhile may or may not appear, but no digest
+    /// appears twice.
     async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<Digest>, ModelError>;
 
     /// The generation this handle reads now. A plain adapter is one generation and says 0;

@@ -154,7 +154,52 @@ async fn event_log_conforms(log: &dyn EventLog) {
     assert_eq!(total, 35, "dead letters do not enter the main log");
 }
 
-/// apply / idempotence / get / applied offsets / list with a cursor.
+/// Every digest of the listing, paging `page` at a time from the start.
+async fn list_all(model: &dyn ReadModel, page: usize) -> Vec<Digest> {
+    let mut listed = Vec::new();
+    let mut after: Option<Digest> = None;
+    loop {
+        let got = model.list(after.as_ref(), page).await.expect("list");
+        assert!(got.len() <= page);
+        listed.extend(got.iter().copied());
+        match got.last() {
+            Some(last) if got.len() == page => after = Some(*last),
+            _ => return listed,
+        }
+    }
+}
+
+/// What a reader can observe of `digests` and partitions 0..3: the rows, the applied
+/// offsets, the listing.
+async fn observe(
+    model: &dyn ReadModel,
+    digests: &[Digest],
+) -> (Vec<Option<String>>, Vec<Option<Offset>>, Vec<Digest>) {
+    let mut rows = Vec::new();
+    for d in digests {
+        rows.push(model.get(d).await.expect("get"));
+    }
+    let mut offsets = Vec::new();
+    for p in 0..PARTITIONS.get() {
+        offsets.push(model.applied_offset(p).await.expect("applied"));
+    }
+    let mut listed = list_all(model, 7).await;
+    listed.sort_unstable();
+    (rows, offsets, listed)
+}
+
+fn rows_batch(messages: &[String], applied: &[(u32, Offset)]) -> ProjectionBatch {
+    ProjectionBatch {
+        messages: messages
+            .iter()
+            .map(|m| (Digest::of(m), m.clone()))
+            .collect(),
+        applied: applied.to_vec(),
+    }
+}
+
+/// The `ReadModel` contract: apply / get / applied offsets that never move backwards /
+/// idempotent apply / a stable listing cursor.
 async fn read_model_conforms(model: &dyn ReadModel) {
     let nothing = Digest::of("nothing");
     assert_eq!(model.get(&nothing).await.expect("get"), None);
@@ -165,15 +210,9 @@ async fn read_model_conforms(model: &dyn ReadModel) {
         .chain(std::iter::once("héllo 🌍 日本 \"q\"\n".to_owned()))
         .chain((0..98).map(|i| format!("listed {i}")))
         .collect();
-    let batch = ProjectionBatch {
-        messages: messages
-            .iter()
-            .map(|m| (Digest::of(m), m.clone()))
-            .collect(),
-        applied: vec![(0, 41), (2, 7)],
-    };
+    let mut stored: HashSet<Digest> = messages.iter().map(|m| Digest::of(m)).collect();
+    let batch = rows_batch(&messages, &[(0, 41), (2, 7)]);
     model.apply(&batch).await.expect("apply");
-    model.apply(&batch).await.expect("apply again is harmless");
     for m in &messages {
         assert_eq!(
             model.get(&Digest::of(m)).await.expect("get").as_deref(),
@@ -184,21 +223,114 @@ async fn read_model_conforms(model: &dyn ReadModel) {
     assert_eq!(model.applied_offset(1).await.expect("applied"), None);
     assert_eq!(model.applied_offset(2).await.expect("applied"), Some(7));
 
-    let mut listed = Vec::new();
+    // `apply` is idempotent: the same batch twice leaves what it left once.
+    let digests: Vec<Digest> = messages.iter().map(|m| Digest::of(m)).collect();
+    let once = observe(model, &digests).await;
+    assert_eq!(once.2.len(), messages.len());
+    model.apply(&batch).await.expect("apply again");
+    assert_eq!(
+        observe(model, &digests).await,
+        once,
+        "applying a batch twice leaves the state of applying it once"
+    );
+
+    // Applied offsets never move backwards: a stale batch (a zombie group member finishing
+    // an old batch) still writes its rows, which are idempotent upserts, but leaves the
+    // recorded offset.
+    let stale = vec!["stale row".to_owned()];
+    model
+        .apply(&rows_batch(&stale, &[(0, 30)]))
+        .await
+        .expect("apply stale");
+    stored.insert(Digest::of(&stale[0]));
+    assert_eq!(
+        model.applied_offset(0).await.expect("applied"),
+        Some(41),
+        "a stale batch must not move partition 0's applied offset back from 41 to 30"
+    );
+    assert_eq!(
+        model
+            .get(&Digest::of(&stale[0]))
+            .await
+            .expect("get")
+            .as_deref(),
+        Some("stale row"),
+        "the stale batch's row is readable"
+    );
+    // Two projectors racing on one partition end at the higher offset, whichever lands last.
+    for round in 0..8 {
+        let base: Offset = 100 * round;
+        let old = vec![format!("race {round} old")];
+        let new = vec![format!("race {round} new")];
+        let stale = rows_batch(&old, &[(1, base + 10), (0, 20)]);
+        let fresh = rows_batch(&new, &[(1, base + 50)]);
+        let (a, b) = if round % 2 == 0 {
+            tokio::join!(model.apply(&stale), model.apply(&fresh))
+        } else {
+            tokio::join!(model.apply(&fresh), model.apply(&stale))
+        };
+        a.expect("racing apply");
+        b.expect("racing apply");
+        stored.insert(Digest::of(&old[0]));
+        stored.insert(Digest::of(&new[0]));
+        assert_eq!(
+            model.applied_offset(1).await.expect("applied"),
+            Some(base + 50),
+            "round {round}: racing applies of offsets {} and {} end at the maximum",
+            base + 10,
+            base + 50
+        );
+        assert_eq!(model.applied_offset(0).await.expect("applied"), Some(41));
+    }
+
+    // The listing is complete, each digest once.
+    let listed = list_all(model, 7).await;
+    let unique: HashSet<Digest> = listed.iter().copied().collect();
+    assert_eq!(unique.len(), listed.len(), "each digest listed once");
+    assert_eq!(unique, stored, "the listing is complete");
+
+    // A listing cursor is stable: rows added between pages never make a digest stored
+    // before the listing began disappear or appear twice.
+    let mut added: HashSet<Digest> = HashSet::new();
+    let mut seen: Vec<Digest> = Vec::new();
     let mut after: Option<Digest> = None;
-    loop {
+    for page_no in 0.. {
+        assert!(page_no < 1000, "the listing does not end");
         let page = model.list(after.as_ref(), 7).await.expect("list");
         assert!(page.len() <= 7);
-        listed.extend(page.iter().copied());
+        seen.extend(page.iter().copied());
+        let more: Vec<String> = (0..3).map(|i| format!("added {page_no}.{i}")).collect();
+        model
+            .apply(&rows_batch(&more, &[(2, 8 + page_no)]))
+            .await
+            .expect("apply between pages");
+        added.extend(more.iter().map(|m| Digest::of(m)));
         match page.last() {
             Some(last) if page.len() == 7 => after = Some(*last),
             _ => break,
         }
     }
-    let unique: HashSet<Digest> = listed.iter().copied().collect();
-    assert_eq!(unique.len(), listed.len(), "each digest listed once");
-    let want: HashSet<Digest> = messages.iter().map(|m| Digest::of(m)).collect();
-    assert_eq!(unique, want, "the listing is complete");
+    let mut counts: BTreeMap<Digest, usize> = BTreeMap::new();
+    for d in &seen {
+        *counts.entry(*d).or_default() += 1;
+    }
+    let twice: Vec<&Digest> = counts
+        .iter()
+        .filter(|(_, &n)| n > 1)
+        .map(|(d, _)| d)
+        .collect();
+    assert!(twice.is_empty(), "digests listed twice: {twice:?}");
+    let missing = stored.iter().filter(|d| !counts.contains_key(d)).count();
+    assert_eq!(
+        missing, 0,
+        "every digest stored before the listing began is listed"
+    );
+    assert!(
+        counts
+            .keys()
+            .all(|d| stored.contains(d) || added.contains(d)),
+        "only stored digests are listed"
+    );
 }
 
 /// `rewind` moves a partition's next record back; later records follow on from there.

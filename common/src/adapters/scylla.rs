@@ -3,14 +3,25 @@
 //! Two tables per read-model generation in one keyspace (generation N ≥ 1 adds `_g<N>` to
 //! both names, see [`table_names`]):
 //! - `messages (digest blob PRIMARY KEY, message text)`: the projection itself;
-//! - `projection_offsets (partition int PRIMARY KEY, applied_offset bigint)`: per event-log
-//!   partition, the highest offset whose event is in `messages`.
+//! - `applied_offsets (partition int, applied_offset bigint, PRIMARY KEY (partition,
+//!   applied_offset)) WITH CLUSTERING ORDER BY (applied_offset DESC)`: per event-log
+//!   partition, the offsets whose events are in `messages`; the applied offset is the
+//!   first (highest) row. `apply` inserts the row of its offset, then deletes the rows
+//!   below it. Both writes are idempotent, and a prune only runs once the row it keeps is
+//!   written, so the highest row is never removed: the applied offset is the maximum over
+//!   every apply, in any order. It never moves backwards, even when a zombie projector
+//!   finishes a stale batch (a plain upsert of one value per partition would let the last
+//!   writer win).
+//!
+//! The earlier layout's `projection_offsets (partition int PRIMARY KEY, applied_offset
+//! bigint)` is no longer created, written or read; `drop_generation` still drops it.
 //!
 //! [`ScyllaGenerations`] keeps the catalog of generations in `generations`.
 //!
 //! Every statement is prepared (so the driver routes it to a replica of its partition key)
-//! and marked idempotent: an upsert of the same digest with the same message is a no-op, so
-//! the driver may retry it and the projector may replay a batch.
+//! and marked idempotent: an upsert of the same digest with the same message, the insert of
+//! an offset row and the prune below it are no-ops the second time, so the driver may retry
+//! them and the projector may replay a batch.
 
 use crate::ports::{
     Generation, GenerationState, ModelError, ModelGenerations, Offset, ProjectionBatch, ReadModel,
@@ -102,7 +113,8 @@ pub struct ScyllaModel {
     generation: Generation,
     insert_message: PreparedStatement,
     select_message: PreparedStatement,
-    upsert_offset: PreparedStatement,
+    insert_offset: PreparedStatement,
+    prune_offsets: PreparedStatement,
     select_offset: PreparedStatement,
     list_first: PreparedStatement,
     list_after: PreparedStatement,
@@ -115,16 +127,26 @@ fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> ModelError 
     ModelError::unavailable("scylla", e)
 }
 
-/// The tables of one generation: `messages` and `projection_offsets` for generation 0,
-/// `messages_g<N>` and `projection_offsets_g<N>` after that.
+/// The tables of one generation: `messages` and `applied_offsets` for generation 0,
+/// `messages_g<N>` and `applied_offsets_g<N>` after that.
 pub fn table_names(generation: Generation) -> (String, String) {
+    (
+        generation_table("messages", generation),
+        generation_table("applied_offsets", generation),
+    )
+}
+
+/// The offsets table of the earlier layout (`projection_offsets`, `_g<N>` added), which a
+/// keyspace written by an older msghash may still hold: never read, only dropped.
+fn legacy_offsets_table(generation: Generation) -> String {
+    generation_table("projection_offsets", generation)
+}
+
+fn generation_table(base: &str, generation: Generation) -> String {
     if generation == 0 {
-        ("messages".into(), "projection_offsets".into())
+        base.to_owned()
     } else {
-        (
-            format!("messages_g{generation}"),
-            format!("projection_offsets_g{generation}"),
-        )
+        format!("{base}_g{generation}")
     }
 }
 
@@ -177,7 +199,8 @@ impl ScyllaModel {
             ),
             format!(
                 "CREATE TABLE IF NOT EXISTS {ks}.{offsets} \
-                 (partition int PRIMARY KEY, applied_offset bigint)"
+                 (partition int, applied_offset bigint, PRIMARY KEY (partition, applied_offset)) \
+                 WITH CLUSTERING ORDER BY (applied_offset DESC)"
             ),
         ] {
             session.query_unpaged(ddl, ()).await.map_err(unavailable)?;
@@ -200,12 +223,18 @@ impl ScyllaModel {
                 "SELECT message FROM {ks}.{messages} WHERE digest = ?"
             ))
             .await?,
-            upsert_offset: prepare(format!(
+            // Max-merge: insert the new offset's row, then prune the rows below it. The
+            // highest row is never pruned, so racing applies end at the maximum.
+            insert_offset: prepare(format!(
                 "INSERT INTO {ks}.{offsets} (partition, applied_offset) VALUES (?, ?)"
             ))
             .await?,
+            prune_offsets: prepare(format!(
+                "DELETE FROM {ks}.{offsets} WHERE partition = ? AND applied_offset < ?"
+            ))
+            .await?,
             select_offset: prepare(format!(
-                "SELECT applied_offset FROM {ks}.{offsets} WHERE partition = ?"
+                "SELECT applied_offset FROM {ks}.{offsets} WHERE partition = ? LIMIT 1"
             ))
             .await?,
             // Listing walks the token ring: the cursor is the last digest of a page, and
@@ -380,7 +409,7 @@ impl ModelGenerations for ScyllaGenerations {
         self.opened.lock().await.remove(&generation);
         let ks = &self.settings.keyspace;
         let (messages, offsets) = table_names(generation);
-        for table in [messages, offsets] {
+        for table in [messages, offsets, legacy_offsets_table(generation)] {
             self.session
                 .query_unpaged(format!("DROP TABLE IF EXISTS {ks}.{table}"), ())
                 .await
@@ -414,9 +443,17 @@ impl ReadModel for ScyllaModel {
                 .await
                 .map_err(unavailable)?;
         }
+        // Then the offsets, merged by maximum: the row of this offset first, then the rows
+        // below it go. A stale offset adds a row below the highest one (pruned by the next
+        // apply) and never removes it.
         for &(partition, offset) in &batch.applied {
+            let key = (partition_key(partition)?, offset);
             self.session
-                .execute_unpaged(&self.upsert_offset, (partition_key(partition)?, offset))
+                .execute_unpaged(&self.insert_offset, key)
+                .await
+                .map_err(unavailable)?;
+            self.session
+                .execute_unpaged(&self.prune_offsets, key)
                 .await
                 .map_err(unavailable)?;
         }
