@@ -6,6 +6,7 @@ use msghash_common::adapters::kafka::KafkaLog;
 use msghash_common::adapters::scylla::ScyllaGenerations;
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{partition_for, Digest, EventLog, MessageHashed, ModelGenerations, ReadModel};
+use msghash_testkit::process::ServiceProcess;
 use msghash_testkit::servers;
 use projector::{run_projection, ProjectorSettings, ProjectorStats};
 use rdkafka::config::ClientConfig;
@@ -169,13 +170,14 @@ async fn the_service_serves_health_and_metrics_over_tls() {
     use msghash_common::tls::CERT_FILE;
     use msghash_testkit::exposition;
 
+    // The projector runs as its own process, so the metrics it serves are its own: no other
+    // test of this binary, running beside it, can add to them.
     msghash_common::telemetry::init_for_tests();
     // The service creates the topic on connect; the test's own log below shares it.
     let settings = servers::kafka_settings("projector_http", PARTITIONS);
     let scylla = servers::scylla_settings("projector_http");
     let certs = tempfile::tempdir().expect("tempdir");
-    let cli = <projector::Cli as clap::Parser>::try_parse_from([
-        "projector".to_owned(),
+    let args = [
         format!("--kafka-brokers={}", settings.brokers),
         format!("--topic={}", settings.topic),
         format!("--partitions={PARTITIONS}"),
@@ -185,17 +187,16 @@ async fn the_service_serves_health_and_metrics_over_tls() {
         ),
         format!("--scylla-nodes={}", scylla.nodes.join(",")),
         format!("--keyspace={}", scylla.keyspace),
-        "--listen=127.0.0.1:0".to_owned(),
         format!("--cert-dir={}", certs.path().display()),
         format!("--group={}", servers::unique_name("projector_http")),
-    ])
-    .expect("flags parse");
-    let shutdown = Shutdown::new();
-    let application = projector::Application::build(cli)
-        .await
-        .expect("the projector starts");
-    let base = format!("https://localhost:{}", application.port());
-    let service = tokio::spawn(application.run_until_stopped(shutdown.clone()));
+    ];
+    let service = ServiceProcess::start(
+        env!("CARGO_BIN_EXE_projector"),
+        &args,
+        Duration::from_secs(120),
+    )
+    .await;
+    let base = service.base_url();
 
     // The certificate is written by build; the port is bound, so it answers at once.
     let pem = std::fs::read(certs.path().join(CERT_FILE)).expect("certificate written");
@@ -208,7 +209,6 @@ async fn the_service_serves_health_and_metrics_over_tls() {
         .await
         .expect("live answers");
     assert_eq!(status, 200);
-    assert!(!service.is_finished(), "projector stopped early");
     let (status, body) = https_get(&client, &format!("{base}/health/ready"))
         .await
         .expect("ready answers");
@@ -267,10 +267,6 @@ async fn the_service_serves_health_and_metrics_over_tls() {
         sleep(Duration::from_millis(200)).await;
     }
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), service)
-        .await
-        .expect("stops")
-        .expect("join")
-        .expect("clean stop");
+    let status = service.stop(Duration::from_secs(30)).await;
+    assert!(status.success(), "clean stop on SIGTERM: {status}");
 }
