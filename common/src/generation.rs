@@ -6,7 +6,7 @@
 //! never inside one. Generations only move forward, so a handle never goes back.
 
 use crate::ports::{Generation, ModelError, ModelGenerations, Offset, ProjectionBatch, ReadModel};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, Ticker};
 use crate::Digest;
 use async_trait::async_trait;
 use std::sync::{Arc, RwLock};
@@ -69,13 +69,8 @@ impl LiveModel {
     ) -> tokio::task::JoinHandle<()> {
         let live = self.clone();
         tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = ticks.tick() => {}
-                    _ = shutdown.cancelled() => return,
-                }
+            let mut ticker = Ticker::new(interval, shutdown);
+            while ticker.tick().await {
                 if let Err(e) = live.refresh().await {
                     tracing::debug!(error = %e, "could not read the active generation");
                 }

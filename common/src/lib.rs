@@ -10,19 +10,19 @@
 //! - [`http`]: the error type and its single mapping to HTTP, bounded JSON bodies, the TLS
 //!   server; [`tls`]: certificates; [`config`]: flags and `MSGHASH_*` variables;
 //!   [`telemetry`]: logging; [`metrics`]: Prometheus metrics, `/metrics`, the request
-//!   observer; [`shutdown`]: the signal-driven cancellation token; [`exit`]: a service's
-//!   exit code.
+//!   observer; [`shutdown`]: the signal-driven cancellation token; [`service`]: the
+//!   `Application` shape every service has, its `main` and exit code.
 
 pub mod adapters;
 pub mod config;
 pub mod digest;
 pub mod event;
-pub mod exit;
 pub mod generation;
 pub mod http;
 pub mod metrics;
 pub mod partition;
 pub mod ports;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

@@ -2,13 +2,11 @@
 
 use crate::{app, WriteArgs};
 use clap::Parser;
-use msghash_common::adapters::kafka::KafkaLog;
 use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, TlsArgs};
 use msghash_common::http::Server;
+use msghash_common::service::{self, connect_tls_and_log};
 use msghash_common::shutdown::Shutdown;
-use msghash_common::EventLog;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 /// `ingest`: the write path as its own service.
 #[derive(Parser, Debug)]
@@ -36,27 +34,28 @@ pub struct Application {
     server: Server,
 }
 
-impl Application {
+impl service::Application for Application {
+    const NAME: &'static str = "ingest";
+    type Cli = Cli;
+
+    fn log_args(cli: &Cli) -> &LogArgs {
+        &cli.log
+    }
+
     /// Connects to the broker (checking the topic), binds the port.
-    pub async fn build(cli: Cli) -> anyhow::Result<Application> {
-        msghash_common::metrics::install();
-        let tls = msghash_common::tls::server_config(&cli.tls.source())?;
-        let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
+    async fn build(cli: Cli) -> anyhow::Result<Application> {
+        let (tls, log) = connect_tls_and_log(&cli.tls, &cli.kafka).await?;
         let server = Server::bind(cli.listen, tls, app(log, cli.write.settings()))?;
         tracing::info!(listen = %server.address(), "ingest listening");
         Ok(Application { server })
     }
 
-    pub fn address(&self) -> SocketAddr {
+    fn address(&self) -> SocketAddr {
         self.server.address()
     }
 
-    pub fn port(&self) -> u16 {
-        self.address().port()
-    }
-
     /// Serves until `shutdown` is cancelled.
-    pub async fn run_until_stopped(self, shutdown: Shutdown) -> anyhow::Result<()> {
+    async fn run_until_stopped(self, shutdown: Shutdown) -> anyhow::Result<()> {
         self.server.serve(shutdown).await?;
         Ok(())
     }

@@ -2,14 +2,13 @@
 //! the active generation, follows a replay's switch to a new one, and keeps
 //! `msghash_projector_lag` fresh.
 
-use crate::continuity::Continuity;
 use crate::status::lag;
-use crate::step::{poll, project_batch, subscribe, write_backoff};
+use crate::step::{project_batch, subscribe, write_backoff, Reader};
 use crate::{ProjectorSettings, ProjectorStats};
 use backon::{ExponentialBuilder, Retryable};
 use msghash_common::generation::{group_for, LiveModel};
 use msghash_common::metrics::names;
-use msghash_common::shutdown::Shutdown;
+use msghash_common::shutdown::{Shutdown, Ticker};
 use msghash_common::{EventLog, ModelGenerations, ReadModel};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,11 +62,11 @@ pub async fn run_projection(
             _ = shutdown.cancelled() => break,
         }
         let group = group_for(&settings.group, generation);
-        let Some(mut subscription) = subscribe(log.as_ref(), &group, &shutdown).await? else {
+        let Some(subscription) = subscribe(log.as_ref(), &group, &shutdown).await? else {
             break;
         };
         tracing::info!(%group, generation, "projector subscribed");
-        let mut continuity = Continuity::default();
+        let mut reader = Reader::new(subscription, settings.batch_size, settings.poll_wait);
         let mut checked = Instant::now();
         while !shutdown.is_cancelled() {
             if checked.elapsed() >= settings.generation_check {
@@ -78,23 +77,14 @@ pub async fn run_projection(
                     Err(e) => tracing::debug!(error = %e, "could not read the active generation"),
                 }
             }
-            // Read the log, then keep only what the read model may take (see Continuity).
-            let records = poll(
-                subscription.as_mut(),
-                settings.batch_size,
-                settings.poll_wait,
-            )
-            .await;
-            let records = continuity
-                .guard(records, log.as_ref(), model.as_ref(), subscription.as_mut())
-                .await?;
+            let records = reader.read(log.as_ref(), model.as_ref()).await?;
             if records.is_empty() {
                 continue;
             }
             let done = project_batch(
                 log.as_ref(),
                 model.as_ref(),
-                subscription.as_mut(),
+                reader.subscription(),
                 &records,
                 &stats,
                 &shutdown,
@@ -125,13 +115,8 @@ async fn refresh_lag(
     interval: Duration,
     shutdown: Shutdown,
 ) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = shutdown.cancelled() => return,
-        }
+    let mut ticker = Ticker::new(interval, shutdown);
+    while ticker.tick().await {
         for partition in 0..log.partitions().get() {
             let offsets = tokio::join!(log.end_offset(partition), model.applied_offset(partition));
             match offsets {

@@ -1,4 +1,5 @@
 use clap::Parser;
+use msghash_common::service::{exit_code, run};
 use msghash_common::shutdown::on_signals;
 use std::process::ExitCode;
 
@@ -15,13 +16,7 @@ async fn main() -> ExitCode {
                 r => r.map(|_| ()),
             }
         }
-        Some(projector::Command::Run) | None => {
-            async {
-                let app = projector::Application::build(cli).await?;
-                app.run_until_stopped(on_signals()).await
-            }
-            .await
-        }
+        Some(projector::Command::Run) | None => return run::<projector::Application>(cli).await,
     };
-    msghash_common::exit::exit_code("projector", result)
+    exit_code("projector", result)
 }

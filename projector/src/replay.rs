@@ -16,9 +16,8 @@
 //! 5. With `drop_old`, every older generation is deleted, at least `drop_grace` after the
 //!    switch so that no reader still uses one.
 
-use crate::continuity::Continuity;
 use crate::status::{lag, partition_statuses, PartitionStatus};
-use crate::step::{poll, project_batch, subscribe};
+use crate::step::{project_batch, subscribe, Reader};
 use crate::ProjectorStats;
 use msghash_common::generation::group_for;
 use msghash_common::shutdown::Shutdown;
@@ -220,11 +219,11 @@ pub async fn replay(
     let model = generations.open(target).await?;
     let group = group_for(&settings.group, target);
     tracing::info!(generation = target, %group, resumed, "replay started");
-    let Some(mut subscription) = subscribe(log.as_ref(), &group, &shutdown).await? else {
+    let Some(subscription) = subscribe(log.as_ref(), &group, &shutdown).await? else {
         return Ok(None);
     };
+    let mut reader = Reader::new(subscription, settings.batch_size, settings.poll_wait);
     let stats = ProjectorStats::default();
-    let mut continuity = Continuity::default();
     let mut phase = Phase::Building;
     let mut switched_at = None;
     let mut adopted = false;
@@ -232,22 +231,13 @@ pub async fn replay(
     // Switch once the target is this close to the end of the log.
     let switch_lag = i64::try_from(settings.batch_size).unwrap_or(i64::MAX);
     while !shutdown.is_cancelled() {
-        // Read the log, then keep only what the target may take (see Continuity).
-        let records = poll(
-            subscription.as_mut(),
-            settings.batch_size,
-            settings.poll_wait,
-        )
-        .await;
-        let records = continuity
-            .guard(records, log.as_ref(), model.as_ref(), subscription.as_mut())
-            .await?;
+        let records = reader.read(log.as_ref(), model.as_ref()).await?;
         let idle = records.is_empty();
         if !idle
             && !project_batch(
                 log.as_ref(),
                 model.as_ref(),
-                subscription.as_mut(),
+                reader.subscription(),
                 &records,
                 &stats,
                 &shutdown,
@@ -310,7 +300,7 @@ pub async fn replay(
     if phase == Phase::Building {
         return Ok(None);
     }
-    drop(subscription);
+    drop(reader);
     let mut dropped = Vec::new();
     if settings.drop_old {
         if let Some(wait) = switched_at.and_then(|t| settings.drop_grace.checked_sub(t.elapsed())) {

@@ -9,6 +9,7 @@ use msghash_common::adapters::scylla::ScyllaGenerations;
 use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
 use msghash_common::generation::{LiveModel, DEFAULT_FOLLOW_INTERVAL};
 use msghash_common::http::Server;
+use msghash_common::service::{self, connect_tls_and_log};
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{EventLog, ModelGenerations, ReadModel};
 use std::net::SocketAddr;
@@ -137,12 +138,17 @@ pub struct Application {
     settings: ProjectorSettings,
 }
 
-impl Application {
+impl service::Application for Application {
+    const NAME: &'static str = "projector";
+    type Cli = Cli;
+
+    fn log_args(cli: &Cli) -> &LogArgs {
+        &cli.log
+    }
+
     /// Connects to the broker (checking the topic) and the read model, binds the port.
-    pub async fn build(cli: Cli) -> anyhow::Result<Application> {
-        msghash_common::metrics::install();
-        let tls = msghash_common::tls::server_config(&cli.tls.source())?;
-        let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
+    async fn build(cli: Cli) -> anyhow::Result<Application> {
+        let (tls, log) = connect_tls_and_log(&cli.tls, &cli.kafka).await?;
         let generations: Arc<dyn ModelGenerations> =
             Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
         // Readiness and lag follow the active generation, as the projection does.
@@ -164,17 +170,13 @@ impl Application {
         })
     }
 
-    pub fn address(&self) -> SocketAddr {
+    fn address(&self) -> SocketAddr {
         self.server.address()
-    }
-
-    pub fn port(&self) -> u16 {
-        self.address().port()
     }
 
     /// Projects and serves until `shutdown` is cancelled. Either one ending (an error, or
     /// shutdown) stops the other.
-    pub async fn run_until_stopped(self, shutdown: Shutdown) -> anyhow::Result<()> {
+    async fn run_until_stopped(self, shutdown: Shutdown) -> anyhow::Result<()> {
         let _follow = self.live.follow(DEFAULT_FOLLOW_INTERVAL, shutdown.clone());
         let stop = shutdown.child_token();
         let server = self.server.serve(stop.clone());

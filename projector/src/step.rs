@@ -1,7 +1,8 @@
 //! One projection step, shared by the live projection and the replay: read a batch from
-//! the log ([`poll`]), turn it into rows and applied offsets ([`build_batch`]), dead-letter
+//! the log and keep what the read model may take ([`Reader`]), turn it into rows and applied offsets ([`build_batch`]), dead-letter
 //! what does not decode, apply, commit the group's positions ([`project_batch`]).
 
+use crate::continuity::Continuity;
 use crate::ProjectorStats;
 use backon::{ExponentialBuilder, Retryable};
 use msghash_common::metrics::names;
@@ -27,11 +28,7 @@ pub(crate) async fn subscribe(
 /// Reads the log: the next records of this member's partitions, up to `max`, waiting up to
 /// `wait` for the first. A failed poll is logged and counts as an empty batch (after a
 /// short pause), so the caller's loop goes round and checks for shutdown.
-pub(crate) async fn poll(
-    subscription: &mut dyn Subscription,
-    max: usize,
-    wait: Duration,
-) -> Vec<LogRecord> {
+async fn poll(subscription: &mut dyn Subscription, max: usize, wait: Duration) -> Vec<LogRecord> {
     match subscription.next_batch(max, wait).await {
         Ok(records) => records,
         Err(e) => {
@@ -39,6 +36,48 @@ pub(crate) async fn poll(
             tokio::time::sleep(Duration::from_millis(200)).await;
             Vec::new()
         }
+    }
+}
+
+/// How a projection loop reads the log: its consumer-group subscription and that
+/// subscription's [`Continuity`] guard. Both loops, live and replay, start each turn with
+/// [`Reader::read`].
+pub(crate) struct Reader {
+    subscription: Box<dyn Subscription>,
+    continuity: Continuity,
+    max: usize,
+    wait: Duration,
+}
+
+impl Reader {
+    /// Reads batches of up to `max` records, waiting up to `wait` for the first.
+    pub(crate) fn new(subscription: Box<dyn Subscription>, max: usize, wait: Duration) -> Self {
+        Reader {
+            subscription,
+            continuity: Continuity::default(),
+            max,
+            wait,
+        }
+    }
+
+    /// Reads the log ([`poll`]), then keeps only what `model` may take
+    /// ([`Continuity::guard`]: records of a partition the model lost are not applied; the
+    /// partition is rewound instead).
+    pub(crate) async fn read(
+        &mut self,
+        log: &dyn EventLog,
+        model: &dyn ReadModel,
+    ) -> anyhow::Result<Vec<LogRecord>> {
+        let subscription = self.subscription.as_mut();
+        let records = poll(subscription, self.max, self.wait).await;
+        self.continuity
+            .guard(records, log, model, subscription)
+            .await
+    }
+
+    /// The subscription, to commit what was projected.
+    pub(crate) fn subscription(&mut self) -> &mut dyn Subscription {
+        self.subscription.as_mut()
     }
 }
 

@@ -2,13 +2,12 @@
 
 use crate::{app, ReadArgs};
 use clap::Parser;
-use msghash_common::adapters::kafka::KafkaLog;
 use msghash_common::adapters::scylla::ScyllaGenerations;
 use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
 use msghash_common::generation::{LiveModel, DEFAULT_FOLLOW_INTERVAL};
 use msghash_common::http::Server;
+use msghash_common::service::{self, connect_tls_and_log};
 use msghash_common::shutdown::Shutdown;
-use msghash_common::EventLog;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -42,12 +41,17 @@ pub struct Application {
     live: Arc<LiveModel>,
 }
 
-impl Application {
+impl service::Application for Application {
+    const NAME: &'static str = "query";
+    type Cli = Cli;
+
+    fn log_args(cli: &Cli) -> &LogArgs {
+        &cli.log
+    }
+
     /// Connects to the broker (checking the topic) and the read model, binds the port.
-    pub async fn build(cli: Cli) -> anyhow::Result<Application> {
-        msghash_common::metrics::install();
-        let tls = msghash_common::tls::server_config(&cli.tls.source())?;
-        let log: Arc<dyn EventLog> = Arc::new(KafkaLog::connect(cli.kafka.settings()).await?);
+    async fn build(cli: Cli) -> anyhow::Result<Application> {
+        let (tls, log) = connect_tls_and_log(&cli.tls, &cli.kafka).await?;
         let generations = Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
         // Reads go to the active generation and move when a replay switches it.
         let live = LiveModel::open(generations).await?;
@@ -56,16 +60,12 @@ impl Application {
         Ok(Application { server, live })
     }
 
-    pub fn address(&self) -> SocketAddr {
+    fn address(&self) -> SocketAddr {
         self.server.address()
     }
 
-    pub fn port(&self) -> u16 {
-        self.address().port()
-    }
-
     /// Serves, following the active generation, until `shutdown` is cancelled.
-    pub async fn run_until_stopped(self, shutdown: Shutdown) -> anyhow::Result<()> {
+    async fn run_until_stopped(self, shutdown: Shutdown) -> anyhow::Result<()> {
         let _follow = self.live.follow(DEFAULT_FOLLOW_INTERVAL, shutdown.clone());
         self.server.serve(shutdown).await?;
         Ok(())

@@ -214,36 +214,34 @@ impl ScyllaModel {
                 Ok::<_, ModelError>(p)
             }
         };
-        Ok(ScyllaModel {
-            insert_message: prepare(format!(
-                "INSERT INTO {ks}.{messages} (digest, message) VALUES (?, ?)"
-            ))
-            .await?,
-            select_message: prepare(format!(
-                "SELECT message FROM {ks}.{messages} WHERE digest = ?"
-            ))
-            .await?,
+        let statements = [
+            format!("INSERT INTO {ks}.{messages} (digest, message) VALUES (?, ?)"),
+            format!("SELECT message FROM {ks}.{messages} WHERE digest = ?"),
             // Max-merge: insert the new offset's row, then prune the rows below it. The
             // highest row is never pruned, so racing applies end at the maximum.
-            insert_offset: prepare(format!(
-                "INSERT INTO {ks}.{offsets} (partition, applied_offset) VALUES (?, ?)"
-            ))
-            .await?,
-            prune_offsets: prepare(format!(
-                "DELETE FROM {ks}.{offsets} WHERE partition = ? AND applied_offset < ?"
-            ))
-            .await?,
-            select_offset: prepare(format!(
-                "SELECT applied_offset FROM {ks}.{offsets} WHERE partition = ? LIMIT 1"
-            ))
-            .await?,
+            format!("INSERT INTO {ks}.{offsets} (partition, applied_offset) VALUES (?, ?)"),
+            format!("DELETE FROM {ks}.{offsets} WHERE partition = ? AND applied_offset < ?"),
+            format!("SELECT applied_offset FROM {ks}.{offsets} WHERE partition = ? LIMIT 1"),
             // Listing walks the token ring: the cursor is the last digest of a page, and
             // the next page starts after its token.
-            list_first: prepare(format!("SELECT digest FROM {ks}.{messages} LIMIT ?")).await?,
-            list_after: prepare(format!(
-                "SELECT digest FROM {ks}.{messages} WHERE token(digest) > token(?) LIMIT ?"
-            ))
-            .await?,
+            format!("SELECT digest FROM {ks}.{messages} LIMIT ?"),
+            format!("SELECT digest FROM {ks}.{messages} WHERE token(digest) > token(?) LIMIT ?"),
+        ];
+        let prepared = futures::future::try_join_all(statements.map(prepare)).await?;
+        let Ok(
+            [insert_message, select_message, insert_offset, prune_offsets, select_offset, list_first, list_after],
+        ) = <[PreparedStatement; 7]>::try_from(prepared)
+        else {
+            return Err(ModelError::Corrupt("a statement was not prepared".into()));
+        };
+        Ok(ScyllaModel {
+            insert_message,
+            select_message,
+            insert_offset,
+            prune_offsets,
+            select_offset,
+            list_first,
+            list_after,
             session,
             generation,
         })
@@ -301,25 +299,11 @@ impl ScyllaGenerations {
     }
 
     async fn rows(&self) -> Result<Vec<(String, i64)>, ModelError> {
-        let result = self
-            .session
-            .execute_unpaged(&self.select_all, ())
-            .await
-            .map_err(unavailable)?;
-        let rows = result
-            .into_rows_result()
-            .map_err(|e| ModelError::Corrupt(e.to_string()))?;
-        let mut out = Vec::new();
-        for row in rows
-            .rows::<(String, Option<i64>)>()
-            .map_err(|e| ModelError::Corrupt(e.to_string()))?
-        {
-            let (name, value) = row.map_err(|e| ModelError::Corrupt(e.to_string()))?;
-            if let Some(value) = value {
-                out.push((name, value));
-            }
-        }
-        Ok(out)
+        let rows: Vec<(String, Option<i64>)> = rows_of(&self.session, &self.select_all, ()).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, value?)))
+            .collect())
     }
 
     async fn set(&self, name: &str, value: Generation) -> Result<(), ModelError> {
@@ -427,6 +411,25 @@ fn partition_key(partition: u32) -> Result<i32, ModelError> {
     i32::try_from(partition).map_err(|_| ModelError::Corrupt(format!("partition {partition}")))
 }
 
+/// Every row `statement` returns for `values` (one unpaged request), as `R`s.
+async fn rows_of<R>(
+    session: &Session,
+    statement: &PreparedStatement,
+    values: impl scylla::serialize::row::SerializeRow,
+) -> Result<Vec<R>, ModelError>
+where
+    R: for<'frame> scylla::deserialize::row::DeserializeRow<'frame, 'frame>,
+{
+    let corrupt = |e: &dyn std::fmt::Display| ModelError::Corrupt(e.to_string());
+    let result = session
+        .execute_unpaged(statement, values)
+        .await
+        .map_err(unavailable)?;
+    let rows = result.into_rows_result().map_err(|e| corrupt(&e))?;
+    let typed = rows.rows::<R>().map_err(|e| corrupt(&e))?;
+    typed.map(|row| row.map_err(|e| corrupt(&e))).collect()
+}
+
 #[async_trait]
 impl ReadModel for ScyllaModel {
     async fn apply(&self, batch: &ProjectionBatch) -> Result<(), ModelError> {
@@ -461,59 +464,32 @@ impl ReadModel for ScyllaModel {
     }
 
     async fn get(&self, digest: &Digest) -> Result<Option<String>, ModelError> {
-        let result = self
-            .session
-            .execute_unpaged(&self.select_message, (&digest.as_bytes()[..],))
-            .await
-            .map_err(unavailable)?;
-        let rows = result
-            .into_rows_result()
-            .map_err(|e| ModelError::Corrupt(e.to_string()))?;
-        let row = rows
-            .maybe_first_row::<(String,)>()
-            .map_err(|e| ModelError::Corrupt(e.to_string()))?;
-        Ok(row.map(|(m,)| m))
+        let rows: Vec<(String,)> = rows_of(
+            &self.session,
+            &self.select_message,
+            (&digest.as_bytes()[..],),
+        )
+        .await?;
+        Ok(rows.into_iter().next().map(|(m,)| m))
     }
 
     async fn applied_offset(&self, partition: u32) -> Result<Option<Offset>, ModelError> {
-        let result = self
-            .session
-            .execute_unpaged(&self.select_offset, (partition_key(partition)?,))
-            .await
-            .map_err(unavailable)?;
-        let rows = result
-            .into_rows_result()
-            .map_err(|e| ModelError::Corrupt(e.to_string()))?;
-        let row = rows
-            .maybe_first_row::<(i64,)>()
-            .map_err(|e| ModelError::Corrupt(e.to_string()))?;
-        Ok(row.map(|(o,)| o))
+        let key = (partition_key(partition)?,);
+        let rows: Vec<(i64,)> = rows_of(&self.session, &self.select_offset, key).await?;
+        Ok(rows.into_iter().next().map(|(o,)| o))
     }
 
     async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<Digest>, ModelError> {
         let limit = i32::try_from(limit.max(1)).unwrap_or(i32::MAX);
-        let result = match after {
-            None => {
-                self.session
-                    .execute_unpaged(&self.list_first, (limit,))
-                    .await
-            }
+        let rows: Vec<(Vec<u8>,)> = match after {
+            None => rows_of(&self.session, &self.list_first, (limit,)).await?,
             Some(d) => {
-                self.session
-                    .execute_unpaged(&self.list_after, (&d.as_bytes()[..], limit))
-                    .await
+                let values = (&d.as_bytes()[..], limit);
+                rows_of(&self.session, &self.list_after, values).await?
             }
-        }
-        .map_err(unavailable)?;
-        let rows = result
-            .into_rows_result()
-            .map_err(|e| ModelError::Corrupt(e.to_string()))?;
-        let mut digests = Vec::new();
-        for row in rows
-            .rows::<(Vec<u8>,)>()
-            .map_err(|e| ModelError::Corrupt(e.to_string()))?
-        {
-            let (bytes,) = row.map_err(|e| ModelError::Corrupt(e.to_string()))?;
+        };
+        let mut digests = Vec::with_capacity(rows.len());
+        for (bytes,) in rows {
             digests.push(
                 Digest::from_bytes(&bytes)
                     .ok_or_else(|| ModelError::Corrupt(format!("{}-byte digest", bytes.len())))?,

@@ -83,16 +83,10 @@ pub fn with_error_fallbacks(router: Router) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
 
     async fn body_of(response: Response) -> serde_json::Value {
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        serde_json::from_slice(&bytes).expect("json")
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+        serde_json::from_slice(&body.expect("body")).expect("json")
     }
 
     #[tokio::test]

@@ -1,0 +1,86 @@
+//! The shape every msghash service (`ingest`, `query`, `projector`) has, and what their
+//! binaries share, so that each `main.rs` is a few lines.
+//!
+//! A service is an [`Application`]: `build` connects to what it needs and binds its port
+//! (port 0 picks a free one, and [`Application::address`] says which), then
+//! `run_until_stopped` serves until the shutdown token is cancelled. [`main`] parses the
+//! flags, sets up logging, builds, runs until SIGINT/SIGTERM and turns the outcome into the
+//! exit code ([`exit_code`]).
+
+use crate::config::LogArgs;
+use crate::ports::LogError;
+use crate::shutdown::{on_signals, Shutdown};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+/// A service, connected and bound to its port but not serving yet.
+pub trait Application: Sized + Send {
+    /// The service's name in its log and error lines.
+    const NAME: &'static str;
+    /// Its flags and `MSGHASH_*` variables.
+    type Cli: clap::Parser + Send;
+
+    /// The logging flags among `cli`.
+    fn log_args(cli: &Self::Cli) -> &LogArgs;
+
+    /// Connects to the event log (and the read model), binds the port.
+    fn build(cli: Self::Cli) -> impl Future<Output = anyhow::Result<Self>> + Send;
+
+    /// The address actually bound.
+    fn address(&self) -> SocketAddr;
+
+    /// The port actually bound.
+    fn port(&self) -> u16 {
+        self.address().port()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains in-flight requests.
+    fn run_until_stopped(self, shutdown: Shutdown)
+        -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// The whole `main` of a service binary: flags, logging, [`run`].
+pub async fn main<A: Application>() -> ExitCode {
+    let cli = <A::Cli as clap::Parser>::parse();
+    let log = A::log_args(&cli);
+    crate::telemetry::init(log.log_format, &log.log);
+    run::<A>(cli).await
+}
+
+/// Builds `A` from `cli` and runs it until SIGINT or SIGTERM; the exit code says how it
+/// ended.
+pub async fn run<A: Application>(cli: A::Cli) -> ExitCode {
+    let result = async { A::build(cli).await?.run_until_stopped(on_signals()).await };
+    exit_code(A::NAME, result.await)
+}
+
+/// Success, or the error on stderr (one line with its causes) and the exit code:
+/// 2 when the event log is set up wrongly (see [`LogError::exit_code`]), 1 otherwise.
+pub fn exit_code(service: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "{service} stopped");
+            eprintln!("{service}: {e:#}");
+            ExitCode::from(LogError::exit_code(&e))
+        }
+    }
+}
+
+/// What every distributed service opens first, in this order: the metrics recorder, its
+/// TLS server configuration (generating a certificate when told to), and the broker
+/// (checking the topic).
+#[cfg(feature = "kafka")]
+pub async fn connect_tls_and_log(
+    tls: &crate::config::TlsArgs,
+    kafka: &crate::config::KafkaArgs,
+) -> anyhow::Result<(
+    std::sync::Arc<rustls::ServerConfig>,
+    std::sync::Arc<dyn crate::EventLog>,
+)> {
+    crate::metrics::install();
+    let tls = crate::tls::server_config(&tls.source())?;
+    let log = crate::adapters::kafka::KafkaLog::connect(kafka.settings()).await?;
+    Ok((tls, std::sync::Arc::new(log)))
+}
