@@ -36,8 +36,10 @@ pub trait Application: Sized + Send {
     }
 
     /// Serves until `shutdown` is cancelled, then drains in-flight requests.
-    fn run_until_stopped(self, shutdown: Shutdown)
-        -> impl Future<Output = anyhow::Result<()>> + Send;
+    fn run_until_stopped(
+        self,
+        shutdown: Shutdown,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
 
 /// The whole `main` of a service binary: flags, logging, [`run`].

@@ -1,3 +1,4 @@
+//! The `ingest` binary: flags, logging and [`ingest::Application`] (see `msghash_common::service`).
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     msghash_common::service::main::<ingest::Application>().await

@@ -1,3 +1,4 @@
+//! The `projector` binary: flags, logging and [`projector::Application`] (see `msghash_common::service`).
 use clap::Parser;
 use msghash_common::service::{exit_code, run};
 use msghash_common::shutdown::on_signals;

@@ -1,3 +1,4 @@
+//! The `query` binary: flags, logging and [`query::Application`] (see `msghash_common::service`).
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     msghash_common::service::main::<query::Application>().await

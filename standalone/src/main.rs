@@ -1,3 +1,4 @@
+//! The standalone `msghash` binary: see [`msghash::Cli`] for its commands.
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
