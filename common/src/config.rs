@@ -42,8 +42,16 @@ pub struct KafkaArgs {
     #[arg(long, global = true, env = "MSGHASH_TOPIC_REPLICATION", default_value_t = 1,
           value_parser = clap::value_parser!(i32).range(1..=16))]
     pub topic_replication: i32,
-    /// How long the producer retries one event before giving up, in milliseconds.
-    #[arg(long, global = true, env = "MSGHASH_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 2_000,
+    /// `min.insync.replicas` of the topic msghash creates: how many replicas must have an
+    /// event before the broker acknowledges it (at most the replication factor). Start-up
+    /// refuses a topic whose replication or min ISR is below what is configured.
+    #[arg(long, global = true, env = "MSGHASH_TOPIC_MIN_ISR", default_value_t = 1,
+          value_parser = clap::value_parser!(i32).range(1..=16))]
+    pub topic_min_isr: i32,
+    /// How long the producer keeps trying to deliver one event (through a leader election)
+    /// before giving up, in milliseconds. A POST waits for it only up to its own deadline
+    /// (MSGHASH_REQUEST_TIMEOUT_MS).
+    #[arg(long, global = true, env = "MSGHASH_KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(100..=300_000))]
     pub kafka_message_timeout_ms: u64,
     /// Producer compression: none, gzip, snappy, lz4 or zstd.
@@ -65,7 +73,9 @@ impl KafkaArgs {
             topic: self.topic.clone(),
             partitions: self.partitions,
             replication_factor: self.topic_replication,
+            min_insync_replicas: self.topic_min_isr,
             message_timeout: Duration::from_millis(self.kafka_message_timeout_ms),
+            max_message_bytes: crate::adapters::kafka::max_message_bytes_for(1024 * 1024),
             compression: self.kafka_compression.clone(),
             session_timeout: Duration::from_millis(self.kafka_session_timeout_ms),
             create_topic: true,
@@ -97,6 +107,21 @@ impl From<ConsistencyArg> for scylla::statement::Consistency {
             ConsistencyArg::Quorum => C::Quorum,
             ConsistencyArg::All => C::All,
         }
+    }
+}
+
+#[cfg(feature = "scylla")]
+/// A consistency level that keeps read-your-writes: every read-model statement (the
+/// projector's writes and the query's reads) uses the same level, so it must be a quorum
+/// or more, so that any read overlaps any acknowledged write on at least one replica.
+fn parse_consistency(s: &str) -> Result<ConsistencyArg, String> {
+    let level = ConsistencyArg::from_str(s, true)?;
+    match level {
+        ConsistencyArg::One | ConsistencyArg::LocalOne => Err(format!(
+            "{s} breaks read-your-writes: a read at {s} can miss a write that a quorum \
+             acknowledged; use LOCAL_QUORUM, QUORUM or ALL"
+        )),
+        _ => Ok(level),
     }
 }
 
@@ -138,13 +163,14 @@ pub struct ScyllaArgs {
           default_value = "{'class': 'SimpleStrategy', 'replication_factor': 1}",
           value_parser = parse_replication)]
     pub keyspace_replication: String,
-    /// Consistency level of every read-model statement.
+    /// Consistency level of every read-model statement: LOCAL_QUORUM, QUORUM or ALL (ONE and
+    /// LOCAL_ONE are refused: they break read-your-writes).
     #[arg(
         long,
         global = true,
         env = "MSGHASH_SCYLLA_CONSISTENCY",
-        value_enum,
-        default_value = "LOCAL_QUORUM"
+        default_value = "LOCAL_QUORUM",
+        value_parser = parse_consistency
     )]
     pub scylla_consistency: ConsistencyArg,
 }
@@ -247,6 +273,9 @@ mod tests {
             vec!["x", "--keyspace-replication", "{'a':1}; DROP"],
             vec!["x", "--tls-cert", "only-cert.pem"],
             vec!["x", "--scylla-consistency", "SOMETIMES"],
+            vec!["x", "--scylla-consistency", "ONE"],
+            vec!["x", "--scylla-consistency", "local_one"],
+            vec!["x", "--topic-min-isr", "0"],
         ] {
             let err = Cli::try_parse_from(&args).expect_err("must be refused");
             assert_eq!(err.exit_code(), 2, "{args:?}");
@@ -256,6 +285,23 @@ mod tests {
                 text.contains(flag) || text.contains("--tls-key"),
                 "{args:?}: {text}"
             );
+        }
+    }
+
+    #[test]
+    fn a_consistency_below_quorum_is_refused_because_it_breaks_read_your_writes() {
+        for level in ["ONE", "LOCAL_ONE"] {
+            let err =
+                Cli::try_parse_from(["x", "--scylla-consistency", level]).expect_err("refused");
+            assert!(err.to_string().contains("breaks read-your-writes"), "{err}");
+        }
+        for (level, want) in [
+            ("LOCAL_QUORUM", ConsistencyArg::LocalQuorum),
+            ("quorum", ConsistencyArg::Quorum),
+            ("ALL", ConsistencyArg::All),
+        ] {
+            let cli = Cli::try_parse_from(["x", "--scylla-consistency", level]).expect(level);
+            assert_eq!(cli.scylla.scylla_consistency, want);
         }
     }
 }

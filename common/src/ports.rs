@@ -20,8 +20,9 @@ pub struct LogRecord {
     pub value: Option<Vec<u8>>,
 }
 
-/// Why the event log could not do what was asked. Every variant is worth a retry later:
-/// callers map them to 503, never to 500.
+/// Why the event log could not do what was asked. Callers map them to 503 (a retry later
+/// may work), except `TooLarge` (413) and `Misconfigured` (the service does not start);
+/// never to 500.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     /// The broker did not acknowledge in time or is unreachable.
@@ -30,6 +31,9 @@ pub enum LogError {
     /// The broker refused the request (topic missing, partition out of range, ...).
     #[error("event log rejected the request: {0}")]
     Rejected(String),
+    /// The event is larger than the log accepts: no retry helps (413 to the client).
+    #[error("event too large for the event log: {0}")]
+    TooLarge(String),
     /// The log exists but is not what msghash needs (another partition count, a topic that
     /// is not compacted): no retry fixes it, only an operator. Services refuse to start on
     /// it with exit code 2.
@@ -97,6 +101,13 @@ pub trait Subscription: Send {
     /// Makes the next records of `partition` start at `offset`, or at the first record after
     /// it that the log still has. For a partition this member is currently reading.
     async fn rewind(&mut self, partition: u32, offset: Offset) -> Result<(), LogError>;
+
+    /// A number that changes whenever this member's partitions change (Kafka: every
+    /// rebalance). What a member learned about "its" partitions holds until it changes. A
+    /// subscription that is the only member of its group keeps 0.
+    fn assignment_epoch(&self) -> u64 {
+        0
+    }
 }
 
 /// What one projector step writes: the rows, then the applied offsets.

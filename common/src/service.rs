@@ -76,13 +76,13 @@ pub fn exit_code(service: &str, result: anyhow::Result<()>) -> ExitCode {
 #[cfg(feature = "kafka")]
 pub async fn connect_tls_and_log(
     tls: &crate::config::TlsArgs,
-    kafka: &crate::config::KafkaArgs,
+    kafka: crate::adapters::kafka::KafkaSettings,
 ) -> anyhow::Result<(
     std::sync::Arc<rustls::ServerConfig>,
     std::sync::Arc<dyn crate::EventLog>,
 )> {
     crate::metrics::install();
     let tls = crate::tls::server_config(&tls.source())?;
-    let log = crate::adapters::kafka::KafkaLog::connect(kafka.settings()).await?;
+    let log = crate::adapters::kafka::KafkaLog::connect(kafka).await?;
     Ok((tls, std::sync::Arc::new(log)))
 }

@@ -176,3 +176,57 @@ async fn a_broker_that_is_down_fails_appends_instead_of_hanging() {
         "{result:?}"
     );
 }
+
+/// The largest message a 1 MiB body can carry is an event the topic and the producer take
+/// (before: librdkafka refused it, above its 1,000,000-byte default, and every retry too).
+/// Past the limit, the error says no retry helps.
+#[tokio::test]
+async fn a_message_as_large_as_the_body_limit_allows_is_appended() {
+    let log = KafkaLog::connect(servers::kafka_settings("large", TWO))
+        .await
+        .expect("connect");
+    let big = MessageHashed::new("x".repeat(1024 * 1024 - 20));
+    let p = partition_for(&big.digest, TWO);
+    log.append(p, &big)
+        .await
+        .expect("a 1 MiB message is appended");
+
+    let huge = MessageHashed::new("x".repeat(log.settings().max_message_bytes + 1));
+    let p = partition_for(&huge.digest, TWO);
+    match log.append(p, &huge).await {
+        Err(LogError::TooLarge(_)) => {}
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+}
+
+/// After a fatal error of the idempotent producer (which then refuses every event), the
+/// adapter replaces it: the next append goes through, and readiness recovers. Before, every
+/// later append failed until the process restarted.
+#[tokio::test]
+async fn a_fatal_producer_error_is_followed_by_a_new_producer() {
+    let log = KafkaLog::connect(servers::kafka_settings("fatal", TWO))
+        .await
+        .expect("connect");
+    let first = MessageHashed::new("before".into());
+    log.append(partition_for(&first.digest, TWO), &first)
+        .await
+        .expect("append");
+    log.raise_fatal_error_for_tests();
+    assert!(
+        log.end_offset(0).await.is_err(),
+        "not ready while the producer is fatally failed"
+    );
+    let during = MessageHashed::new("during".into());
+    let failed = log
+        .append(partition_for(&during.digest, TWO), &during)
+        .await;
+    assert!(
+        matches!(failed, Err(LogError::Unavailable(_))),
+        "{failed:?}"
+    );
+    let after = MessageHashed::new("after".into());
+    log.append(partition_for(&after.digest, TWO), &after)
+        .await
+        .expect("a new producer appends");
+    log.end_offset(0).await.expect("ready again");
+}

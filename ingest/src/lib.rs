@@ -105,8 +105,12 @@ async fn post_message(
     .await
     .map_err(|e| {
         tracing::warn!(digest = %event.digest, partition, error = %e, "event not acknowledged");
-        ApiError::Unavailable {
-            retry_after_secs: RETRY_AFTER_SECS,
+        match e {
+            // No retry can help: say so at once, not with a 503 a client retries for ever.
+            LogError::TooLarge(_) => ApiError::EventTooLarge,
+            _ => ApiError::Unavailable {
+                retry_after_secs: RETRY_AFTER_SECS,
+            },
         }
     })?;
     let digest = event.digest.to_hex();

@@ -2,6 +2,7 @@
 
 use crate::{app, WriteArgs};
 use clap::Parser;
+use msghash_common::adapters::kafka::{max_message_bytes_for, KafkaSettings};
 use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, TlsArgs};
 use msghash_common::http::Server;
 use msghash_common::service::{self, connect_tls_and_log};
@@ -44,8 +45,14 @@ impl service::Application for Application {
 
     /// Connects to the broker (checking the topic), binds the port.
     async fn build(cli: Cli) -> anyhow::Result<Application> {
-        let (tls, log) = connect_tls_and_log(&cli.tls, &cli.kafka).await?;
-        let server = Server::bind(cli.listen, tls, app(log, cli.write.settings()))?;
+        let settings = cli.write.settings();
+        // Whatever body ingest accepts must make an event the topic accepts.
+        let kafka = KafkaSettings {
+            max_message_bytes: max_message_bytes_for(settings.body_limit),
+            ..cli.kafka.settings()
+        };
+        let (tls, log) = connect_tls_and_log(&cli.tls, kafka).await?;
+        let server = Server::bind(cli.listen, tls, app(log, settings))?;
         tracing::info!(listen = %server.address(), "ingest listening");
         Ok(Application { server })
     }

@@ -22,8 +22,9 @@ async fn create_topic(topic: &str, partitions: i32, cleanup_policy: &str) {
     assert!(created.iter().all(Result::is_ok), "{created:?}");
 }
 
-/// Runs `ingest` on `topic` with `partitions` configured, until it exits by itself.
-async fn ingest_on(topic: &str, partitions: u32) -> Output {
+/// Runs `ingest` on `topic` with `partitions` (and `env`) configured, until it exits by
+/// itself.
+async fn ingest_on(topic: &str, partitions: u32, env: &[(&str, &str)]) -> Output {
     let certs = tempfile::tempdir().expect("tempdir");
     let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
     command
@@ -32,7 +33,8 @@ async fn ingest_on(topic: &str, partitions: u32) -> Output {
         .env("MSGHASH_PARTITIONS", partitions.to_string())
         .env("MSGHASH_LISTEN", "127.0.0.1:0")
         .env("MSGHASH_CERT_DIR", certs.path())
-        .env("MSGHASH_LOG", "error");
+        .env("MSGHASH_LOG", "error")
+        .envs(env.iter().copied());
     let output = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::task::spawn_blocking(move || command.output()),
@@ -49,7 +51,7 @@ async fn ingest_on(topic: &str, partitions: u32) -> Output {
 async fn refuses_a_topic_that_is_not_compacted_with_exit_code_2() {
     let topic = servers::unique_name("not_compacted");
     create_topic(&topic, 4, "delete").await;
-    let output = ingest_on(&topic, 4).await;
+    let output = ingest_on(&topic, 4, &[]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
@@ -63,11 +65,38 @@ async fn refuses_a_topic_that_is_not_compacted_with_exit_code_2() {
 async fn refuses_a_topic_with_another_partition_count_with_exit_code_2() {
     let topic = servers::unique_name("partitions");
     create_topic(&topic, 3, "compact").await;
-    let output = ingest_on(&topic, 4).await;
+    let output = ingest_on(&topic, 4, &[]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("has 3 partitions but 4 are configured"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn refuses_a_topic_with_fewer_replicas_than_configured_with_exit_code_2() {
+    let topic = servers::unique_name("replicas");
+    create_topic(&topic, 4, "compact").await;
+    let output = ingest_on(&topic, 4, &[("MSGHASH_TOPIC_REPLICATION", "3")]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "topic {topic} has a partition with 1 replicas but MSGHASH_TOPIC_REPLICATION is 3"
+        )),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn refuses_a_min_isr_above_the_replication_with_exit_code_2() {
+    let topic = servers::unique_name("min_isr");
+    let output = ingest_on(&topic, 4, &[("MSGHASH_TOPIC_MIN_ISR", "2")]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("MSGHASH_TOPIC_MIN_ISR (2) is above MSGHASH_TOPIC_REPLICATION (1)"),
         "{stderr}"
     );
 }

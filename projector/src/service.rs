@@ -148,7 +148,7 @@ impl service::Application for Application {
 
     /// Connects to the broker (checking the topic) and the read model, binds the port.
     async fn build(cli: Cli) -> anyhow::Result<Application> {
-        let (tls, log) = connect_tls_and_log(&cli.tls, &cli.kafka).await?;
+        let (tls, log) = connect_tls_and_log(&cli.tls, cli.kafka.settings()).await?;
         let generations: Arc<dyn ModelGenerations> =
             Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
         // Readiness and lag follow the active generation, as the projection does.

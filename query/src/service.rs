@@ -51,7 +51,7 @@ impl service::Application for Application {
 
     /// Connects to the broker (checking the topic) and the read model, binds the port.
     async fn build(cli: Cli) -> anyhow::Result<Application> {
-        let (tls, log) = connect_tls_and_log(&cli.tls, &cli.kafka).await?;
+        let (tls, log) = connect_tls_and_log(&cli.tls, cli.kafka.settings()).await?;
         let generations = Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
         // Reads go to the active generation and move when a replay switches it.
         let live = LiveModel::open(generations).await?;

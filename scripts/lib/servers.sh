@@ -12,7 +12,8 @@
 #   server_wait NAME PID LOG SECS CHECK...
 #                                      wait until CHECK succeeds; on failure print one line
 #                                      naming the server and its log, and return 1
-#   kafka_ready LOG / cassandra_ready LOG PORT
+#   kafka_ready LOG / cassandra_ready LOG PORT [ADDRESS]
+#   cassandra_joined LOG N             the node's gossip sees the other N-1 nodes up
 #
 # Nothing here downloads anything but Maven artifacts. The JVM flags follow the servers' own
 # launch scripts (Kafka's kafka-run-class.sh, Cassandra's jvm-server.options and
@@ -211,6 +212,12 @@ _port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 kafka_ready() { grep -q 'Kafka Server started' "$1" 2>/dev/null; }
 cassandra_ready() {
   grep -q 'Starting listening for CQL clients' "$1" 2>/dev/null && _port_open "${3:-127.0.0.1}" "$2"
+}
+
+cassandra_joined() {
+  local want=$(( $2 - 1 ))
+  [ "$want" -le 0 ] && return 0
+  [ "$(grep -o 'InetAddress /[0-9.]*:[0-9]* is now UP' "$1" 2>/dev/null | sort -u | wc -l)" -ge "$want" ]
 }
 
 # server_wait NAME PID LOG SECS CHECK...: waits for CHECK; one clear line if it never holds.

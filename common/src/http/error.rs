@@ -19,6 +19,8 @@ pub enum ApiError {
     BadRequest(&'static str),
     #[error("Request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize, drained: bool },
+    #[error("Message too large for the event log")]
+    EventTooLarge,
     #[error("Content-Type must be application/json")]
     UnsupportedMediaType,
     #[error("Service temporarily unavailable, retry later")]
@@ -33,7 +35,9 @@ impl ApiError {
             ApiError::MessageNotFound | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::EventTooLarge => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -103,6 +107,11 @@ mod tests {
                 },
                 413,
                 "Request body exceeds the limit of 10 bytes",
+            ),
+            (
+                ApiError::EventTooLarge,
+                413,
+                "Message too large for the event log",
             ),
             (
                 ApiError::UnsupportedMediaType,
