@@ -62,6 +62,14 @@ pub trait EventLog: Send + Sync + 'static {
     /// durably acknowledged it (for Kafka: acks=all).
     async fn append(&self, partition: u32, event: &MessageHashed) -> Result<Offset, LogError>;
 
+    /// Whether the log answers at all, for readiness: Kafka, the cluster's metadata of the
+    /// topic (so one partition's leader election does not take every replica out of
+    /// rotation) and a producer that is not fatally failed. By default, an end-offset
+    /// request of partition 0.
+    async fn ready(&self) -> Result<(), LogError> {
+        self.end_offset(0).await.map(|_| ())
+    }
+
     /// The offset the next appended record of `partition` will get (Kafka's high watermark).
     async fn end_offset(&self, partition: u32) -> Result<Offset, LogError>;
 

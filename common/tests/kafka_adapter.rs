@@ -213,7 +213,7 @@ async fn a_fatal_producer_error_is_followed_by_a_new_producer() {
         .expect("append");
     log.raise_fatal_error_for_tests();
     assert!(
-        log.end_offset(0).await.is_err(),
+        log.ready().await.is_err(),
         "not ready while the producer is fatally failed"
     );
     let during = MessageHashed::new("during".into());
@@ -228,5 +228,5 @@ async fn a_fatal_producer_error_is_followed_by_a_new_producer() {
     log.append(partition_for(&after.digest, TWO), &after)
         .await
         .expect("a new producer appends");
-    log.end_offset(0).await.expect("ready again");
+    log.ready().await.expect("ready again");
 }

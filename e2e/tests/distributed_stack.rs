@@ -8,20 +8,18 @@ use futures::future::join_all;
 use futures::stream::{self, StreamExt};
 use msghash_common::Digest;
 use msghash_testkit::load::{Hammer, Https};
+use msghash_testkit::stack::{alive, signal, DevStack};
 use reqwest::StatusCode;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::time::{sleep, timeout, Instant};
+use tokio::process::Command;
+use tokio::time::{sleep, Instant};
 
+/// The single stack, on the test run's Cassandra node (a keyspace of its own).
 struct Stack {
-    child: Child,
-    run_dir: PathBuf,
-    _tmp: tempfile::TempDir,
+    stack: DevStack,
     edge: String,
     edge_port: u16,
     /// Direct ports of ingest, query and projector (for /metrics).
@@ -30,107 +28,44 @@ struct Stack {
     /// The stack's keyspace on the test run's Cassandra node.
     keyspace: msghash_common::adapters::scylla::Keyspace,
     cert: PathBuf,
+    run_dir: PathBuf,
     client: reqwest::Client,
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
-
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
-}
-
-fn signal(pid: u32, sig: &str) {
-    let _ = std::process::Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .status();
 }
 
 impl Stack {
     async fn start() -> Stack {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let run_dir = tmp.path().join("run");
-        let cert_dir = tmp.path().join("certs");
         let keyspace = msghash_testkit::servers::unique_keyspace("e2e");
-        let mut child = Command::new(repo_root().join("scripts/dev-stack"))
-            // Port 0: dev-stack picks free ports and says which in ports.env.
-            .env("MSGHASH_EDGE_PORT", "0")
-            .env("MSGHASH_BROKER_PORT", "0")
-            .env("MSGHASH_BROKER_CONTROLLER_PORT", "0")
-            .env(
-                "MSGHASH_DEV_STACK_CQL",
-                msghash_testkit::servers::cql_node(),
-            )
-            .env("MSGHASH_KEYSPACE", keyspace.to_string())
-            .env("MSGHASH_INGEST_PORT", "0")
-            .env("MSGHASH_QUERY_PORT", "0")
-            .env("MSGHASH_PROJECTOR_PORT", "0")
-            .env("MSGHASH_RUN_DIR", &run_dir)
-            .env("MSGHASH_CERT_DIR", &cert_dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("scripts/dev-stack starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = timeout(Duration::from_secs(600), async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.trim() == "ready" {
-                    return true;
-                }
-            }
-            false
-        })
+        let stack = DevStack::start(
+            &[],
+            &[
+                (
+                    "MSGHASH_DEV_STACK_CQL",
+                    msghash_testkit::servers::cql_node(),
+                ),
+                ("MSGHASH_KEYSPACE", keyspace.to_string()),
+            ],
+            Duration::from_secs(600),
+        )
         .await;
-        assert_eq!(ready, Ok(true), "dev-stack never printed `ready`");
-        let ports = std::fs::read_to_string(run_dir.join("ports.env")).expect("ports.env");
-        let port = |name: &str| -> u16 {
-            ports
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
-                .and_then(|p| p.parse().ok())
-                .unwrap_or_else(|| panic!("{name} in ports.env: {ports}"))
-        };
-        let edge_port = port("EDGE_PORT");
-        let service_ports = [
-            ("ingest", port("INGEST_PORT")),
-            ("query", port("QUERY_PORT")),
-            ("projector", port("PROJECTOR_PORT")),
-        ];
-        let broker_port = port("BROKER_PORT");
-        let pem = std::fs::read(cert_dir.join("localhost.crt")).expect("edge certificate written");
-        let client = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("client");
         Stack {
-            child,
-            run_dir,
-            _tmp: tmp,
-            edge: format!("https://localhost:{edge_port}"),
-            edge_port,
-            service_ports,
-            broker_port,
+            edge: stack.edge.clone(),
+            edge_port: stack.port("EDGE_PORT"),
+            service_ports: [
+                ("ingest", stack.port("INGEST_PORT")),
+                ("query", stack.port("QUERY_PORT")),
+                ("projector", stack.port("PROJECTOR_PORT")),
+            ],
+            broker_port: stack.port("BROKER_PORT"),
             keyspace,
-            cert: cert_dir.join("localhost.crt"),
-            client,
+            cert: stack.cert.clone(),
+            run_dir: stack.run_dir.clone(),
+            client: stack.client.clone(),
+            stack,
         }
     }
 
     fn pid(&self, name: &str) -> u32 {
-        std::fs::read_to_string(self.run_dir.join("pids").join(format!("{name}.pid")))
-            .expect("pid file")
-            .trim()
-            .parse()
-            .expect("pid")
+        self.stack.pid(name)
     }
 
     async fn post(&self, message: &str) -> reqwest::Response {
@@ -159,35 +94,10 @@ impl Stack {
     }
 
     /// Stops the stack the way a developer does (SIGTERM) and checks nothing is left.
-    async fn stop(mut self) {
-        let services: Vec<u32> = ["kafka", "ingest", "projector", "query", "edge"]
-            .iter()
-            .map(|n| self.pid(n))
-            .collect();
-        if let Some(pid) = self.child.id() {
-            signal(pid, "TERM");
-        }
-        let status = timeout(Duration::from_secs(60), self.child.wait())
-            .await
-            .expect("dev-stack exits after SIGTERM")
-            .expect("wait");
-        assert!(status.success(), "dev-stack exit status {status}");
-        for pid in services {
-            assert!(!alive(pid), "process {pid} outlived dev-stack");
-        }
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        // On a failed assertion: still take the whole stack down, and wait for it.
-        if let Some(pid) = self.child.id() {
-            signal(pid, "TERM");
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while alive(pid) && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
+    async fn stop(self) {
+        self.stack
+            .stop(&["kafka", "ingest", "projector", "query", "edge"])
+            .await;
     }
 }
 
@@ -336,7 +246,7 @@ async fn external_clients(stack: &Stack) {
     );
 
     let out = Command::new("python3")
-        .arg(repo_root().join("scripts/smoke.py"))
+        .arg(msghash_testkit::stack::repo_root().join("scripts/smoke.py"))
         .args([
             "--domain",
             "localhost",
@@ -404,8 +314,9 @@ async fn metrics_move(stack: &Stack) {
         all.push_str(&text);
     }
     assert!(sample_sum(&all, "msghash_ingest_produce_duration_seconds_count", &[]) > 0.0);
-    let names = std::fs::read_to_string(repo_root().join("deploy/metrics.txt"))
-        .expect("deploy/metrics.txt lists the exported metrics");
+    let names =
+        std::fs::read_to_string(msghash_testkit::stack::repo_root().join("deploy/metrics.txt"))
+            .expect("deploy/metrics.txt lists the exported metrics");
     // Lines are `name type`; `#` starts a comment.
     for name in names
         .lines()

@@ -47,56 +47,43 @@ async fn ingest_on(topic: &str, partitions: u32, env: &[(&str, &str)]) -> Output
     output
 }
 
+/// Runs `ingest` on `topic` and expects it to refuse to start: exit code 2 and `says` on
+/// stderr.
+async fn expect_refusal(topic: &str, partitions: u32, env: &[(&str, &str)], says: &str) {
+    let output = ingest_on(topic, partitions, env).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(says), "{says:?} not in: {stderr}");
+}
+
 #[tokio::test]
 async fn refuses_a_topic_that_is_not_compacted_with_exit_code_2() {
     let topic = servers::unique_name("not_compacted");
     create_topic(&topic, 4, "delete").await;
-    let output = ingest_on(&topic, 4, &[]).await;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains(&format!("topic {topic} has cleanup.policy=delete"))
-            && stderr.contains("cleanup.policy=compact"),
-        "{stderr}"
-    );
+    let says =
+        format!("topic {topic} has cleanup.policy=delete but msghash needs cleanup.policy=compact");
+    expect_refusal(&topic, 4, &[], &says).await;
 }
 
 #[tokio::test]
 async fn refuses_a_topic_with_another_partition_count_with_exit_code_2() {
     let topic = servers::unique_name("partitions");
     create_topic(&topic, 3, "compact").await;
-    let output = ingest_on(&topic, 4, &[]).await;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("has 3 partitions but 4 are configured"),
-        "{stderr}"
-    );
+    expect_refusal(&topic, 4, &[], "has 3 partitions but 4 are configured").await;
 }
 
 #[tokio::test]
 async fn refuses_a_topic_with_fewer_replicas_than_configured_with_exit_code_2() {
     let topic = servers::unique_name("replicas");
     create_topic(&topic, 4, "compact").await;
-    let output = ingest_on(&topic, 4, &[("MSGHASH_TOPIC_REPLICATION", "3")]).await;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "topic {topic} has a partition with 1 replicas but MSGHASH_TOPIC_REPLICATION is 3"
-        )),
-        "{stderr}"
-    );
+    let says =
+        format!("topic {topic} has a partition with 1 replicas but MSGHASH_TOPIC_REPLICATION is 3");
+    expect_refusal(&topic, 4, &[("MSGHASH_TOPIC_REPLICATION", "3")], &says).await;
 }
 
 #[tokio::test]
 async fn refuses_a_min_isr_above_the_replication_with_exit_code_2() {
     let topic = servers::unique_name("min_isr");
-    let output = ingest_on(&topic, 4, &[("MSGHASH_TOPIC_MIN_ISR", "2")]).await;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("MSGHASH_TOPIC_MIN_ISR (2) is above MSGHASH_TOPIC_REPLICATION (1)"),
-        "{stderr}"
-    );
+    let says = "MSGHASH_TOPIC_MIN_ISR (2) is above MSGHASH_TOPIC_REPLICATION (1)";
+    expect_refusal(&topic, 4, &[("MSGHASH_TOPIC_MIN_ISR", "2")], says).await;
 }

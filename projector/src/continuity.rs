@@ -204,10 +204,8 @@ fn resume_offset(applied: Option<Offset>) -> Offset {
 mod tests {
     use super::*;
     use async_trait::async_trait;
-    use msghash_common::ports::{LogError, ModelError, ProjectionBatch};
-    use msghash_common::Digest;
-    use std::collections::BTreeMap;
-    use std::sync::Mutex;
+    use msghash_common::ports::LogError;
+    use msghash_testkit::fakes::OffsetsOnly;
 
     /// A member's subscription as a test drives it: which partitions it holds, its
     /// assignment epoch, and the rewinds asked of it.
@@ -240,26 +238,6 @@ mod tests {
         }
     }
 
-    /// A read model that only knows its applied offsets.
-    #[derive(Default)]
-    struct Offsets(Mutex<BTreeMap<u32, Offset>>);
-
-    #[async_trait]
-    impl ReadModel for Offsets {
-        async fn apply(&self, _: &ProjectionBatch) -> Result<(), ModelError> {
-            Ok(())
-        }
-        async fn get(&self, _: &Digest) -> Result<Option<String>, ModelError> {
-            Ok(None)
-        }
-        async fn applied_offset(&self, partition: u32) -> Result<Option<Offset>, ModelError> {
-            Ok(self.0.lock().expect("offsets").get(&partition).copied())
-        }
-        async fn list(&self, _: Option<&Digest>, _: usize) -> Result<Vec<Digest>, ModelError> {
-            Ok(Vec::new())
-        }
-    }
-
     fn records(partition: u32, offsets: std::ops::Range<Offset>) -> Vec<LogRecord> {
         offsets
             .map(|offset| LogRecord {
@@ -276,7 +254,7 @@ mod tests {
     /// past the gap) and the rewind is tried again.
     #[tokio::test]
     async fn a_rewind_refused_after_a_rebalance_holds_the_partition_back_without_failing() {
-        let model = Offsets::default();
+        let model = OffsetsOnly::default();
         let mut member = Member::default();
         let mut continuity = Continuity::default();
         // The model has nothing of partition 0, the group resumes at 5; partition 0 was
@@ -310,8 +288,8 @@ mod tests {
     /// rebalance its first record is checked against the model again.
     #[tokio::test]
     async fn every_assignment_checks_the_model_again() {
-        let model = Offsets::default();
-        model.0.lock().expect("offsets").insert(1, 9);
+        let model = OffsetsOnly::default();
+        model.set(1, 9);
         let mut member = Member {
             assigned: HashSet::from([1]),
             ..Member::default()

@@ -148,7 +148,7 @@ mod tests {
     use async_trait::async_trait;
     use msghash_common::metrics::install;
     use msghash_common::ports::{LogRecord, Subscription};
-    use msghash_common::{Digest, LogError, MessageHashed, ModelError, ProjectionBatch};
+    use msghash_common::{LogError, MessageHashed};
     use msghash_testkit::exposition;
 
     /// A log whose partition 0 ends at `end` (or fails when `end` is `None`).
@@ -179,25 +179,6 @@ mod tests {
         }
     }
 
-    /// A read model that applied nothing.
-    struct Model;
-
-    #[async_trait]
-    impl ReadModel for Model {
-        async fn apply(&self, _: &ProjectionBatch) -> Result<(), ModelError> {
-            Ok(())
-        }
-        async fn get(&self, _: &Digest) -> Result<Option<String>, ModelError> {
-            Ok(None)
-        }
-        async fn applied_offset(&self, _: u32) -> Result<Option<Offset>, ModelError> {
-            Ok(None)
-        }
-        async fn list(&self, _: Option<&Digest>, _: usize) -> Result<Vec<Digest>, ModelError> {
-            Ok(vec![])
-        }
-    }
-
     fn counts() -> [f64; 3] {
         let e = exposition::parse(&install().render()).expect("exposition");
         OUTCOMES.map(|o| e.sum(QUERY_BARRIER_WAITS_TOTAL, &[("outcome", o)]))
@@ -209,7 +190,7 @@ mod tests {
         let barrier = |end| {
             ReadBarrier::new(
                 Arc::new(Log { end }),
-                Arc::new(Model),
+                Arc::new(msghash_testkit::fakes::OffsetsOnly::default()),
                 Duration::from_millis(20),
             )
         };

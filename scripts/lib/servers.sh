@@ -82,6 +82,10 @@ share.coordinator.state.topic.replication.factor=$replicas
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.segment.bytes=16777216
+# A broker that dies is noticed (and its partitions get new leaders) within about 3 s
+# instead of 9: a POST waiting through the election still answers within its deadline.
+broker.session.timeout.ms=3000
+broker.heartbeat.interval.ms=500
 EOF
   cat >"$dir/log4j2.properties" <<'EOF'
 status = warn

@@ -459,6 +459,25 @@ impl EventLog for KafkaLog {
         }
     }
 
+    async fn ready(&self) -> Result<(), LogError> {
+        let producer = self.producer();
+        if let Some((_, reason)) = producer.client().fatal_error() {
+            return Err(LogError::Unavailable(format!(
+                "producer fatal error: {reason}"
+            )));
+        }
+        let topic = self.settings.topic.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), WATERMARK_TIMEOUT)
+                .map(|_| ())
+                .map_err(unavailable)
+        })
+        .await
+        .map_err(|e| LogError::Unavailable(format!("metadata task: {e}")))?
+    }
+
     async fn end_offset(&self, partition: u32) -> Result<Offset, LogError> {
         let producer = self.producer();
         if let Some((_, reason)) = producer.client().fatal_error() {

@@ -36,8 +36,8 @@ where
         )
 }
 
-/// Readiness of an event log and a read model: both answer (the log an end-offset
-/// request, the model an applied-offset read).
+/// Readiness of an event log and a read model: both answer (the log [`crate::EventLog::ready`],
+/// the model an applied-offset read).
 pub fn log_and_model_ready(
     log: Arc<dyn crate::EventLog>,
     model: Arc<dyn crate::ReadModel>,
@@ -45,18 +45,18 @@ pub fn log_and_model_ready(
     move || {
         let (log, model) = (log.clone(), model.clone());
         Box::pin(async move {
-            let (l, m) = tokio::join!(log.end_offset(0), model.applied_offset(0));
+            let (l, m) = tokio::join!(log.ready(), model.applied_offset(0));
             l.is_ok() && m.is_ok()
         })
     }
 }
 
-/// Readiness of an event log: it answers an end-offset request.
+/// Readiness of an event log: [`crate::EventLog::ready`].
 pub fn log_ready(
     log: Arc<dyn crate::EventLog>,
 ) -> impl Fn() -> futures::future::BoxFuture<'static, bool> + Clone + Send + Sync + 'static {
     move || {
         let log = log.clone();
-        Box::pin(async move { log.end_offset(0).await.is_ok() })
+        Box::pin(async move { log.ready().await.is_ok() })
     }
 }
