@@ -135,7 +135,10 @@ def main():
     else:
         with open("deploy/haproxy.cfg") as f:
             cfg = f.read()
-        needed = set(re.findall(r"\$\{(MSGHASH_[A-Z0-9_]+)\}", cfg))
+        # What `.if defined(X)` ... `.endif` encloses is optional (a cluster's extra
+        # replicas); everything else must be set.
+        required = re.sub(r"(?ms)^\.if defined\(.*?^\.endif\s*$", "", cfg)
+        needed = set(re.findall(r"\$\{(MSGHASH_[A-Z0-9_]+)\}", required))
         for v in sorted(needed - set(edge_env)):
             err(f"edge: deploy/haproxy.cfg needs {v}, which the edge does not set")
         mounts = [str(v) for v in edge.get("volumes") or []]

@@ -33,6 +33,8 @@ pub mod names {
     pub const PROJECTOR_DEAD_LETTERED_TOTAL: &str = "msghash_projector_dead_lettered_total";
     /// Histogram: one projector step (decode, apply, commit), seconds.
     pub const PROJECTOR_BATCH_DURATION_SECONDS: &str = "msghash_projector_batch_duration_seconds";
+    /// Gauge: partitions held back at a poison record whose dead letter cannot be written.
+    pub const PROJECTOR_HELD_PARTITIONS: &str = "msghash_projector_held_partitions";
     /// Gauge `{partition}`: records of the partition not yet applied to the read model.
     pub const PROJECTOR_LAG: &str = "msghash_projector_lag";
     /// Counter `{outcome}`: read-your-writes waits of a GET that missed, by outcome
@@ -40,7 +42,7 @@ pub mod names {
     pub const QUERY_BARRIER_WAITS_TOTAL: &str = "msghash_query_barrier_waits_total";
 
     /// All of them, in the order above.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         HTTP_REQUESTS_TOTAL,
         HTTP_REQUEST_DURATION_SECONDS,
         INGEST_PRODUCE_DURATION_SECONDS,
@@ -48,6 +50,7 @@ pub mod names {
         PROJECTOR_EVENTS_APPLIED_TOTAL,
         PROJECTOR_DEAD_LETTERED_TOTAL,
         PROJECTOR_BATCH_DURATION_SECONDS,
+        PROJECTOR_HELD_PARTITIONS,
         PROJECTOR_LAG,
         QUERY_BARRIER_WAITS_TOTAL,
     ];
@@ -127,6 +130,10 @@ fn describe() {
         PROJECTOR_BATCH_DURATION_SECONDS,
         Unit::Seconds,
         "Time of one projector step: decode, apply, commit"
+    );
+    describe_gauge!(
+        PROJECTOR_HELD_PARTITIONS,
+        "Partitions held back at a poison record whose dead letter cannot be written"
     );
     describe_gauge!(
         PROJECTOR_LAG,

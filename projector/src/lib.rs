@@ -5,8 +5,11 @@
 //! the group's positions. A crash anywhere in between replays the batch, and replaying is
 //! harmless: the same digest always carries the same message.
 //!
-//! A record that does not decode is poison: it is logged, counted and skipped (its offset
-//! still counts as applied), so it can never block its partition.
+//! A record that does not decode is poison: it is logged, counted, written to the dead-letter
+//! store and skipped (its offset still counts as applied). If the dead letter cannot be
+//! written (a few tries, about 10 s), its partition is held back at the poison record and
+//! read again next turn, while the other partitions go on: no good event is skipped, and
+//! `msghash_projector_held_partitions` and readiness say that one waits.
 //!
 //! The `projector` service also serves `/health/live`, `/health/ready` (the log and the
 //! read model answer) and `/metrics` over TLS ([`app`]); the projection refreshes
@@ -69,6 +72,8 @@ impl Default for ProjectorSettings {
 pub struct ProjectorStats {
     pub applied_events: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Partitions held back at a poison record whose dead letter could not be written.
+    held: std::sync::Mutex<std::collections::BTreeSet<u32>>,
 }
 
 impl ProjectorStats {
@@ -78,22 +83,58 @@ impl ProjectorStats {
         metrics::counter!(names::PROJECTOR_EVENTS_APPLIED_TOTAL).increment(n);
     }
 
-    /// Counts one record skipped because it does not decode.
+    /// Counts one record skipped because it does not decode (its dead letter is written).
     pub fn record_dead_lettered(&self) {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::PROJECTOR_DEAD_LETTERED_TOTAL).increment(1);
     }
+
+    /// After a batch over `seen` partitions: those in `held` are held back, the others of
+    /// `seen` went on.
+    pub fn set_held(
+        &self,
+        seen: impl Iterator<Item = u32>,
+        held: &std::collections::BTreeMap<u32, i64>,
+    ) {
+        let mut set = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for partition in seen {
+            if !held.contains_key(&partition) {
+                set.remove(&partition);
+            }
+        }
+        set.extend(held.keys().copied());
+        metrics::gauge!(names::PROJECTOR_HELD_PARTITIONS).set(set.len() as f64);
+    }
+
+    /// The partitions held back now.
+    pub fn held_partitions(&self) -> Vec<u32> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect()
+    }
 }
 
 /// What the `projector` service serves on its port: `/health/live`, `/health/ready` (the
-/// log and the read model answer), `/metrics`, observed like every other service.
-pub fn app(log: Arc<dyn EventLog>, model: Arc<dyn ReadModel>) -> Router {
+/// log and the read model answer, and no partition is held back at a poison record whose
+/// dead letter cannot be written), `/metrics`, observed like every other service.
+pub fn app(
+    log: Arc<dyn EventLog>,
+    model: Arc<dyn ReadModel>,
+    stats: Arc<ProjectorStats>,
+) -> Router {
     msghash_common::metrics::install();
-    http::service_app(
-        "projector",
-        Router::new(),
-        http::log_and_model_ready(log, model),
-    )
+    let answer = http::log_and_model_ready(log, model);
+    let ready = move || {
+        let (answer, stats) = (answer.clone(), stats.clone());
+        async move { stats.held_partitions().is_empty() && answer().await }
+    };
+    http::service_app("projector", Router::new(), ready)
 }
 
 #[cfg(feature = "service")]
@@ -130,9 +171,7 @@ mod tests {
             },
             record(1, 5, &b),
         ];
-        let stats = ProjectorStats::default();
-        let (batch, poison) = build_batch(&records, &stats);
-        assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 1);
+        let (batch, poison) = build_batch(&records);
         assert_eq!(poison.len(), 1);
         assert_eq!(poison[0].0.offset, 11);
         assert_eq!(

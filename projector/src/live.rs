@@ -9,9 +9,9 @@ use backon::{ExponentialBuilder, Retryable};
 use msghash_common::generation::{group_for, LiveModel};
 use msghash_common::metrics::names;
 use msghash_common::shutdown::{Shutdown, Ticker};
-use msghash_common::{EventLog, ModelGenerations, ReadModel};
+use msghash_common::{EventLog, Generation, ModelGenerations, ReadModel};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::task::AbortOnDropHandle;
 
 /// Runs the projection until `shutdown` is cancelled. Transient failures of the log or the
@@ -32,6 +32,7 @@ pub async fn run_projection(
     // Present (at 0) from the start, so rate() and alerts see the series.
     metrics::counter!(names::PROJECTOR_EVENTS_APPLIED_TOTAL).increment(0);
     metrics::counter!(names::PROJECTOR_DEAD_LETTERED_TOTAL).increment(0);
+    metrics::gauge!(names::PROJECTOR_HELD_PARTITIONS).set(0.0);
     let open = (|| LiveModel::open(generations.clone()))
         .retry(ExponentialBuilder::default().with_max_times(usize::MAX))
         .notify(|e, after| tracing::warn!(error = %e, ?after, "opening the read model failed; retrying"));
@@ -61,23 +62,28 @@ pub async fn run_projection(
             result = adopt => result?,
             _ = shutdown.cancelled() => break,
         }
+        // This generation's turn ends at shutdown or at a switch to another generation,
+        // also while a write is being retried that can no longer succeed (to a generation
+        // `replay --drop-old` dropped): the batch is left uncommitted and the new
+        // generation's group projects it.
+        let turn = shutdown.child_token();
+        let _watch = AbortOnDropHandle::new(tokio::spawn(watch_switch(
+            live.clone(),
+            generation,
+            settings.generation_check,
+            turn.clone(),
+        )));
         let group = group_for(&settings.group, generation);
-        let Some(subscription) = subscribe(log.as_ref(), &group, &shutdown).await? else {
-            break;
+        let Some(subscription) = subscribe(log.as_ref(), &group, &turn).await? else {
+            continue;
         };
         tracing::info!(%group, generation, "projector subscribed");
         let mut reader = Reader::new(subscription, settings.batch_size, settings.poll_wait);
-        let mut checked = Instant::now();
-        while !shutdown.is_cancelled() {
-            if checked.elapsed() >= settings.generation_check {
-                checked = Instant::now();
-                match live.refresh().await {
-                    Ok(now) if now != generation => break,
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(error = %e, "could not read the active generation"),
-                }
-            }
-            let records = reader.read(log.as_ref(), model.as_ref()).await?;
+        while !turn.is_cancelled() {
+            let records = tokio::select! {
+                records = reader.read(log.as_ref(), model.as_ref()) => records?,
+                _ = turn.cancelled() => break,
+            };
             if records.is_empty() {
                 continue;
             }
@@ -87,7 +93,7 @@ pub async fn run_projection(
                 reader.subscription(),
                 &records,
                 &stats,
-                &shutdown,
+                &turn,
             )
             .await?;
             if !done {
@@ -105,6 +111,27 @@ pub async fn run_projection(
     }
     tracing::info!("projector stopped");
     Ok(())
+}
+
+/// Cancels `turn` once the active generation is no longer `generation` (checked every
+/// `every`).
+async fn watch_switch(
+    live: Arc<LiveModel>,
+    generation: Generation,
+    every: Duration,
+    turn: Shutdown,
+) {
+    let mut ticker = Ticker::new(every, turn.clone());
+    while ticker.tick().await {
+        match live.refresh().await {
+            Ok(now) if now != generation => {
+                turn.cancel();
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "could not read the active generation"),
+        }
+    }
 }
 
 /// Sets `msghash_projector_lag{partition}` for every partition now, then every `interval`,

@@ -2,7 +2,7 @@
 //! Kafka and ScyllaDB adapters.
 
 use crate::replay::{self, Progress, ReplayReport, ReplaySettings};
-use crate::{app, run_projection, ProjectorSettings, Status};
+use crate::{app, run_projection, ProjectorSettings, ProjectorStats, Status};
 use clap::Parser;
 use msghash_common::adapters::kafka::KafkaLog;
 use msghash_common::adapters::scylla::ScyllaGenerations;
@@ -136,6 +136,7 @@ pub struct Application {
     generations: Arc<dyn ModelGenerations>,
     live: Arc<LiveModel>,
     settings: ProjectorSettings,
+    stats: Arc<ProjectorStats>,
 }
 
 impl service::Application for Application {
@@ -159,7 +160,8 @@ impl service::Application for Application {
             batch_size: usize::try_from(cli.batch_size)?,
             ..ProjectorSettings::default()
         };
-        let server = Server::bind(cli.listen, tls, app(log.clone(), model))?;
+        let stats = Arc::new(ProjectorStats::default());
+        let server = Server::bind(cli.listen, tls, app(log.clone(), model, stats.clone()))?;
         tracing::info!(listen = %server.address(), "projector listening");
         Ok(Application {
             server,
@@ -167,6 +169,7 @@ impl service::Application for Application {
             generations,
             live,
             settings,
+            stats,
         })
     }
 
@@ -184,7 +187,7 @@ impl service::Application for Application {
             self.log,
             self.generations,
             self.settings,
-            Arc::default(),
+            self.stats,
             stop.clone(),
         );
         let (served, projected) = tokio::join!(

@@ -6,9 +6,10 @@ use crate::continuity::Continuity;
 use crate::ProjectorStats;
 use backon::{ExponentialBuilder, Retryable};
 use msghash_common::metrics::names;
-use msghash_common::ports::{LogRecord, Subscription};
+use msghash_common::ports::{LogRecord, Offset, Subscription};
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{EventLog, MessageHashed, ProjectionBatch, ReadModel};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 pub(crate) async fn subscribe(
@@ -81,10 +82,10 @@ impl Reader {
     }
 }
 
-/// Turns records into one batch, dead-lettering what does not decode.
+/// Turns records into one batch and the list of those that do not decode (poison, to be
+/// dead-lettered); a poison record's offset still counts as applied.
 pub fn build_batch<'r>(
-    records: &'r [LogRecord],
-    stats: &ProjectorStats,
+    records: impl IntoIterator<Item = &'r LogRecord>,
 ) -> (ProjectionBatch, Vec<(&'r LogRecord, String)>) {
     let mut batch = ProjectionBatch::default();
     let mut poison = Vec::new();
@@ -92,7 +93,6 @@ pub fn build_batch<'r>(
         match MessageHashed::decode(r.key.as_deref(), r.value.as_deref()) {
             Ok(event) => batch.push_event(r.partition, r.offset, event),
             Err(e) => {
-                stats.record_dead_lettered();
                 tracing::warn!(partition = r.partition, offset = r.offset, error = %e,
                     "dead-lettering an undecodable event");
                 batch.advance(r.partition, r.offset);
@@ -101,6 +101,18 @@ pub fn build_batch<'r>(
         }
     }
     (batch, poison)
+}
+
+/// How long one batch keeps trying to write a dead letter before it holds the poison's
+/// partition back (and goes on with the others).
+const DEAD_LETTER_ATTEMPTS: usize = 5;
+
+fn dead_letter_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(DEAD_LETTER_ATTEMPTS)
+        .with_jitter()
 }
 
 /// The retry policy of the projection's writes: quick at first, then every 2 s, forever.
@@ -124,17 +136,41 @@ pub(crate) async fn project_batch(
 ) -> anyhow::Result<bool> {
     let started = Instant::now();
     let backoff = write_backoff();
-    let (batch, poison) = build_batch(records, stats);
-    // Dead letters first: once the batch's offsets are applied, they are past them.
+    let (batch, poison) = build_batch(records);
+    // Dead letters first: once the batch's offsets are applied, they are past them. A dead
+    // letter that keeps failing holds its partition back at the poison record (nothing of
+    // it from there on is applied or committed; it is read again next turn), so that one
+    // partition waits, not all of them.
+    let mut held: BTreeMap<u32, Offset> = BTreeMap::new();
     for (record, reason) in &poison {
+        if held.contains_key(&record.partition) {
+            continue;
+        }
         let keep = (|| log.dead_letter(record, reason))
-            .retry(backoff)
+            .retry(dead_letter_backoff())
             .notify(|e, after| tracing::warn!(error = %e, ?after, "dead-letter failed; retrying"));
-        tokio::select! {
-            result = keep => result?,
+        let kept = tokio::select! {
+            result = keep => result,
             _ = shutdown.cancelled() => return Ok(false),
+        };
+        match kept {
+            Ok(()) => stats.record_dead_lettered(),
+            Err(e) => {
+                tracing::error!(partition = record.partition, offset = record.offset, error = %e,
+                    "the dead letter keeps failing: holding the partition back at this record");
+                held.insert(record.partition, record.offset);
+            }
         }
     }
+    let batch = if held.is_empty() {
+        batch
+    } else {
+        build_batch(records.iter().filter(|r| {
+            held.get(&r.partition)
+                .is_none_or(|&poison_at| r.offset < poison_at)
+        }))
+        .0
+    };
     let apply = (|| model.apply(&batch))
         .retry(backoff)
         .notify(|e, after| tracing::warn!(error = %e, ?after, "apply failed; retrying"));
@@ -147,6 +183,14 @@ pub(crate) async fn project_batch(
         // Not fatal: the rows and offsets are written; a restart replays the batch.
         tracing::warn!(error = %e, "committing consumer offsets failed");
     }
+    for (&partition, &poison_at) in &held {
+        // Read it again from the poison record; if the partition just moved to another
+        // member, that member reads it from the committed position, which is before it.
+        if let Err(e) = subscription.rewind(partition, poison_at).await {
+            tracing::warn!(partition, error = %e, "cannot rewind a held partition");
+        }
+    }
+    stats.set_held(records.iter().map(|r| r.partition), &held);
     metrics::histogram!(names::PROJECTOR_BATCH_DURATION_SECONDS)
         .record(started.elapsed().as_secs_f64());
     Ok(true)

@@ -4,6 +4,7 @@
 
 use msghash_common::adapters::kafka::KafkaLog;
 use msghash_common::adapters::scylla::ScyllaGenerations;
+use msghash_common::ports::{LogError, LogRecord, Subscription};
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{
     partition_for, Digest, EventLog, MessageHashed, ModelGenerations, ProjectionBatch, ReadModel,
@@ -72,6 +73,23 @@ fn start(
     (stats, shutdown, task)
 }
 
+/// Appends a record that does not decode (not an event) to `partition` of `topic`.
+async fn append_poison(topic: &str, partition: i32) {
+    let raw: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", servers::kafka_brokers())
+        .create()
+        .expect("producer");
+    raw.send(
+        FutureRecord::to(topic)
+            .partition(partition)
+            .key(&b"not a digest"[..])
+            .payload(&b"\xff not json"[..]),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("poison appended");
+}
+
 async fn append_all(log: &KafkaLog, messages: &[String]) {
     for m in messages {
         let e = MessageHashed::new(m.clone());
@@ -100,19 +118,7 @@ async fn projects_skips_poison_resumes_after_restart_and_replays_from_zero() {
     let first: Vec<String> = (0..40).map(|i| format!("first {i}")).collect();
     append_all(&log, &first[..20]).await;
     // A poison record in the middle of partition 0.
-    let raw: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", servers::kafka_brokers())
-        .create()
-        .expect("producer");
-    raw.send(
-        FutureRecord::to(&topic)
-            .partition(0)
-            .key(&b"not a digest"[..])
-            .payload(&b"\xff not json"[..]),
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("poison appended");
+    append_poison(&topic, 0).await;
     append_all(&log, &first[20..]).await;
 
     let (stats, shutdown, task) = start(&log, &generations, &group);
@@ -334,6 +340,121 @@ async fn a_read_model_restored_from_an_older_backup_is_caught_up() {
     let (_, shutdown, task) = start(&log, &backup, &group);
     let everything: Vec<String> = [before, after, later].concat();
     wait_until_projected(&log, restored.as_ref(), &everything).await;
+    shutdown.cancel();
+    task.await.expect("join").expect("clean stop");
+}
+
+/// The Kafka log, with dead-letter writes that fail while `failing` is set.
+struct FlakyDeadLetters {
+    log: KafkaLog,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl EventLog for FlakyDeadLetters {
+    fn partitions(&self) -> NonZeroU32 {
+        self.log.partitions()
+    }
+    async fn append(&self, p: u32, e: &MessageHashed) -> Result<i64, LogError> {
+        self.log.append(p, e).await
+    }
+    async fn end_offset(&self, p: u32) -> Result<i64, LogError> {
+        self.log.end_offset(p).await
+    }
+    async fn dead_letter(&self, r: &LogRecord, reason: &str) -> Result<(), LogError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(LogError::Unavailable("dead-letter topic unwritable".into()));
+        }
+        self.log.dead_letter(r, reason).await
+    }
+    async fn dead_letter_count(&self) -> Result<u64, LogError> {
+        self.log.dead_letter_count().await
+    }
+    async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, LogError> {
+        self.log.subscribe(group).await
+    }
+}
+
+/// A dead letter that cannot be written holds back only its own partition, at the poison
+/// record: the other partitions go on, nothing after the poison is applied or committed,
+/// and once the dead letter can be written the partition catches up. Before, the batch
+/// retried the dead letter for ever and every partition stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_keeps_failing_holds_back_only_its_partition() {
+    msghash_common::telemetry::init_for_tests();
+    let settings = servers::kafka_settings("held", PARTITIONS);
+    let topic = settings.topic.clone();
+    let log = Arc::new(FlakyDeadLetters {
+        log: KafkaLog::connect(settings).await.expect("kafka"),
+        failing: std::sync::atomic::AtomicBool::new(true),
+    });
+    let generations = Arc::new(
+        ScyllaGenerations::connect(&servers::scylla_settings("held"))
+            .await
+            .expect("scylla"),
+    );
+    let on = |p: u32, tag: &str| -> Vec<String> {
+        (0..)
+            .map(|i| format!("{tag} {i}"))
+            .filter(|m| partition_for(&Digest::of(m), PARTITIONS) == p)
+            .take(5)
+            .collect()
+    };
+    let (before, after, other) = (on(0, "before"), on(0, "after"), on(1, "other"));
+    append_all(&log.log, &before).await;
+    append_poison(&topic, 0).await;
+    append_all(&log.log, &after).await;
+    append_all(&log.log, &other).await;
+
+    let stats = Arc::new(ProjectorStats::default());
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(run_projection(
+        log.clone(),
+        generations.clone(),
+        ProjectorSettings {
+            group: servers::unique_name("held"),
+            batch_size: 7,
+            poll_wait: Duration::from_millis(100),
+            ..ProjectorSettings::default()
+        },
+        stats.clone(),
+        shutdown.clone(),
+    ));
+    let model = generations.open(0).await.expect("generation 0");
+    let readable = |messages: Vec<String>| {
+        let model = model.clone();
+        async move {
+            for m in &messages {
+                if model.get(&Digest::of(m)).await.expect("get").is_none() {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(readable(other.clone()).await && readable(before.clone()).await) {
+        assert!(Instant::now() < deadline, "the other partition stalled");
+        sleep(Duration::from_millis(100)).await;
+    }
+    // Held: partition 0 stops at the poison record (offset 5) while the dead letter fails.
+    while stats.held_partitions() != vec![0] {
+        assert!(Instant::now() < deadline, "partition 0 not reported held");
+        sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(model.applied_offset(0).await.expect("applied"), Some(4));
+    for m in &after {
+        assert_eq!(model.get(&Digest::of(m)).await.expect("get"), None, "{m}");
+    }
+
+    log.failing.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !readable(after.clone()).await || !stats.held_partitions().is_empty() {
+        assert!(Instant::now() < deadline, "partition 0 did not catch up");
+        sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 1);
+    assert_eq!(log.dead_letter_count().await.expect("count"), 1);
     shutdown.cancel();
     task.await.expect("join").expect("clean stop");
 }
