@@ -120,11 +120,11 @@ impl DevStack {
     /// The pid in `pids/<name>.pid` now.
     pub fn pid(&self, name: &str) -> u32 {
         let path = self.run_dir.join("pids").join(format!("{name}.pid"));
-        std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-            .trim()
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        text.trim()
             .parse()
-            .expect("pid")
+            .unwrap_or_else(|e| panic!("{}: {text:?}: {e}", path.display()))
     }
 
     /// Waits until `name` runs under a pid other than `old` (its supervisor restarted it).
