@@ -230,3 +230,32 @@ async fn a_fatal_producer_error_is_followed_by_a_new_producer() {
         .expect("a new producer appends");
     log.ready().await.expect("ready again");
 }
+
+/// A leader election takes a few seconds (the dead broker's session must expire). An
+/// append in that window waits for the new leader instead of failing: the producer keeps
+/// delivering for `message_timeout` (30 s by default), and only the caller's own deadline
+/// (ingest's 5 s) bounds the wait. Before, the default was 2 s, and an append that met a
+/// 3 s election failed with a delivery timeout.
+#[tokio::test]
+async fn an_append_waits_through_a_leader_election() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 2, 1).expect("topic");
+    let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), TOPIC, TWO);
+    settings.create_topic = false;
+    settings.verify_compaction = false;
+    let log = KafkaLog::connect(settings).await.expect("connect");
+    let e = MessageHashed::new("through the election".into());
+    log.append(0, &e).await.expect("append while up");
+    cluster.broker_down(1).expect("broker down");
+    let restore = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.broker_up(1).expect("broker up");
+    };
+    let (appended, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(20), log.append(0, &e)),
+        restore
+    );
+    appended
+        .expect("no hang")
+        .expect("the append waits for the broker instead of timing out");
+}

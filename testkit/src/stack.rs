@@ -120,8 +120,8 @@ impl DevStack {
     /// The pid in `pids/<name>.pid` now.
     pub fn pid(&self, name: &str) -> u32 {
         let path = self.run_dir.join("pids").join(format!("{name}.pid"));
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         text.trim()
             .parse()
             .unwrap_or_else(|e| panic!("{}: {text:?}: {e}", path.display()))
