@@ -181,3 +181,40 @@ async fn a_stalled_request_gets_a_json_503_and_a_stalled_body_a_400() {
     let (status, _, text) = call_text(&app, request).await;
     assert_eq!((status.as_u16(), text.as_str()), (200, "noted"));
 }
+
+#[tokio::test]
+async fn every_answer_carries_the_security_headers() {
+    let app = app();
+    let cached = Router::new().route(
+        "/cached",
+        get(|| async {
+            (
+                [(header::CACHE_CONTROL, "public, immutable")],
+                "same for ever",
+            )
+        }),
+    );
+    let cached = observe(cached, "unit");
+    for (router, path, cache) in [
+        (&app, "/things/1", "no-store"),
+        (&app, "/nowhere", "no-store"),
+        (&cached, "/cached", "public, immutable"),
+    ] {
+        let request = axum::http::Request::get(path)
+            .body(Body::empty())
+            .expect("request");
+        let response = call(router, request).await;
+        let headers = response.headers();
+        assert_eq!(
+            headers[header::STRICT_TRANSPORT_SECURITY],
+            "max-age=31536000",
+            "{path}"
+        );
+        assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff", "{path}");
+        assert_eq!(
+            headers[header::CACHE_CONTROL],
+            cache,
+            "{path}: the handler's own wins"
+        );
+    }
+}

@@ -115,11 +115,41 @@ async fn http_contract(stack: &Stack) {
     assert_eq!(r.headers()["location"], format!("/messages/{FOO}").as_str());
     assert_eq!(json_of(r).await.1, serde_json::json!({ "digest": FOO }));
 
-    let (status, body) = json_of(stack.get(FOO).await).await;
+    let found = stack.get(FOO).await;
+    assert_eq!(
+        found.headers()["cache-control"],
+        "public, max-age=31536000, immutable",
+        "a message never changes under its digest"
+    );
+    assert_eq!(found.headers()["x-content-type-options"], "nosniff");
+    assert!(found.headers().contains_key("strict-transport-security"));
+    let (status, body) = json_of(found).await;
     assert_eq!(
         (status, body),
         (StatusCode::OK, serde_json::json!({"message": "foo"}))
     );
+    // The singular path of older clients is an alias.
+    let (status, body) = json_of(
+        stack
+            .client
+            .get(format!("{}/message/{FOO}", stack.edge))
+            .send()
+            .await
+            .expect("answered"),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, serde_json::json!({"message": "foo"}))
+    );
+    // Metrics are for the scraper on each replica's port, not for the public edge.
+    let metrics = stack
+        .client
+        .get(format!("{}/metrics", stack.edge))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(metrics.status(), StatusCode::NOT_FOUND);
     let (status, _) = json_of(stack.get(&FOO.to_uppercase()).await).await;
     assert_eq!(
         status,
@@ -129,6 +159,12 @@ async fn http_contract(stack: &Stack) {
 
     let not_found = serde_json::json!({"err_msg": "Message not found"});
     let unknown = Digest::of("never posted by anyone").to_hex();
+    let missing = stack.get(&unknown).await;
+    assert_eq!(
+        missing.headers()["cache-control"],
+        "no-store",
+        "a 404 may become a 200"
+    );
     for digest in [unknown.as_str(), "not-a-digest", &FOO[..63]] {
         let (status, body) = json_of(stack.get(digest).await).await;
         assert_eq!(

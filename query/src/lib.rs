@@ -10,6 +10,7 @@
 pub mod barrier;
 
 use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::header;
 use axum::http::request::Parts;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -60,6 +61,8 @@ pub fn router(
     };
     Router::new()
         .route("/messages/{digest}", get(get_message))
+        // Older clients look messages up in the singular.
+        .route("/message/{digest}", get(get_message))
         .route("/messages", get(list_messages))
         .route("/all-messages", get(list_messages))
         .with_state(state)
@@ -98,13 +101,19 @@ struct Found {
     message: String,
 }
 
-/// `GET /messages/{digest}`.
+/// A found message never changes (its address is its digest): caches may keep it.
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
+/// `GET /messages/{digest}` (and `/message/{digest}`).
 async fn get_message(
     State(state): State<AppState>,
     DigestPath(digest): DigestPath,
-) -> Result<Json<Found>, ApiError> {
+) -> Result<([(header::HeaderName, &'static str); 1], Json<Found>), ApiError> {
     let message = lookup_across_switch(&state, &digest).await?;
-    Ok(Json(Found { message }))
+    Ok((
+        [(header::CACHE_CONTROL, IMMUTABLE)],
+        Json(Found { message }),
+    ))
 }
 
 /// Page size of `GET /messages` when the client gives none, and the most it may ask for.

@@ -696,3 +696,50 @@ async fn replay_beside_the_server_under_load_and_after_a_kill() {
         .collect();
     assert_eq!(files, HashSet::from(["readmodel-g2.redb".to_owned()]));
 }
+
+/// `openssl s_client` offering only `version` (e.g. `-tls1_1`) to the server: its output.
+/// The client's own floor is lowered (`@SECLEVEL=0`) so that it really offers the old
+/// protocol and the answer is the server's.
+fn tls_handshake(port: u16, version: &str) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            version,
+        ])
+        .args(["-cipher", "DEFAULT:@SECLEVEL=0", "-servername", "localhost"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        text.contains("Cipher is ") && !text.contains("Cipher is (NONE)"),
+        text,
+    )
+}
+
+/// TLS 1.2 and 1.3 only: a TLS 1.1 (or 1.0) client is refused by the server with an
+/// alert; 1.2 and 1.3 clients get a cipher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_tls_1_2_and_1_3_are_spoken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (m, _) = Msghash::start(dir.path()).await;
+    for old in ["-tls1_1", "-tls1"] {
+        let (agreed, text) = tls_handshake(m.port, old);
+        assert!(!agreed, "{old} accepted: {text}");
+        assert!(
+            // rustls answers a hello without TLS 1.2 or 1.3 with a handshake_failure alert.
+            text.contains("alert protocol version") || text.contains("alert handshake failure"),
+            "{old}: the server refuses the version: {text}"
+        );
+    }
+    for current in ["-tls1_2", "-tls1_3"] {
+        let (agreed, text) = tls_handshake(m.port, current);
+        assert!(agreed, "{current} refused: {text}");
+    }
+}

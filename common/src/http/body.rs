@@ -92,13 +92,13 @@ pub async fn read_json<T: DeserializeOwned>(
         });
     }
     let bytes = collect_bounded(body, limit).await?;
-    // Only a JSON object is a request body: serde would also read a struct from an array.
-    match serde_json::from_slice::<serde_json::Value>(&bytes) {
-        Ok(value @ serde_json::Value::Object(_)) => {
-            serde_json::from_value(value).map_err(|_| ApiError::BadRequest(bad_body))
-        }
-        _ => Err(ApiError::BadRequest(bad_body)),
+    // Only a JSON object is a request body (serde would also read a struct from an array).
+    // It is decoded straight into `T`, with no tree in between, so a field given twice is
+    // refused instead of the last one silently winning.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::BadRequest(bad_body));
     }
+    serde_json::from_slice(&bytes).map_err(|_| ApiError::BadRequest(bad_body))
 }
 
 async fn collect_bounded(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
@@ -197,7 +197,15 @@ mod tests {
                 drained: true
             })
         );
-        for bad in [r#"["hi"]"#, "\"hi\"", "{", r#"{"message":1}"#, ""] {
+        for bad in [
+            r#"["hi"]"#,
+            "\"hi\"",
+            "{",
+            r#"{"message":1}"#,
+            "",
+            r#"{"message":"a","message":"b"}"#,
+            r#"{"message":"a"} trailing"#,
+        ] {
             assert_eq!(
                 read(request(Some("application/json"), bad.into()), 100).await,
                 Err(ApiError::BadRequest("bad body")),

@@ -7,7 +7,10 @@
 //!   route template (never the raw path);
 //! - a bare error from a layer below (the timeout's 503) gets the JSON `{"err_msg"}` body;
 //! - [`TimeoutLayer`] bounds a whole request, [`RequestBodyTimeoutLayer`] the reading of
-//!   its body, so a stalled handler or a client that stops sending cannot hold a task.
+//!   its body, so a stalled handler or a client that stops sending cannot hold a task;
+//! - every answer carries `Strict-Transport-Security` and `X-Content-Type-Options: nosniff`,
+//!   and `Cache-Control: no-store` unless the handler said otherwise (a found message is
+//!   immutable).
 
 use super::ApiError;
 use crate::metrics::names;
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
@@ -48,6 +52,18 @@ pub fn observe(router: Router, service: &'static str) -> Router {
             REQUEST_TIMEOUT,
         ))
         .layer(middleware::map_response(json_error_body))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        ))
         .layer(middleware::from_fn_with_state(service, record))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
