@@ -9,12 +9,19 @@ use std::time::Duration;
 
 /// Creates `topic` by hand, as an operator might, with the given cleanup policy.
 async fn create_topic(topic: &str, partitions: i32, cleanup_policy: &str) {
+    create_topic_with(topic, partitions, &[("cleanup.policy", cleanup_policy)]).await;
+}
+
+/// Creates `topic` by hand with the given topic configs.
+async fn create_topic_with(topic: &str, partitions: i32, configs: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", servers::kafka_brokers())
         .create()
         .expect("admin client");
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
-        .set("cleanup.policy", cleanup_policy);
+    let new = configs.iter().fold(
+        NewTopic::new(topic, partitions, TopicReplication::Fixed(1)),
+        |new, (name, value)| new.set(name, value),
+    );
     let created = admin
         .create_topics([&new], &AdminOptions::new())
         .await
@@ -86,4 +93,16 @@ async fn refuses_a_min_isr_above_the_replication_with_exit_code_2() {
     let topic = servers::unique_name("min_isr");
     let says = "MSGHASH_TOPIC_MIN_ISR (2) is above MSGHASH_TOPIC_REPLICATION (1)";
     expect_refusal(&topic, 4, &[("MSGHASH_TOPIC_MIN_ISR", "2")], says).await;
+}
+
+/// The topic's own limits must be at least msghash's (here `max.message.bytes`, checked with
+/// `min.insync.replicas` in one loop): below, the broker would refuse or under-replicate
+/// events ingest acknowledges.
+#[tokio::test]
+async fn refuses_a_topic_whose_message_size_limit_is_below_the_body_limit_with_exit_code_2() {
+    let topic = servers::unique_name("max_bytes");
+    let configs = [("cleanup.policy", "compact"), ("max.message.bytes", "1000")];
+    create_topic_with(&topic, 4, &configs).await;
+    let says = format!("topic {topic} has max.message.bytes=1000, below 1114112");
+    expect_refusal(&topic, 4, &[], &says).await;
 }
