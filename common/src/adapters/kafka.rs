@@ -173,6 +173,18 @@ impl KafkaLog {
             .clone()
     }
 
+    /// The current producer, unless it is fatally failed (then the log is unavailable, and
+    /// readiness says so, until `send_failed` has replaced it).
+    fn usable_producer(&self) -> Result<FutureProducer, LogError> {
+        let producer = self.producer();
+        match producer.client().fatal_error() {
+            Some((_, reason)) => Err(LogError::Unavailable(format!(
+                "producer fatal error: {reason}"
+            ))),
+            None => Ok(producer),
+        }
+    }
+
     /// What a failed send means. After a fatal error of `used` (it refuses every further
     /// event) a new producer replaces it, once; until that works the log is unavailable,
     /// and readiness says so.
@@ -460,12 +472,7 @@ impl EventLog for KafkaLog {
     }
 
     async fn ready(&self) -> Result<(), LogError> {
-        let producer = self.producer();
-        if let Some((_, reason)) = producer.client().fatal_error() {
-            return Err(LogError::Unavailable(format!(
-                "producer fatal error: {reason}"
-            )));
-        }
+        let producer = self.usable_producer()?;
         let topic = self.settings.topic.clone();
         tokio::task::spawn_blocking(move || {
             producer
@@ -479,12 +486,7 @@ impl EventLog for KafkaLog {
     }
 
     async fn end_offset(&self, partition: u32) -> Result<Offset, LogError> {
-        let producer = self.producer();
-        if let Some((_, reason)) = producer.client().fatal_error() {
-            return Err(LogError::Unavailable(format!(
-                "producer fatal error: {reason}"
-            )));
-        }
+        let producer = self.usable_producer()?;
         let topic = self.settings.topic.clone();
         let partition = i32::try_from(partition)
             .map_err(|_| LogError::Rejected(format!("partition {partition} out of range")))?;
