@@ -216,6 +216,50 @@ impl TlsArgs {
     }
 }
 
+/// Limits of the HTTPS port against slow, idle and too many clients (see
+/// `msghash_common::http::serve`).
+#[derive(Args, Debug, Clone)]
+pub struct HttpArgs {
+    /// How long a client has for the TLS handshake, and then for each request's head
+    /// (request line and headers), in milliseconds; an HTTP/1.1 connection waiting for its
+    /// next request is closed after it too.
+    #[arg(long, global = true, env = "MSGHASH_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub http_header_timeout_ms: u64,
+    /// How long a client has to send a request body, from its head, in milliseconds; past it
+    /// the answer is 408 and the connection is closed.
+    #[arg(long, global = true, env = "MSGHASH_HTTP_BODY_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub http_body_timeout_ms: u64,
+    /// A connection on which no byte moves either way for this long is closed, in
+    /// milliseconds (an idle HTTP/2 connection; a client that stops reading its answer).
+    #[arg(long, global = true, env = "MSGHASH_HTTP_IDLE_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(1_000..=3_600_000))]
+    pub http_idle_timeout_ms: u64,
+    /// Most connections open at once; past it a new connection is closed on accept. The
+    /// process needs a file-descriptor limit (`ulimit -n`) above it.
+    #[arg(long, global = true, env = "MSGHASH_HTTP_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub http_max_connections: u64,
+    /// Most concurrent streams (requests) on one HTTP/2 connection.
+    #[arg(long, global = true, env = "MSGHASH_HTTP2_MAX_STREAMS", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub http2_max_streams: u32,
+}
+
+impl HttpArgs {
+    pub fn limits(&self) -> crate::http::ConnectionLimits {
+        use std::time::Duration as D;
+        crate::http::ConnectionLimits {
+            header_timeout: D::from_millis(self.http_header_timeout_ms),
+            body_timeout: D::from_millis(self.http_body_timeout_ms),
+            idle_timeout: D::from_millis(self.http_idle_timeout_ms),
+            max_connections: usize::try_from(self.http_max_connections).unwrap_or(usize::MAX),
+            http2_max_streams: self.http2_max_streams,
+        }
+    }
+}
+
 /// Parses a partition count from 1 to `MAX`.
 pub fn parse_partitions<const MAX: u32>(s: &str) -> Result<NonZeroU32, String> {
     s.parse::<u32>()
@@ -255,6 +299,8 @@ mod tests {
         scylla: ScyllaArgs,
         #[command(flatten)]
         tls: TlsArgs,
+        #[command(flatten)]
+        http: HttpArgs,
     }
 
     #[test]
@@ -263,6 +309,7 @@ mod tests {
         assert_eq!(cli.kafka.partitions.get(), 8);
         assert_eq!(cli.scylla.scylla_nodes, vec!["127.0.0.1:9042"]);
         assert!(matches!(cli.tls.source(), CertSource::Generated { .. }));
+        assert_eq!(cli.http.limits(), crate::http::ConnectionLimits::default());
     }
 
     #[test]
@@ -276,6 +323,9 @@ mod tests {
             vec!["x", "--scylla-consistency", "ONE"],
             vec!["x", "--scylla-consistency", "local_one"],
             vec!["x", "--topic-min-isr", "0"],
+            vec!["x", "--http-header-timeout-ms", "0"],
+            vec!["x", "--http-max-connections", "0"],
+            vec!["x", "--http2-max-streams", "0"],
         ] {
             let err = Cli::try_parse_from(&args).expect_err("must be refused");
             assert_eq!(err.exit_code(), 2, "{args:?}");

@@ -142,7 +142,7 @@ fn stalling_app() -> Router {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_stalled_request_gets_a_json_503_and_a_stalled_body_a_400() {
+async fn a_stalled_request_gets_a_json_503_and_a_stalled_body_a_408() {
     use msghash_common::http::observe::{BODY_TIMEOUT, REQUEST_TIMEOUT};
     let app = stalling_app();
     let started = tokio::time::Instant::now();
@@ -166,8 +166,13 @@ async fn a_stalled_request_gets_a_json_503_and_a_stalled_body_a_400() {
         .header(header::CONTENT_TYPE, "application/json")
         .body(never)
         .expect("request");
-    let (status, _, text) = call_text(&app, request).await;
-    assert_eq!(status, 400, "{text}");
+    let (status, headers, text) = call_text(&app, request).await;
+    assert_eq!(status, 408, "{text}");
+    assert_eq!(headers[header::CONNECTION], "close");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&text).expect("json"),
+        serde_json::json!({ "err_msg": "Request body not received in time" })
+    );
     let waited = started.elapsed();
     assert!(
         waited >= BODY_TIMEOUT && waited < REQUEST_TIMEOUT,

@@ -3,7 +3,7 @@
 use crate::{app, WriteArgs};
 use clap::Parser;
 use msghash_common::adapters::kafka::{max_message_bytes_for, KafkaSettings};
-use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, TlsArgs};
+use msghash_common::config::{parse_listen, HttpArgs, KafkaArgs, LogArgs, TlsArgs};
 use msghash_common::http::Server;
 use msghash_common::service::{self, connect_tls_and_log};
 use msghash_common::shutdown::Shutdown;
@@ -26,6 +26,8 @@ pub struct Cli {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -52,7 +54,7 @@ impl service::Application for Application {
             ..cli.kafka.settings()
         };
         let (tls, log) = connect_tls_and_log(&cli.tls, kafka).await?;
-        let server = Server::bind(cli.listen, tls, app(log, settings))?;
+        let server = Server::bind(cli.listen, tls, app(log, settings), cli.http.limits())?;
         tracing::info!(listen = %server.address(), "ingest listening");
         Ok(Application { server })
     }

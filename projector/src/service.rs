@@ -6,7 +6,7 @@ use crate::{app, run_projection, ProjectorSettings, ProjectorStats, Status};
 use clap::Parser;
 use msghash_common::adapters::kafka::KafkaLog;
 use msghash_common::adapters::scylla::ScyllaGenerations;
-use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
+use msghash_common::config::{parse_listen, HttpArgs, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
 use msghash_common::generation::{LiveModel, DEFAULT_FOLLOW_INTERVAL};
 use msghash_common::http::Server;
 use msghash_common::service::{self, connect_tls_and_log};
@@ -48,6 +48,8 @@ pub struct Cli {
     pub scylla: ScyllaArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -161,7 +163,12 @@ impl service::Application for Application {
             ..ProjectorSettings::default()
         };
         let stats = Arc::new(ProjectorStats::default());
-        let server = Server::bind(cli.listen, tls, app(log.clone(), model, stats.clone()))?;
+        let server = Server::bind(
+            cli.listen,
+            tls,
+            app(log.clone(), model, stats.clone()),
+            cli.http.limits(),
+        )?;
         tracing::info!(listen = %server.address(), "projector listening");
         Ok(Application {
             server,

@@ -3,7 +3,7 @@
 use crate::{app, ReadArgs};
 use clap::Parser;
 use msghash_common::adapters::scylla::ScyllaGenerations;
-use msghash_common::config::{parse_listen, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
+use msghash_common::config::{parse_listen, HttpArgs, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
 use msghash_common::generation::{LiveModel, DEFAULT_FOLLOW_INTERVAL};
 use msghash_common::http::Server;
 use msghash_common::service::{self, connect_tls_and_log};
@@ -31,6 +31,8 @@ pub struct Cli {
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
@@ -55,7 +57,12 @@ impl service::Application for Application {
         let generations = Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
         // Reads go to the active generation and move when a replay switches it.
         let live = LiveModel::open(generations).await?;
-        let server = Server::bind(cli.listen, tls, app(log, live.clone(), cli.read.settings()))?;
+        let server = Server::bind(
+            cli.listen,
+            tls,
+            app(log, live.clone(), cli.read.settings()),
+            cli.http.limits(),
+        )?;
         tracing::info!(listen = %server.address(), "query listening");
         Ok(Application { server, live })
     }

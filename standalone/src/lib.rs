@@ -7,7 +7,7 @@
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use msghash_common::adapters::embedded::{EmbeddedGenerations, EmbeddedLog};
-use msghash_common::config::{parse_listen, LogArgs, TlsArgs};
+use msghash_common::config::{parse_listen, HttpArgs, LogArgs, TlsArgs};
 use msghash_common::generation::LiveModel;
 use msghash_common::http;
 use msghash_common::shutdown::Shutdown;
@@ -50,6 +50,8 @@ pub struct Cli {
     pub read: query::ReadArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
     #[command(flatten)]
     pub log: LogArgs,
     /// Also write the logs to daily-rotated files <dir>/msghash.YYYY-MM-DD.log (unset:
@@ -206,7 +208,7 @@ impl Application {
             )),
             http::log_and_model_ready(log.clone(), model),
         );
-        let server = http::Server::bind(cli.listen, tls, app)
+        let server = http::Server::bind(cli.listen, tls, app, cli.http.limits())
             .map_err(|e| RunError::Config(format!("MSGHASH_LISTEN {}: {e}", cli.listen)))?;
 
         let batch_size = usize::try_from(cli.batch_size).map_err(anyhow::Error::from)?;

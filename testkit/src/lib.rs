@@ -7,7 +7,8 @@
 //! - [`fakes`]: a read model that knows only its applied offsets, for unit tests;
 //! - [`load`]: readers and a writer hammering a router while something else happens;
 //! - [`process`]: a service binary run as its own process on port 0;
-//! - [`stack`]: `scripts/dev-stack` (single or `--cluster`) run by a test.
+//! - [`stack`]: `scripts/dev-stack` (single or `--cluster`) run by a test;
+//! - [`slow`]: slow clients that trickle a request head or body a byte at a time.
 //!
 //! A test that needs a server and finds none fails with a line saying how to get one; it is
 //! never skipped.
@@ -18,4 +19,5 @@ pub mod load;
 pub mod process;
 pub mod router;
 pub mod servers;
+pub mod slow;
 pub mod stack;

@@ -2,7 +2,8 @@
 //! that a client still sending gets its 413), then the shape. Handlers take a
 //! [`JsonBody<T>`] argument; its rejection is an [`ApiError`].
 
-use super::ApiError;
+use super::observe::BODY_TIMEOUT;
+use super::{ApiError, BodyTimeout};
 use axum::body::Body;
 use axum::extract::{FromRef, FromRequest, Request};
 use axum::http::{header, HeaderMap};
@@ -58,7 +59,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// How much of an oversized body is read and thrown away so that the client, still
 /// sending, gets the 413 instead of a reset connection. How long that may take is bounded by
-/// the body timeout of [`super::observe`].
+/// the body timeout ([`BodyTimeout`]).
 pub const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Reads a JSON body of at most `limit` bytes.
@@ -91,7 +92,14 @@ pub async fn read_json<T: DeserializeOwned>(
             drained: true,
         });
     }
-    let bytes = collect_bounded(body, limit).await?;
+    // The whole body within the server's body timeout (from now, just after the head).
+    let timeout = parts
+        .extensions
+        .get::<BodyTimeout>()
+        .map_or(BODY_TIMEOUT, |t| t.0);
+    let bytes = tokio::time::timeout(timeout, collect_bounded(body, limit))
+        .await
+        .map_err(|_| ApiError::BodyTimeout)??;
     // Only a JSON object is a request body (serde would also read a struct from an array).
     // It is decoded straight into `T`, with no tree in between, so a field given twice is
     // refused instead of the last one silently winning.

@@ -21,6 +21,8 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize, drained: bool },
     #[error("Message too large for the event log")]
     EventTooLarge,
+    #[error("Request body not received in time")]
+    BodyTimeout,
     #[error("Content-Type must be application/json")]
     UnsupportedMediaType,
     #[error("Service temporarily unavailable, retry later")]
@@ -38,6 +40,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::EventTooLarge => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -59,7 +62,7 @@ impl IntoResponse for ApiError {
             }
             // The rest of an oversized body is still on the wire: close after answering so
             // it is not read as the next request.
-            ApiError::PayloadTooLarge { drained: false, .. } => {
+            ApiError::PayloadTooLarge { drained: false, .. } | ApiError::BodyTimeout => {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
@@ -112,6 +115,11 @@ mod tests {
                 ApiError::EventTooLarge,
                 413,
                 "Message too large for the event log",
+            ),
+            (
+                ApiError::BodyTimeout,
+                408,
+                "Request body not received in time",
             ),
             (
                 ApiError::UnsupportedMediaType,

@@ -6,8 +6,8 @@
 //! - [`record`] logs one event per request and counts it in the two HTTP metrics, under the
 //!   route template (never the raw path);
 //! - a bare error from a layer below (the timeout's 503) gets the JSON `{"err_msg"}` body;
-//! - [`TimeoutLayer`] bounds a whole request, [`RequestBodyTimeoutLayer`] the reading of
-//!   its body, so a stalled handler or a client that stops sending cannot hold a task;
+//! - [`TimeoutLayer`] bounds a whole request, so a stalled handler cannot hold a task (the
+//!   body's own deadline is [`super::BodyTimeout`], checked where the body is read);
 //! - every answer carries `Strict-Transport-Security` and `X-Content-Type-Options: nosniff`,
 //!   and `Cache-Control: no-store` unless the handler said otherwise (a found message is
 //!   immutable).
@@ -24,7 +24,7 @@ use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 /// The request id header, read from the request and always set on the response.
@@ -38,15 +38,15 @@ pub const UNMATCHED_ROUTE: &str = "unmatched";
 /// bound when something below them hangs. Past it: 503 with `Retry-After`.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The longest a client may take to send a request body. Past it the read fails: 400, or
-/// 413 when the body was already over the limit.
+/// The longest a client may take to send a request body, counted from its head, when the
+/// server did not set its own ([`super::BodyTimeout`], `MSGHASH_HTTP_BODY_TIMEOUT_MS`). Past
+/// it: 408, and the connection is closed.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Wraps every route of `router` (and its fallbacks: add them first) with the layers in the
 /// module doc; the HTTP metrics are labelled `service`.
 pub fn observe(router: Router, service: &'static str) -> Router {
     router
-        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,

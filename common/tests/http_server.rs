@@ -1,0 +1,261 @@
+//! The HTTPS server every service runs (`msghash_common::http::Server`), against clients that
+//! hold connections: too many at once, too slow with a head or a body, idle, and HTTP/2
+//! with more streams than allowed. In process, with short limits.
+
+use axum::routing::{get, post};
+use axum::Router;
+use msghash_common::http::{BodyLimit, ConnectionLimits, JsonBody, RequestBody, Server};
+use msghash_common::tls::{ensure_generated, server_config, CertSource};
+use msghash_testkit::slow::{tls_connector, trickle, Trickle};
+use rustls::pki_types::ServerName;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+#[derive(serde::Deserialize)]
+struct Note {
+    #[allow(dead_code)]
+    text: String,
+}
+
+impl RequestBody for Note {
+    const INVALID: &'static str = "a note";
+}
+
+struct Running {
+    address: SocketAddr,
+    ca: PathBuf,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn serve(limits: ConnectionLimits) -> Running {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = ensure_generated(dir.path()).expect("certificate");
+    let tls = server_config(&CertSource::Files {
+        cert: cert.clone(),
+        key,
+    })
+    .expect("TLS config");
+    let router = Router::new()
+        .route("/hello", get(|| async { "hello" }))
+        .route(
+            "/messages",
+            post(|JsonBody(_): JsonBody<Note>| async { "noted" }),
+        )
+        .with_state(BodyLimit(1024 * 1024));
+    let router =
+        msghash_common::http::observe(msghash_common::http::with_error_fallbacks(router), "unit");
+    let server =
+        Server::bind("127.0.0.1:0".parse().expect("addr"), tls, router, limits).expect("bind");
+    let address = server.address();
+    let stop = CancellationToken::new();
+    tokio::spawn(server.serve(stop.clone()));
+    Running {
+        address,
+        ca: cert,
+        stop,
+        _dir: dir,
+    }
+}
+
+fn limits() -> ConnectionLimits {
+    ConnectionLimits {
+        header_timeout: Duration::from_secs(30),
+        body_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 1000,
+        http2_max_streams: 128,
+    }
+}
+
+/// A TLS connection that has answered one GET /hello over HTTP/1.1 (and stays open).
+async fn open_connection(
+    server: &Running,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let tcp = TcpStream::connect(server.address)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let mut tls = tls_connector(&server.ca)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tls.write_all(b"GET /hello HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"hello") {
+        let n = tls.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("closed after {:?}", String::from_utf8_lossy(&got)));
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    Ok(tls)
+}
+
+#[tokio::test]
+async fn past_the_connection_cap_a_new_connection_is_closed_at_once_until_a_place_frees() {
+    let server = serve(ConnectionLimits {
+        max_connections: 3,
+        ..limits()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(open_connection(&server).await.expect("under the cap"));
+    }
+    let started = Instant::now();
+    let refused = open_connection(&server).await;
+    assert!(refused.is_err(), "a fourth connection was served");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the fourth connection was held, not closed: {:?}",
+        started.elapsed()
+    );
+
+    drop(held.pop());
+    // The server sees the close a moment later: retry until the freed place is taken.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match open_connection(&server).await {
+            Ok(conn) => {
+                held.push(conn);
+                break;
+            }
+            Err(e) if Instant::now() > deadline => panic!("the freed place was not reused: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    // The connections under the cap still work.
+    let mut first = held.remove(0);
+    first
+        .write_all(b"GET /hello HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    assert!(first.read(&mut buf).await.expect("read") > 0);
+}
+
+#[tokio::test]
+async fn a_head_or_a_body_sent_too_slowly_is_cut_off_at_its_timeout() {
+    let timeout = Duration::from_millis(1500);
+    let server = serve(ConnectionLimits {
+        header_timeout: timeout,
+        body_timeout: timeout,
+        ..limits()
+    })
+    .await;
+    let open = Arc::new(AtomicUsize::new(0));
+    for kind in [Trickle::Head, Trickle::Body] {
+        let closed = trickle(
+            server.address,
+            tls_connector(&server.ca),
+            kind,
+            Duration::from_millis(100),
+            Duration::from_secs(20),
+            open.clone(),
+        )
+        .await
+        .expect("connection");
+        let after = closed
+            .after
+            .unwrap_or_else(|| panic!("{kind:?}: still open after 20 s"));
+        assert!(
+            after >= timeout - Duration::from_millis(200) && after < timeout * 3,
+            "{kind:?}: closed after {after:?}, timeout {timeout:?}"
+        );
+        if kind == Trickle::Body {
+            assert_eq!(
+                closed.answer.as_deref(),
+                Some("HTTP/1.1 408 Request Timeout")
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let idle = Duration::from_millis(1500);
+    let server = serve(ConnectionLimits {
+        idle_timeout: idle,
+        ..limits()
+    })
+    .await;
+    let mut conn = open_connection(&server).await.expect("connection");
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(20), conn.read(&mut buf)).await;
+    let after = started.elapsed();
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "idle connection still open after 20 s: {read:?}"
+    );
+    assert!(
+        after >= idle - Duration::from_millis(200) && after < idle * 3,
+        "closed after {after:?}"
+    );
+}
+
+#[tokio::test]
+async fn http2_announces_its_stream_limit_and_an_idle_http2_connection_is_closed() {
+    let idle = Duration::from_millis(1500);
+    let server = serve(ConnectionLimits {
+        idle_timeout: idle,
+        http2_max_streams: 7,
+        ..limits()
+    })
+    .await;
+    let pem = std::fs::read(&server.ca).expect("CA");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
+        let cert: rustls_pki_types::CertificateDer = cert.expect("PEM");
+        roots.add(cert).expect("CA");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(server.address).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("handshake");
+    let (client, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::get("https://localhost/hello")
+        .body(())
+        .expect("request");
+    let (response, _) = client.send_request(request, true).expect("send");
+    let response = response.await.expect("response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(client.current_max_send_streams(), 7);
+
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(20), connection).await;
+    let after = started.elapsed();
+    assert!(
+        ended.is_ok(),
+        "idle HTTP/2 connection still open after 20 s"
+    );
+    assert!(after < idle * 3, "closed after {after:?}");
+}
