@@ -245,6 +245,46 @@ pub struct HttpArgs {
     #[arg(long, global = true, env = "MSGHASH_HTTP2_MAX_STREAMS", default_value_t = 128,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub http2_max_streams: u32,
+    /// Requests a second each client address may make on average (429 past it); unset: no
+    /// limit. Health checks, /metrics and /openapi.json are never limited.
+    #[arg(long, global = true, env = "MSGHASH_RATE_LIMIT_PER_SEC")]
+    pub rate_limit_per_sec: Option<NonZeroU32>,
+    /// Requests a client may make at once above the rate (default: the rate).
+    #[arg(
+        long,
+        global = true,
+        env = "MSGHASH_RATE_LIMIT_BURST",
+        requires = "rate_limit_per_sec"
+    )]
+    pub rate_limit_burst: Option<NonZeroU32>,
+    /// Peers (IP addresses or networks, comma-separated, e.g. the edge) whose
+    /// X-Forwarded-For names the client for rate limits; anyone else's is ignored.
+    #[arg(long, global = true, env = "MSGHASH_TRUSTED_PROXIES", value_delimiter = ',',
+          value_parser = parse_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// API keys (who may write).
+#[derive(Args, Debug, Clone)]
+pub struct ApiKeyArgs {
+    /// A file of API key hashes, one `sha256:<hex of SHA-256(key)>` per line (`msghash
+    /// api-key` makes one), reloaded on SIGHUP. Set: a POST needs `Authorization: Bearer
+    /// <key>`, else 401. Unset: no keys.
+    #[arg(long, global = true, env = "MSGHASH_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// What needs a key: `writes` (POST) or `all` (every request but health, metrics and
+    /// the OpenAPI document).
+    #[arg(long, global = true, env = "MSGHASH_API_KEYS_SCOPE", value_enum,
+          default_value_t = crate::http::KeyScope::Writes)]
+    pub api_keys_scope: crate::http::KeyScope,
+}
+
+/// Parses an IP address (a one-address network) or a CIDR network.
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.trim()
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| s.trim().parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is not an IP address or network (e.g. 10.0.0.0/8)"))
 }
 
 impl HttpArgs {
@@ -257,6 +297,28 @@ impl HttpArgs {
             max_connections: usize::try_from(self.http_max_connections).unwrap_or(usize::MAX),
             http2_max_streams: self.http2_max_streams,
         }
+    }
+
+    /// The guards of the HTTPS port: the rate limit, the trusted proxies and, when `keys`
+    /// names a file, the API keys (a file that cannot be used is an error naming it).
+    pub fn guards(
+        &self,
+        keys: Option<&ApiKeyArgs>,
+    ) -> Result<crate::http::Guards, crate::http::guard::KeyFileError> {
+        let api_keys = match keys {
+            Some(ApiKeyArgs {
+                api_keys_file: Some(path),
+                api_keys_scope,
+            }) => Some(crate::http::ApiKeys::load(path, *api_keys_scope)?),
+            _ => None,
+        };
+        Ok(crate::http::Guards {
+            trusted_proxies: self.trusted_proxies.clone(),
+            rate_limit: self.rate_limit_per_sec.map(|rate| {
+                crate::http::RateLimit::new(rate, self.rate_limit_burst.unwrap_or(rate))
+            }),
+            api_keys,
+        })
     }
 }
 
@@ -326,6 +388,9 @@ mod tests {
             vec!["x", "--http-header-timeout-ms", "0"],
             vec!["x", "--http-max-connections", "0"],
             vec!["x", "--http2-max-streams", "0"],
+            vec!["x", "--rate-limit-per-sec", "0"],
+            vec!["x", "--rate-limit-burst", "5"],
+            vec!["x", "--trusted-proxies", "10.0.0.0/33"],
         ] {
             let err = Cli::try_parse_from(&args).expect_err("must be refused");
             assert_eq!(err.exit_code(), 2, "{args:?}");

@@ -41,16 +41,19 @@ pub mod names {
     pub const HTTP_OPEN_CONNECTIONS: &str = "msghash_http_open_connections";
     /// Counter: connections closed on accept because `MSGHASH_HTTP_MAX_CONNECTIONS` were open.
     pub const HTTP_REFUSED_CONNECTIONS_TOTAL: &str = "msghash_http_refused_connections_total";
+    /// Counter: requests refused with 429 by the per-client rate limit.
+    pub const HTTP_RATE_LIMITED_TOTAL: &str = "msghash_http_rate_limited_total";
     /// Counter `{outcome}`: read-your-writes waits of a GET that missed, by outcome
     /// (`caught_up`, `behind`, `error`).
     pub const QUERY_BARRIER_WAITS_TOTAL: &str = "msghash_query_barrier_waits_total";
 
     /// All of them, in the order above.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         HTTP_REQUESTS_TOTAL,
         HTTP_REQUEST_DURATION_SECONDS,
         HTTP_OPEN_CONNECTIONS,
         HTTP_REFUSED_CONNECTIONS_TOTAL,
+        HTTP_RATE_LIMITED_TOTAL,
         INGEST_PRODUCE_DURATION_SECONDS,
         INGEST_PRODUCE_FAILURES_TOTAL,
         PROJECTOR_EVENTS_APPLIED_TOTAL,

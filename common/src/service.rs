@@ -58,13 +58,19 @@ pub async fn run<A: Application>(cli: A::Cli) -> ExitCode {
 }
 
 /// Success, or the error on stderr (one line with its causes) and the exit code:
-/// 2 when the event log is set up wrongly (see [`LogError::exit_code`]), 1 otherwise.
+/// 2 when the event log is set up wrongly (see [`LogError::exit_code`]) or the API key file
+/// is unusable, 1 otherwise.
 pub fn exit_code(service: &str, result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "{service} stopped");
             eprintln!("{service}: {e:#}");
+            if e.downcast_ref::<crate::http::guard::KeyFileError>()
+                .is_some()
+            {
+                return ExitCode::from(2);
+            }
             ExitCode::from(LogError::exit_code(&e))
         }
     }

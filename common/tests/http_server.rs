@@ -42,6 +42,15 @@ impl Drop for Running {
 }
 
 async fn serve(limits: ConnectionLimits) -> Running {
+    serve_with(limits, msghash_common::http::Guards::default()).await
+}
+
+async fn serve_guarded(guards: msghash_common::http::Guards) -> Running {
+    serve_with(limits(), guards).await
+}
+
+/// The server with `limits` and `guards`, around a few routes.
+async fn serve_with(limits: ConnectionLimits, guards: msghash_common::http::Guards) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     let (cert, key) = ensure_generated(dir.path()).expect("certificate");
     let tls = server_config(&CertSource::Files {
@@ -51,6 +60,7 @@ async fn serve(limits: ConnectionLimits) -> Running {
     .expect("TLS config");
     let router = Router::new()
         .route("/hello", get(|| async { "hello" }))
+        .route("/health/live", get(|| async { "live" }))
         .route(
             "/messages",
             post(|JsonBody(_): JsonBody<Note>| async { "noted" }),
@@ -58,8 +68,9 @@ async fn serve(limits: ConnectionLimits) -> Running {
         .with_state(BodyLimit(1024 * 1024));
     let router =
         msghash_common::http::observe(msghash_common::http::with_error_fallbacks(router), "unit");
-    let server =
-        Server::bind("127.0.0.1:0".parse().expect("addr"), tls, router, limits).expect("bind");
+    let server = Server::bind("127.0.0.1:0".parse().expect("addr"), tls, router, limits)
+        .expect("bind")
+        .guarded(guards);
     let address = server.address();
     let stop = CancellationToken::new();
     tokio::spawn(server.serve(stop.clone()));
@@ -258,4 +269,124 @@ async fn http2_announces_its_stream_limit_and_an_idle_http2_connection_is_closed
         "idle HTTP/2 connection still open after 20 s"
     );
     assert!(after < idle * 3, "closed after {after:?}");
+}
+
+fn https_client(server: &Running) -> reqwest::Client {
+    let pem = std::fs::read(&server.ca).expect("CA");
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
+        .resolve("localhost", server.address)
+        .build()
+        .expect("client")
+}
+
+#[tokio::test]
+async fn over_its_rate_a_client_gets_429_with_retry_after_and_health_checks_are_never_limited() {
+    use msghash_common::http::{Guards, RateLimit};
+    use std::num::NonZeroU32;
+    let one = NonZeroU32::new(1).expect("1");
+    let three = NonZeroU32::new(3).expect("3");
+    for trusted in [false, true] {
+        let server = serve_guarded(Guards {
+            rate_limit: Some(RateLimit::new(one, three)),
+            trusted_proxies: if trusted {
+                vec!["127.0.0.1/32".parse().expect("net")]
+            } else {
+                Vec::new()
+            },
+            ..Guards::default()
+        })
+        .await;
+        let client = https_client(&server);
+        let base = format!("https://localhost:{}", server.address.port());
+        let get = |path: &str, forwarded: &str| {
+            client
+                .get(format!("{base}{path}"))
+                .header("x-forwarded-for", forwarded.to_owned())
+                .send()
+        };
+        for _ in 0..3 {
+            assert_eq!(get("/hello", "192.0.2.1").await.expect("get").status(), 200);
+        }
+        let limited = get("/hello", "192.0.2.1").await.expect("get");
+        assert_eq!(limited.status(), 429);
+        assert_eq!(limited.headers()["retry-after"], "1");
+        assert!(limited.headers().contains_key("x-request-id"));
+        let body: serde_json::Value = limited.json().await.expect("json");
+        assert_eq!(
+            body,
+            serde_json::json!({ "err_msg": "Too many requests, retry later" })
+        );
+        assert_eq!(
+            get("/health/live", "192.0.2.1")
+                .await
+                .expect("get")
+                .status(),
+            200
+        );
+        // Another address in X-Forwarded-For is another client only when it comes from a
+        // trusted proxy; anyone else cannot dodge the limit by sending the header.
+        let other = get("/hello", "192.0.2.2").await.expect("get").status();
+        assert_eq!(other, if trusted { 200 } else { 429 }, "trusted {trusted}");
+    }
+}
+
+#[tokio::test]
+async fn with_api_keys_a_post_needs_a_valid_bearer_key_reads_stay_open_and_sighup_reloads() {
+    use msghash_common::http::guard::key_file_line;
+    use msghash_common::http::{ApiKeys, Guards, KeyScope};
+    let keys_dir = tempfile::tempdir().expect("dir");
+    let path = keys_dir.path().join("keys");
+    std::fs::write(&path, format!("{}\n", key_file_line("first-key"))).expect("write");
+    let server = serve_guarded(Guards {
+        api_keys: Some(ApiKeys::load(&path, KeyScope::Writes).expect("keys")),
+        ..Guards::default()
+    })
+    .await;
+    let client = https_client(&server);
+    let base = format!("https://localhost:{}", server.address.port());
+    let post = |key: Option<&str>| {
+        let mut request = client
+            .post(format!("{base}/messages"))
+            .json(&serde_json::json!({ "text": "hi" }));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+    for key in [None, Some("wrong-key")] {
+        let refused = post(key).await.expect("post");
+        assert_eq!(refused.status(), 401, "{key:?}");
+        assert_eq!(refused.headers()["www-authenticate"], "Bearer");
+        let body: serde_json::Value = refused.json().await.expect("json");
+        assert_eq!(
+            body,
+            serde_json::json!({ "err_msg": "Missing or invalid API key" })
+        );
+    }
+    assert_eq!(post(Some("first-key")).await.expect("post").status(), 200);
+    let read = client
+        .get(format!("{base}/hello"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(read.status(), 200);
+
+    // A new file and SIGHUP: the new key works, the old one no longer does.
+    std::fs::write(&path, format!("{}\n", key_file_line("second-key"))).expect("write");
+    let pid = std::process::id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let sent = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        if post(Some("second-key")).await.expect("post").status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP did not reload the keys");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(post(Some("first-key")).await.expect("post").status(), 401);
 }

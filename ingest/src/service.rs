@@ -3,7 +3,7 @@
 use crate::{app, WriteArgs};
 use clap::Parser;
 use msghash_common::adapters::kafka::{max_message_bytes_for, KafkaSettings};
-use msghash_common::config::{parse_listen, HttpArgs, KafkaArgs, LogArgs, TlsArgs};
+use msghash_common::config::{parse_listen, ApiKeyArgs, HttpArgs, KafkaArgs, LogArgs, TlsArgs};
 use msghash_common::http::Server;
 use msghash_common::service::{self, connect_tls_and_log};
 use msghash_common::shutdown::Shutdown;
@@ -29,6 +29,8 @@ pub struct Cli {
     #[command(flatten)]
     pub http: HttpArgs,
     #[command(flatten)]
+    pub keys: ApiKeyArgs,
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
@@ -47,6 +49,7 @@ impl service::Application for Application {
 
     /// Connects to the broker (checking the topic), binds the port.
     async fn build(cli: Cli) -> anyhow::Result<Application> {
+        let guards = cli.http.guards(Some(&cli.keys))?;
         let settings = cli.write.settings();
         // Whatever body ingest accepts must make an event the topic accepts.
         let kafka = KafkaSettings {
@@ -54,7 +57,8 @@ impl service::Application for Application {
             ..cli.kafka.settings()
         };
         let (tls, log) = connect_tls_and_log(&cli.tls, kafka).await?;
-        let server = Server::bind(cli.listen, tls, app(log, settings), cli.http.limits())?;
+        let server =
+            Server::bind(cli.listen, tls, app(log, settings), cli.http.limits())?.guarded(guards);
         tracing::info!(listen = %server.address(), "ingest listening");
         Ok(Application { server })
     }

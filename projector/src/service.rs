@@ -151,6 +151,7 @@ impl service::Application for Application {
 
     /// Connects to the broker (checking the topic) and the read model, binds the port.
     async fn build(cli: Cli) -> anyhow::Result<Application> {
+        let guards = cli.http.guards(None)?;
         let (tls, log) = connect_tls_and_log(&cli.tls, cli.kafka.settings()).await?;
         let generations: Arc<dyn ModelGenerations> =
             Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
@@ -168,7 +169,8 @@ impl service::Application for Application {
             tls,
             app(log.clone(), model, stats.clone()),
             cli.http.limits(),
-        )?;
+        )?
+        .guarded(guards);
         tracing::info!(listen = %server.address(), "projector listening");
         Ok(Application {
             server,

@@ -3,7 +3,9 @@
 use crate::{app, ReadArgs};
 use clap::Parser;
 use msghash_common::adapters::scylla::ScyllaGenerations;
-use msghash_common::config::{parse_listen, HttpArgs, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs};
+use msghash_common::config::{
+    parse_listen, ApiKeyArgs, HttpArgs, KafkaArgs, LogArgs, ScyllaArgs, TlsArgs,
+};
 use msghash_common::generation::{LiveModel, DEFAULT_FOLLOW_INTERVAL};
 use msghash_common::http::Server;
 use msghash_common::service::{self, connect_tls_and_log};
@@ -33,6 +35,8 @@ pub struct Cli {
     #[command(flatten)]
     pub http: HttpArgs,
     #[command(flatten)]
+    pub keys: ApiKeyArgs,
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
@@ -53,6 +57,7 @@ impl service::Application for Application {
 
     /// Connects to the broker (checking the topic) and the read model, binds the port.
     async fn build(cli: Cli) -> anyhow::Result<Application> {
+        let guards = cli.http.guards(Some(&cli.keys))?;
         let (tls, log) = connect_tls_and_log(&cli.tls, cli.kafka.settings()).await?;
         let generations = Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
         // Reads go to the active generation and move when a replay switches it.
@@ -62,7 +67,8 @@ impl service::Application for Application {
             tls,
             app(log, live.clone(), cli.read.settings()),
             cli.http.limits(),
-        )?;
+        )?
+        .guarded(guards);
         tracing::info!(listen = %server.address(), "query listening");
         Ok(Application { server, live })
     }

@@ -7,7 +7,7 @@
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use msghash_common::adapters::embedded::{EmbeddedGenerations, EmbeddedLog};
-use msghash_common::config::{parse_listen, HttpArgs, LogArgs, TlsArgs};
+use msghash_common::config::{parse_listen, ApiKeyArgs, HttpArgs, LogArgs, TlsArgs};
 use msghash_common::generation::LiveModel;
 use msghash_common::http;
 use msghash_common::shutdown::Shutdown;
@@ -53,6 +53,8 @@ pub struct Cli {
     #[command(flatten)]
     pub http: HttpArgs,
     #[command(flatten)]
+    pub keys: ApiKeyArgs,
+    #[command(flatten)]
     pub log: LogArgs,
     /// Also write the logs to daily-rotated files <dir>/msghash.YYYY-MM-DD.log (unset:
     /// stdout only).
@@ -75,6 +77,9 @@ pub enum Command {
     /// progress; exits 0 once readers are on the new generation. Resumes a replay that was
     /// stopped.
     Replay(ReplayArgs),
+    /// Print a new random API key and the line to add for it to MSGHASH_API_KEYS_FILE (its
+    /// SHA-256; the key itself is stored nowhere). Then send msghash (or ingest) SIGHUP.
+    ApiKey,
     /// Print the running msghash's active generation, applied vs end offsets per partition
     /// and dead-lettered event count.
     Status,
@@ -106,6 +111,17 @@ fn parse_san(s: &str) -> Result<String, String> {
     } else {
         Err("a DNS name (letters, digits, '-', dot-separated) or an IP address".into())
     }
+}
+
+/// `msghash api-key`: a new key (two random UUIDs: 244 random bits, 64 hex digits) and its key-file line.
+pub fn new_api_key() -> (String, String) {
+    let key = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let line = msghash_common::http::guard::key_file_line(&key);
+    (key, line)
 }
 
 /// `msghash cert`: the certificate's path, once it is in place.
@@ -208,8 +224,13 @@ impl Application {
             )),
             http::log_and_model_ready(log.clone(), model),
         );
+        let guards = cli
+            .http
+            .guards(Some(&cli.keys))
+            .map_err(|e| RunError::Config(e.to_string()))?;
         let server = http::Server::bind(cli.listen, tls, app, cli.http.limits())
-            .map_err(|e| RunError::Config(format!("MSGHASH_LISTEN {}: {e}", cli.listen)))?;
+            .map_err(|e| RunError::Config(format!("MSGHASH_LISTEN {}: {e}", cli.listen)))?
+            .guarded(guards);
 
         let batch_size = usize::try_from(cli.batch_size).map_err(anyhow::Error::from)?;
         let projector_settings = projector::ProjectorSettings {

@@ -26,6 +26,16 @@ fn main() -> ExitCode {
         Some(msghash::Command::Cert(args)) => return cert(args),
         Some(msghash::Command::Replay(args)) => return replay(&cli.data_dir, args.drop_old),
         Some(msghash::Command::Status) => return status(&cli.data_dir),
+        Some(msghash::Command::ApiKey) => {
+            let (key, line) = msghash::new_api_key();
+            println!("key:  {key}");
+            println!("line: {line}");
+            eprintln!(
+                "Give the key to the client (Authorization: Bearer <key>); append the line to \
+                 the MSGHASH_API_KEYS_FILE, then send the server SIGHUP."
+            );
+            return ExitCode::SUCCESS;
+        }
         None => {}
     }
     // Kept to the end of main: dropping it flushes the log files.

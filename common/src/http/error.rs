@@ -19,6 +19,10 @@ pub enum ApiError {
     BadRequest(&'static str),
     #[error("Request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize, drained: bool },
+    #[error("Missing or invalid API key")]
+    Unauthorized,
+    #[error("Too many requests, retry later")]
+    TooManyRequests { retry_after_secs: u32 },
     #[error("Message too large for the event log")]
     EventTooLarge,
     #[error("Request body not received in time")]
@@ -37,6 +41,8 @@ impl ApiError {
             ApiError::MessageNotFound | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge { .. } | ApiError::EventTooLarge => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -57,8 +63,12 @@ impl IntoResponse for ApiError {
             .into_response();
         let headers = response.headers_mut();
         match self {
-            ApiError::Unavailable { retry_after_secs } => {
+            ApiError::Unavailable { retry_after_secs }
+            | ApiError::TooManyRequests { retry_after_secs } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            ApiError::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             // The rest of an oversized body is still on the wire: close after answering so
             // it is not read as the next request.
@@ -111,6 +121,14 @@ mod tests {
                 413,
                 "Request body exceeds the limit of 10 bytes",
             ),
+            (ApiError::Unauthorized, 401, "Missing or invalid API key"),
+            (
+                ApiError::TooManyRequests {
+                    retry_after_secs: 2,
+                },
+                429,
+                "Too many requests, retry later",
+            ),
             (
                 ApiError::EventTooLarge,
                 413,
@@ -149,6 +167,13 @@ mod tests {
         }
         .into_response();
         assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+        let response = ApiError::TooManyRequests {
+            retry_after_secs: 2,
+        }
+        .into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let response = ApiError::Unauthorized.into_response();
+        assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
         let response = ApiError::PayloadTooLarge {
             limit: 1,
             drained: false,

@@ -3,6 +3,7 @@
 //! - [`body`]: the bounded JSON body reader;
 //! - [`serve`]: the TLS server, bound first and served until shutdown;
 //! - [`health`]: the health routes and readiness checks;
+//! - [`guard`]: per-client rate limits and API keys;
 //! - [`observe`]: the layers around every route (request id, tracing span, request log
 //!   line and metrics, timeouts);
 //! - [`service_app`] (here): a service's routes with health, `/metrics`, the JSON fallbacks
@@ -10,12 +11,14 @@
 
 pub mod body;
 pub mod error;
+pub mod guard;
 pub mod health;
 pub mod observe;
 pub mod serve;
 
 pub use body::{read_json, BodyLimit, JsonBody, RequestBody, DRAIN_LIMIT};
 pub use error::{method_not_allowed, route_not_found, with_error_fallbacks, ApiError};
+pub use guard::{ApiKeys, Guards, KeyScope, RateLimit};
 pub use health::{health_routes, log_and_model_ready, log_ready};
 pub use observe::{observe, REQUEST_ID, UNMATCHED_ROUTE};
 pub use serve::{BodyTimeout, ConnectionLimits, Server, GRACE};

@@ -6,6 +6,8 @@
 //! - [`record`] logs one event per request and counts it in the two HTTP metrics, under the
 //!   route template (never the raw path);
 //! - a bare error from a layer below (the timeout's 503) gets the JSON `{"err_msg"}` body;
+//! - the server's [`super::Guards`] (rate limit, API keys) are enforced, inside all of the
+//!   above, so a 401 or 429 is logged, counted and carries the usual headers;
 //! - [`TimeoutLayer`] bounds a whole request, so a stalled handler cannot hold a task (the
 //!   body's own deadline is [`super::BodyTimeout`], checked where the body is read);
 //! - every answer carries `Strict-Transport-Security` and `X-Content-Type-Options: nosniff`,
@@ -47,6 +49,7 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// module doc; the HTTP metrics are labelled `service`.
 pub fn observe(router: Router, service: &'static str) -> Router {
     router
+        .layer(middleware::from_fn(super::guard::enforce))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,

@@ -14,6 +14,7 @@
 //!   bounded headers and reset-stream floods cut off (hyper's limits). No keep-alive pings:
 //!   they would keep an idle connection busy; a dead peer is found by the idle timeout.
 
+use super::guard::Guards;
 use axum::{Extension, Router};
 use axum_server::accept::Accept;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
@@ -25,6 +26,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
@@ -73,6 +75,7 @@ pub struct Server {
     tls: Arc<rustls::ServerConfig>,
     router: Router,
     limits: ConnectionLimits,
+    guards: Arc<Guards>,
 }
 
 impl Server {
@@ -92,7 +95,14 @@ impl Server {
             tls,
             router,
             limits,
+            guards: Arc::new(Guards::default()),
         })
+    }
+
+    /// Puts `guards` (rate limit, API keys) on every request; see [`super::guard`].
+    pub fn guarded(mut self, guards: Guards) -> Server {
+        self.guards = Arc::new(guards);
+        self
     }
 
     /// The address actually bound.
@@ -104,11 +114,13 @@ impl Server {
     /// [`GRACE`]).
     pub async fn serve(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let limits = self.limits;
-        // Both present at 0 from the start.
+        // Present at 0 from the start.
         ::metrics::gauge!(crate::metrics::names::HTTP_OPEN_CONNECTIONS).increment(0.0);
         ::metrics::counter!(crate::metrics::names::HTTP_REFUSED_CONNECTIONS_TOTAL).increment(0);
+        ::metrics::counter!(crate::metrics::names::HTTP_RATE_LIMITED_TOTAL).increment(0);
         let handle = axum_server::Handle::new();
         let watcher = handle.clone();
+        let shutdown_upkeep = shutdown.clone();
         tokio::spawn(async move {
             shutdown.cancelled().await;
             watcher.graceful_shutdown(Some(GRACE));
@@ -135,9 +147,22 @@ impl Server {
             .max_header_list_size(MAX_HEADER_BYTES as u32)
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(256));
+        // Listening for SIGHUP before serving: from then on it reloads, never terminates.
+        let hangups = match &self.guards.api_keys {
+            Some(_) => match signal(SignalKind::hangup()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGHUP: API keys will not reload");
+                    None
+                }
+            },
+            None => None,
+        };
+        tokio::spawn(upkeep(self.guards.clone(), hangups, shutdown_upkeep));
         let router = self
             .router
-            .layer(Extension(BodyTimeout(limits.body_timeout)));
+            .layer(Extension(BodyTimeout(limits.body_timeout)))
+            .layer(Extension(self.guards));
         server
             .serve(router.into_make_service_with_connect_info::<SocketAddr>())
             .await
@@ -228,5 +253,34 @@ impl AsyncWrite for Guarded {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.stream.as_mut().poll_shutdown(cx)
+    }
+}
+
+/// While the server runs: forgets idle rate-limit buckets every minute, and reloads the API
+/// keys on SIGHUP (a bad file keeps the keys in use, and says why).
+async fn upkeep(guards: Arc<Guards>, mut hangups: Option<Signal>, shutdown: CancellationToken) {
+    let mut minutes = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = minutes.tick() => {
+                if let Some(limit) = &guards.rate_limit {
+                    limit.forget_idle();
+                }
+            }
+            Some(()) = async {
+                match hangups.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(keys) = &guards.api_keys {
+                    match keys.reload() {
+                        Ok(n) => tracing::info!(keys = n, "API keys reloaded"),
+                        Err(e) => tracing::error!(error = %e, "API keys not reloaded; the previous keys stay in use"),
+                    }
+                }
+            }
+        }
     }
 }
