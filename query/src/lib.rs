@@ -25,7 +25,8 @@ use tokio::time::Instant;
 /// Settings of the read path itself.
 #[derive(Debug, Clone)]
 pub struct QuerySettings {
-    /// How long a miss may wait for the projector before answering 503.
+    /// How long a miss may take, reads and wait for the projector included, before it
+    /// answers 503.
     pub read_your_writes_timeout: Duration,
 }
 
@@ -192,14 +193,17 @@ async fn list_messages(
 
 /// [`lookup`], once more if the read model switched generation during it: the barrier's
 /// offsets and the second read must come from one generation for a miss to be the truth.
+/// A miss answers by the deadline the GET's first lookup set, however often it reads again.
 async fn lookup_across_switch(state: &AppState, digest: &Digest) -> Result<String, ApiError> {
+    let mut deadline = None;
     let mut tries = 0;
     loop {
         // Read before `began`: every read that starts after `began` sees this generation or
         // a newer one.
         let generation = state.model.generation();
         let began = Instant::now();
-        let result = lookup(state, digest, began).await;
+        let deadline = *deadline.get_or_insert_with(|| state.barrier.deadline(began));
+        let result = lookup(state, digest, began, deadline, tries > 0).await;
         tries += 1;
         match result {
             Err(ApiError::MessageNotFound)
@@ -212,39 +216,50 @@ async fn lookup_across_switch(state: &AppState, digest: &Digest) -> Result<Strin
     }
 }
 
-async fn lookup(state: &AppState, digest: &Digest, began: Instant) -> Result<String, ApiError> {
+/// One lookup: a read, and on a miss the barrier and a second read, both by `deadline`.
+/// The first read is bounded by the deadline too when this is a retry (`after_a_miss`); on
+/// the first try it is not, so hits never depend on the read-your-writes timeout.
+async fn lookup(
+    state: &AppState,
+    digest: &Digest,
+    began: Instant,
+    deadline: Instant,
+    after_a_miss: bool,
+) -> Result<String, ApiError> {
     let unavailable = |what: &str, e: &dyn std::fmt::Display| {
         tracing::warn!(%digest, error = %e, "{what}");
         ApiError::Unavailable {
             retry_after_secs: 1,
         }
     };
-    if let Some(m) = state
-        .model
-        .get(digest)
-        .await
-        .map_err(|e| unavailable("read failed", &e))?
-    {
+    let read = |bounded: bool| async move {
+        let read = state.model.get(digest);
+        let result = if bounded {
+            tokio::time::timeout_at(deadline, read)
+                .await
+                .map_err(|_| unavailable("read failed", &"no answer by the deadline"))?
+        } else {
+            read.await
+        };
+        result.map_err(|e| unavailable("read failed", &e))
+    };
+    if let Some(m) = read(after_a_miss).await? {
         return Ok(m);
     }
     let partition = partition_for(digest, state.partitions);
-    match state.barrier.wait(partition, began).await {
+    match state.barrier.wait(partition, began, deadline).await {
         Ok(()) => {}
         Err(e @ BarrierError::Behind { .. }) => return Err(unavailable("projector behind", &e)),
         Err(e) => return Err(unavailable("barrier failed", &e)),
     }
-    state
-        .model
-        .get(digest)
-        .await
-        .map_err(|e| unavailable("read failed", &e))?
-        .ok_or(ApiError::MessageNotFound)
+    read(true).await?.ok_or(ApiError::MessageNotFound)
 }
 
 /// The read path's own settings, shared by `query` and the standalone `msghash`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReadArgs {
-    /// How long a GET that misses waits for the projector before answering 503 (ms).
+    /// The deadline of a GET that misses (ms): it answers by then, 503 if the projector has
+    /// not caught up or the log or the read model has not answered.
     #[arg(long, env = "MSGHASH_RYW_TIMEOUT_MS", default_value_t = 2_000,
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub ryw_timeout_ms: u64,
