@@ -27,6 +27,9 @@ pub mod names {
     pub const INGEST_PRODUCE_DURATION_SECONDS: &str = "msghash_ingest_produce_duration_seconds";
     /// Counter: appends not acknowledged within the request deadline (each one a 503).
     pub const INGEST_PRODUCE_FAILURES_TOTAL: &str = "msghash_ingest_produce_failures_total";
+    /// Counter: appends the embedded event log shed because its write queue was full (each
+    /// one a 503 with `Retry-After`). Standalone `msghash` only.
+    pub const WRITE_SHED_TOTAL: &str = "msghash_write_shed_total";
     /// Counter: events written to the read model.
     pub const PROJECTOR_EVENTS_APPLIED_TOTAL: &str = "msghash_projector_events_applied_total";
     /// Counter: records that did not decode and were skipped.
@@ -48,7 +51,7 @@ pub mod names {
     pub const QUERY_BARRIER_WAITS_TOTAL: &str = "msghash_query_barrier_waits_total";
 
     /// All of them, in the order above.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         HTTP_REQUESTS_TOTAL,
         HTTP_REQUEST_DURATION_SECONDS,
         HTTP_OPEN_CONNECTIONS,
@@ -56,6 +59,7 @@ pub mod names {
         HTTP_RATE_LIMITED_TOTAL,
         INGEST_PRODUCE_DURATION_SECONDS,
         INGEST_PRODUCE_FAILURES_TOTAL,
+        WRITE_SHED_TOTAL,
         PROJECTOR_EVENTS_APPLIED_TOTAL,
         PROJECTOR_DEAD_LETTERED_TOTAL,
         PROJECTOR_BATCH_DURATION_SECONDS,
@@ -126,6 +130,10 @@ fn describe() {
     describe_counter!(
         INGEST_PRODUCE_FAILURES_TOTAL,
         "Appends not acknowledged within the request deadline"
+    );
+    describe_counter!(
+        WRITE_SHED_TOTAL,
+        "Appends shed because the embedded event log's write queue was full"
     );
     describe_counter!(
         PROJECTOR_EVENTS_APPLIED_TOTAL,

@@ -22,12 +22,18 @@ pub struct LogRecord {
 
 /// Why the event log could not do what was asked. Callers map them to 503 (a retry later
 /// may work), except `TooLarge` (413) and `Misconfigured` (the service does not start);
-/// never to 500.
+/// never to 500. `Unavailable` is worth retrying within a request's deadline; `Shed` is
+/// not (answer 503 with `Retry-After` at once).
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     /// The broker did not acknowledge in time or is unreachable.
     #[error("event log unavailable: {0}")]
     Unavailable(String),
+    /// The log turned the request away without trying it: its write queue is full, or it
+    /// cannot write until its storage recovers. Retrying at once only adds load: the
+    /// client gets 503 with `Retry-After` at once.
+    #[error("event log turned the request away: {0}")]
+    Shed(String),
     /// The broker refused the request (topic missing, partition out of range, ...).
     #[error("event log rejected the request: {0}")]
     Rejected(String),

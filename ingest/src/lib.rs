@@ -3,7 +3,8 @@
 //! `POST /messages {"message": "..."}` hashes the message, appends a `MessageHashed` event
 //! to the partition its digest maps to, and answers `201 {"digest": "..."}` only once the
 //! log acknowledged the event. A log that does not acknowledge within the request deadline
-//! (after retries with backoff) yields `503` with `Retry-After`, never a hang or a 500.
+//! (after retries with backoff) yields `503` with `Retry-After`, never a hang or a 500; one
+//! that sheds the append (its queue is full) yields that `503` at once.
 //!
 //! [`router`] is what the standalone binary composes; [`app`] adds health, `/metrics` and
 //! request observation; [`Application`] is the service on its own.
@@ -104,7 +105,15 @@ async fn post_message(
     )
     .await
     .map_err(|e| {
-        tracing::warn!(digest = %event.digest, partition, error = %e, "event not acknowledged");
+        match &e {
+            // An overload sheds many requests a second: the metric counts them, the log
+            // would only flood.
+            LogError::Shed(_) => {
+                tracing::debug!(digest = %event.digest, partition, error = %e, "event shed")
+            }
+            _ => tracing::warn!(digest = %event.digest, partition, error = %e,
+                "event not acknowledged"),
+        }
         match e {
             // No retry can help: say so at once, not with a 503 a client retries for ever.
             LogError::TooLarge(_) => ApiError::EventTooLarge,
@@ -133,7 +142,8 @@ pub fn app(log: Arc<dyn EventLog>, settings: IngestSettings) -> Router {
     )
 }
 
-/// Appends with exponential backoff on `Unavailable`, all within `deadline`.
+/// Appends with exponential backoff on `Unavailable`, all within `deadline`. A
+/// [`LogError::Shed`] is returned at once: the log said retrying now only adds load.
 ///
 /// Metrics: one `msghash_ingest_produce_duration_seconds` observation per acknowledged
 /// append (first attempt to acknowledgement, retries included), one

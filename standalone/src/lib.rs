@@ -44,6 +44,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "MSGHASH_BATCH_SIZE", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch_size: u64,
+    /// Most appends waiting for the event log's writer; past it a POST is answered 503
+    /// with Retry-After at once (shed) instead of queueing.
+    #[arg(long, global = true, env = "MSGHASH_WRITE_QUEUE",
+          default_value_t = msghash_common::adapters::embedded::DEFAULT_WRITE_QUEUE as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub write_queue: u64,
     #[command(flatten)]
     pub write: ingest::WriteArgs,
     #[command(flatten)]
@@ -205,8 +211,13 @@ impl Application {
         })?;
         let data = cli.data_dir.clone();
         let config = |e: &dyn std::fmt::Display| RunError::Config(format!("MSGHASH_DATA_DIR: {e}"));
-        let log: Arc<dyn EventLog> =
-            Arc::new(EmbeddedLog::open(&data, cli.partitions).map_err(|e| config(&e))?);
+        // Before the stores open, so that their metrics are present from the start.
+        msghash_common::metrics::install();
+        let write_queue = usize::try_from(cli.write_queue).unwrap_or(usize::MAX);
+        let log: Arc<dyn EventLog> = Arc::new(
+            EmbeddedLog::open_with_queue(&data, cli.partitions, write_queue)
+                .map_err(|e| config(&e))?,
+        );
         let generations: Arc<dyn ModelGenerations> =
             Arc::new(EmbeddedGenerations::open(&data).map_err(|e| config(&e))?);
         let live = LiveModel::open(generations.clone())
@@ -214,7 +225,6 @@ impl Application {
             .map_err(|e| config(&e))?;
         let model: Arc<dyn ReadModel> = live.clone();
 
-        msghash_common::metrics::install();
         let app = http::service_app(
             SERVICE,
             ingest::router(log.clone(), cli.write.settings()).merge(query::router(

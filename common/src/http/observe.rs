@@ -27,7 +27,7 @@ use tower_http::request_id::{
 };
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 /// The request id header, read from the request and always set on the response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -68,7 +68,14 @@ pub fn observe(router: Router, service: &'static str) -> Router {
             HeaderValue::from_static("max-age=31536000"),
         ))
         .layer(middleware::from_fn_with_state(service, record))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        // Every request's line (with its status) is logged by `record`; tower-http's own
+        // ERROR line per 5xx would flood the log with one more line per shed request under
+        // an overload.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(middleware::map_request(drop_malformed_request_id))

@@ -17,7 +17,7 @@ const GENERATION_FILES: TableDefinition<u64, ()> = TableDefinition::new("files")
 #[derive(Clone)]
 pub struct EmbeddedGenerations {
     dir: Arc<PathBuf>,
-    catalog: Arc<Database>,
+    catalog: Arc<Reopenable>,
     opened: Arc<std::sync::Mutex<std::collections::HashMap<Generation, EmbeddedModel>>>,
 }
 
@@ -49,7 +49,7 @@ impl EmbeddedGenerations {
         txn.commit().map_err(|e| storage(e.into()))?;
         Ok(EmbeddedGenerations {
             dir: Arc::new(dir.to_path_buf()),
-            catalog: Arc::new(db),
+            catalog: Arc::new(Reopenable::new(file, db)),
             opened: Arc::default(),
         })
     }
@@ -68,9 +68,11 @@ impl EmbeddedGenerations {
         &self,
         f: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), ModelError> {
-        let txn = begin_durable(&self.catalog).map_err(model_unavailable)?;
-        f(&txn).map_err(model_unavailable)?;
-        txn.commit().map_err(model_unavailable)
+        self.catalog.with(model_unavailable, |db| {
+            let txn = begin_durable(db).map_err(model_unavailable)?;
+            f(&txn).map_err(model_unavailable)?;
+            txn.commit().map_err(model_unavailable)
+        })
     }
 
     fn set(&self, name: &'static str, generation: Generation) -> Result<(), ModelError> {
@@ -81,7 +83,8 @@ impl EmbeddedGenerations {
     }
 
     fn read_state(&self) -> Result<GenerationState, ModelError> {
-        let txn = self.catalog.begin_read().map_err(model_unavailable)?;
+        let db = self.catalog.get().map_err(model_unavailable)?;
+        let txn = db.begin_read().map_err(model_unavailable)?;
         let table = txn
             .open_table(GENERATION_STATE)
             .map_err(model_unavailable)?;
@@ -144,7 +147,8 @@ impl ModelGenerations for EmbeddedGenerations {
 
     async fn list(&self) -> Result<Vec<Generation>, ModelError> {
         self.blocking(|this| {
-            let txn = this.catalog.begin_read().map_err(model_unavailable)?;
+            let db = this.catalog.get().map_err(model_unavailable)?;
+            let txn = db.begin_read().map_err(model_unavailable)?;
             let files = txn
                 .open_table(GENERATION_FILES)
                 .map_err(model_unavailable)?;

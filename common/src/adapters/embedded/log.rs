@@ -14,9 +14,14 @@ pub struct EmbeddedLog {
 }
 
 struct LogInner {
-    db: Arc<Database>,
-    file: PathBuf,
+    store: Arc<Reopenable>,
     partitions: NonZeroU32,
+    /// Most appends waiting for the writer; past it an append is shed at once.
+    bound: usize,
+    /// Appends sent to the writer and not yet taken off the queue.
+    queued: Arc<AtomicUsize>,
+    /// False from a failed commit until the writer commits again.
+    writable: Arc<AtomicBool>,
     /// `None` only while dropping, so that the writer sees the channel close.
     requests: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
@@ -33,7 +38,7 @@ impl Drop for LogInner {
         drop(self.requests.take());
         if let Some(writer) = self.writer.take() {
             if writer.join().is_err() {
-                tracing::error!(file = %self.file.display(), "event log writer thread panicked");
+                tracing::error!(file = %self.store.file().display(), "event log writer thread panicked");
             }
         }
     }
@@ -41,15 +46,34 @@ impl Drop for LogInner {
 
 impl EmbeddedLog {
     /// Opens (or creates) `dir/events.redb` with `partitions` partitions. The count is
-    /// recorded on first open; any later open must ask for the same count. Blocking.
+    /// recorded on first open; any later open must ask for the same count. At most
+    /// [`DEFAULT_WRITE_QUEUE`] appends wait for the writer. Blocking.
     pub fn open(dir: &Path, count: NonZeroU32) -> Result<EmbeddedLog, EmbeddedError> {
+        EmbeddedLog::open_with_queue(dir, count, DEFAULT_WRITE_QUEUE)
+    }
+
+    /// [`open`](EmbeddedLog::open) with at most `write_queue` appends waiting for the
+    /// writer (at least 1): one more is shed at once with [`LogError::Shed`].
+    pub fn open_with_queue(
+        dir: &Path,
+        count: NonZeroU32,
+        write_queue: usize,
+    ) -> Result<EmbeddedLog, EmbeddedError> {
+        EmbeddedLog::start(dir, count, write_queue, |_| {})
+    }
+
+    fn start(
+        dir: &Path,
+        count: NonZeroU32,
+        write_queue: usize,
+        #[cfg_attr(not(test), allow(unused_variables))] setup: impl FnOnce(&mut Writer),
+    ) -> Result<EmbeddedLog, EmbeddedError> {
         let partitions = count.get();
         let (db, file) = open_database(dir, LOG_FILE)?;
         let storage = |e: redb::Error| EmbeddedError::storage(&file, e);
 
         let txn = begin_durable(&db).map_err(storage)?;
-        let mut ends = Vec::with_capacity(partitions as usize);
-        {
+        let ends = {
             let mut meta = txn.open_table(LOG_META).map_err(|e| storage(e.into()))?;
             check_layout(&mut meta, &file)?;
             let stored = meta
@@ -75,39 +99,44 @@ impl EmbeddedLog {
             txn.open_table(DEAD_LETTERS)
                 .map_err(|e| storage(e.into()))?;
             let records = txn.open_table(RECORDS).map_err(|e| storage(e.into()))?;
-            for p in 0..partitions {
-                let last = records
-                    .range((p, 0)..=(p, u64::MAX))
-                    .map_err(|e| storage(e.into()))?
-                    .next_back()
-                    .transpose()
-                    .map_err(|e| storage(e.into()))?
-                    .map(|(k, _)| k.value().1);
-                ends.push(last.map_or(0, |o| o + 1));
-            }
-        }
+            stored_ends(&records, partitions).map_err(|e| storage(e.into()))?
+        };
         txn.commit().map_err(|e| storage(e.into()))?;
 
-        let db = Arc::new(db);
+        let store = Arc::new(Reopenable::new(file, db));
         let (ends_tx, ends_rx) = watch::channel(ends.clone());
         let (requests, queue) = mpsc::channel();
         let transactions = Arc::new(AtomicU64::new(0));
-        let writer = Writer {
-            db: db.clone(),
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writable = Arc::new(AtomicBool::new(true));
+        #[cfg_attr(not(test), allow(unused_mut))]
+        let mut writer = Writer {
+            store: store.clone(),
+            partitions,
             next: ends,
             queue,
             ends: ends_tx,
             transactions: transactions.clone(),
+            queued: queued.clone(),
+            writable: writable.clone(),
+            #[cfg(test)]
+            gate: None,
         };
+        #[cfg(test)]
+        setup(&mut writer);
         let writer = std::thread::Builder::new()
             .name("msghash-log-writer".into())
             .spawn(move || writer.run())
             .map_err(EmbeddedError::Thread)?;
+        // Present (at 0) from the start, so rate() and alerts see the series before a shed.
+        metrics::counter!(crate::metrics::names::WRITE_SHED_TOTAL).increment(0);
         Ok(EmbeddedLog {
             inner: Arc::new(LogInner {
-                db,
-                file,
+                store,
                 partitions: count,
+                bound: write_queue.max(1),
+                queued,
+                writable,
                 requests: Some(requests),
                 writer: Some(writer),
                 ends: ends_rx,
@@ -118,7 +147,13 @@ impl EmbeddedLog {
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.inner.file
+        self.inner.store.file()
+    }
+
+    /// Whether the log can write: false from a failed commit (disk full, I/O error) until
+    /// the writer commits again, which it probes for with backoff.
+    pub fn writable(&self) -> bool {
+        self.inner.writable.load(Ordering::Acquire)
     }
 
     /// How many write transactions the writer committed since open: with group commit,
@@ -140,6 +175,28 @@ impl EmbeddedLog {
 }
 
 impl LogInner {
+    /// Sends an append unless the log cannot take it now: it cannot write, or
+    /// [`bound`](LogInner::bound) appends are already waiting. Either way the caller is
+    /// turned away at once ([`LogError::Shed`]), so an overload never queues without end.
+    fn send_append(&self, request: Request) -> Result<(), LogError> {
+        if !self.writable.load(Ordering::Acquire) {
+            return Err(LogError::Shed(
+                "embedded event log cannot write until its storage recovers".into(),
+            ));
+        }
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.bound {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!(crate::metrics::names::WRITE_SHED_TOTAL).increment(1);
+            return Err(LogError::Shed(format!(
+                "embedded event log write queue is full ({} appends waiting)",
+                self.bound
+            )));
+        }
+        self.send(request).inspect_err(|_| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        })
+    }
+
     fn send(&self, request: Request) -> Result<(), LogError> {
         let stopped = || LogError::Unavailable("embedded event log writer has stopped".into());
         match &self.requests {
@@ -158,7 +215,7 @@ impl EventLog for EmbeddedLog {
     async fn append(&self, partition: u32, event: &MessageHashed) -> Result<Offset, LogError> {
         self.check_partition(partition)?;
         let (reply, answer) = oneshot::channel();
-        self.inner.send(Request::Append {
+        self.inner.send_append(Request::Append {
             partition,
             key: event.key().to_vec(),
             value: event.encode(),
@@ -168,6 +225,17 @@ impl EventLog for EmbeddedLog {
             LogError::Unavailable("embedded event log writer stopped before answering".into())
         })??;
         to_offset(offset)
+    }
+
+    /// Ready while the log can write (see [`EmbeddedLog::writable`]).
+    async fn ready(&self) -> Result<(), LogError> {
+        if self.writable() {
+            Ok(())
+        } else {
+            Err(LogError::Unavailable(
+                "embedded event log cannot write until its storage recovers".into(),
+            ))
+        }
     }
 
     async fn end_offset(&self, partition: u32) -> Result<Offset, LogError> {
@@ -200,9 +268,11 @@ impl EventLog for EmbeddedLog {
     async fn dead_letter_count(&self) -> Result<u64, LogError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || -> Result<u64, LogError> {
-            let txn = inner.db.begin_read().map_err(storage_unavailable)?;
-            let table = txn.open_table(DEAD_LETTERS).map_err(storage_unavailable)?;
-            table.len().map_err(storage_unavailable)
+            inner.store.with(storage_unavailable, |db| {
+                let txn = db.begin_read().map_err(storage_unavailable)?;
+                let table = txn.open_table(DEAD_LETTERS).map_err(storage_unavailable)?;
+                table.len().map_err(storage_unavailable)
+            })
         })
         .await
         .map_err(|e| LogError::Unavailable(format!("dead-letter count task: {e}")))?
@@ -215,7 +285,8 @@ impl EventLog for EmbeddedLog {
         let inner = self.inner.clone();
         let name = group.to_owned();
         let committed = tokio::task::spawn_blocking(move || -> Result<Vec<u64>, LogError> {
-            let txn = inner.db.begin_read().map_err(storage_unavailable)?;
+            let db = inner.store.get().map_err(storage_unavailable)?;
+            let txn = db.begin_read().map_err(storage_unavailable)?;
             let table = txn
                 .open_table(GROUP_POSITIONS)
                 .map_err(storage_unavailable)?;
@@ -300,7 +371,8 @@ impl EmbeddedSubscription {
         let inner = self.inner.clone();
         let from = self.next.clone();
         tokio::task::spawn_blocking(move || {
-            let txn = inner.db.begin_read().map_err(storage_unavailable)?;
+            let db = inner.store.get().map_err(storage_unavailable)?;
+            let txn = db.begin_read().map_err(storage_unavailable)?;
             let table = txn.open_table(RECORDS).map_err(storage_unavailable)?;
             let mut batch = Vec::with_capacity(quotas.iter().sum());
             for (p, (&first, &quota)) in (0u32..).zip(from.iter().zip(&quotas)) {
@@ -433,6 +505,97 @@ impl Subscription for EmbeddedSubscription {
 #[cfg(test)]
 mod tests {
     use super::fair_quotas;
+    use super::*;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::Poll;
+
+    /// A log whose writer waits until the returned sender is dropped (or sends).
+    fn paused_log(dir: &Path, write_queue: usize) -> (EmbeddedLog, mpsc::Sender<()>) {
+        let (open, gate) = mpsc::channel();
+        let count = NonZeroU32::new(1).expect("one");
+        let log = EmbeddedLog::start(dir, count, write_queue, |writer| writer.gate = Some(gate))
+            .expect("open log");
+        (log, open)
+    }
+
+    /// Polls `future` once (an append sends its request on the first poll) and drops it,
+    /// as a server does with the handler of a client that went away.
+    async fn poll_once_and_drop<F: Future>(future: F) {
+        let mut future = pin!(future);
+        std::future::poll_fn(|cx| {
+            assert!(
+                future.as_mut().poll(cx).is_pending(),
+                "the writer is paused"
+            );
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    fn event(i: usize) -> MessageHashed {
+        MessageHashed::new(format!("message {i}"))
+    }
+
+    #[tokio::test]
+    async fn appends_whose_caller_went_away_are_not_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, open) = paused_log(dir.path(), 100);
+        for i in 0..10 {
+            poll_once_and_drop(log.append(0, &event(i))).await;
+        }
+        let waiting = tokio::spawn({
+            let log = log.clone();
+            async move { log.append(0, &event(10)).await }
+        });
+        // The waiting append is queued behind the ten abandoned ones once the queue holds
+        // eleven.
+        while log.inner.queued.load(Ordering::Acquire) < 11 {
+            tokio::task::yield_now().await;
+        }
+        drop(open);
+        let offset = waiting.await.expect("join").expect("appended");
+        assert_eq!(offset, 0, "the ten abandoned appends took no offsets");
+        assert_eq!(log.end_offset(0).await.expect("end"), 1);
+        let mut sub = log.subscribe("g").await.expect("subscribe");
+        let records = sub
+            .next_batch(100, Duration::from_secs(5))
+            .await
+            .expect("batch");
+        assert_eq!(records.len(), 1);
+        let stored = MessageHashed::decode(records[0].key.as_deref(), records[0].value.as_deref())
+            .expect("decodes");
+        assert_eq!(stored.message, "message 10");
+    }
+
+    #[tokio::test]
+    async fn a_full_write_queue_sheds_at_once_and_takes_appends_again_once_drained() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, open) = paused_log(dir.path(), 2);
+        let queued: Vec<_> = (0..2)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(0, &event(i)).await })
+            })
+            .collect();
+        while log.inner.queued.load(Ordering::Acquire) < 2 {
+            tokio::task::yield_now().await;
+        }
+        // The writer is paused: an answer now can only be the shed.
+        match log.append(0, &event(2)).await {
+            Err(LogError::Shed(_)) => {}
+            other => panic!("expected a shed, got {other:?}"),
+        }
+        drop(open);
+        let mut offsets = Vec::new();
+        for append in queued {
+            offsets.push(append.await.expect("join").expect("appended"));
+        }
+        offsets.sort_unstable();
+        assert_eq!(offsets, vec![0, 1]);
+        assert_eq!(log.append(0, &event(3)).await.expect("room again"), 2);
+        assert!(log.ready().await.is_ok());
+    }
 
     #[test]
     fn quotas_share_max_across_partitions() {

@@ -45,9 +45,21 @@
 //! fsyncs, not N. A failed commit fails every request of its group with
 //! [`LogError::Unavailable`] and assigns no offsets.
 //!
-//! An `append` whose caller stops waiting (a request deadline) may still be written, as with
-//! Kafka; the record is a pure function of its key, so a retry only adds a duplicate that the
-//! projection absorbs.
+//! # Overload and disk errors
+//!
+//! At most `write_queue` appends ([`DEFAULT_WRITE_QUEUE`] by default) wait for the writer;
+//! one more fails at once with [`LogError::Shed`] (counted in `msghash_write_shed_total`),
+//! so an overload is turned away instead of queueing without end. An append whose caller
+//! stopped waiting (its client went away, its deadline passed) before the writer took it
+//! off the queue is skipped; one whose caller goes while its group commits may still be
+//! written, as with Kafka (the record is a pure function of its key, so a retry only adds a
+//! duplicate that the projection absorbs).
+//!
+//! After a failed commit (disk full, I/O error) redb refuses the handle until it is closed
+//! (`Reopenable`): the writer closes it, the log stops being writable (its `ready` fails,
+//! appends are shed at once) and the writer probes with backoff until a commit works again
+//! on the reopened file. The read model and the catalog reopen on their next use after a
+//! failure. None of it needs a restart.
 //!
 //! # Locking
 //!
@@ -100,7 +112,7 @@ use redb::{
 };
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -119,6 +131,9 @@ const LAYOUT_VERSION: u64 = 1;
 pub const MAX_GROUP_REQUESTS: usize = 4096;
 /// Most record bytes the writer puts in one transaction (one request always fits).
 pub const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
+/// Most appends waiting for the writer, by default: one full group behind the one being
+/// committed. Past the bound an append is shed at once ([`LogError::Shed`]).
+pub const DEFAULT_WRITE_QUEUE: usize = MAX_GROUP_REQUESTS;
 
 /// redb's page cache per database. Its default is 1 GiB each; msghash reads the log
 /// sequentially and the read model by key, so a smaller cache serves both.
@@ -141,6 +156,8 @@ const MODEL_META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const META_LAYOUT: &str = "layout_version";
 const META_PARTITIONS: &str = "partitions";
+/// How many probe transactions the writer committed while recovering from failed commits.
+const META_PROBES: &str = "write_probes";
 
 /// Why an embedded database could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +270,106 @@ fn check_layout(meta: &mut redb::Table<'_, &str, u64>, file: &Path) -> Result<()
             .map(|_| ())
             .map_err(|e| EmbeddedError::storage(file, e)),
     }
+}
+
+/// A database handle that a failure can close and the next use opens again.
+///
+/// After a write fails with an I/O error (disk full, EIO), redb refuses every later
+/// operation on that handle (`PreviousIo`) until it is closed; the file itself is intact at
+/// its last committed transaction (the failed one is aborted). So the one who saw the
+/// failure [`discard`](Reopenable::discard)s the handle, and the next
+/// [`get`](Reopenable::get) opens the file again, which recovers it. Opening fails (and is
+/// tried again on the next `get`) while an old handle is still held by an operation in
+/// flight, or while the disk still refuses the repair's writes.
+pub(super) struct Reopenable {
+    file: PathBuf,
+    db: std::sync::RwLock<Option<Arc<Database>>>,
+}
+
+impl Reopenable {
+    pub(super) fn new(file: PathBuf, db: Database) -> Reopenable {
+        Reopenable {
+            file,
+            db: std::sync::RwLock::new(Some(Arc::new(db))),
+        }
+    }
+
+    pub(super) fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The open handle, opening the file again first if a failure closed it. Blocking.
+    pub(super) fn get(&self) -> Result<Arc<Database>, redb::Error> {
+        if let Some(db) = self
+            .db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            return Ok(db.clone());
+        }
+        let mut slot = self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(db) = slot.as_ref() {
+            return Ok(db.clone());
+        }
+        // `open`, never `create`: a file deleted meanwhile (a dropped generation) stays gone.
+        let db = Arc::new(
+            Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .open(&self.file)?,
+        );
+        tracing::info!(file = %self.file.display(), "reopened after a storage failure");
+        *slot = Some(db.clone());
+        Ok(db)
+    }
+
+    /// Closes `failed`, the handle an operation just failed on (if it is still the open
+    /// one), so that the next [`get`](Reopenable::get) opens the file again. The caller
+    /// drops its own clone right after.
+    pub(super) fn discard(&self, failed: &Arc<Database>) {
+        let mut slot = self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.as_ref().is_some_and(|db| Arc::ptr_eq(db, failed)) {
+            *slot = None;
+        }
+    }
+
+    /// Runs `f` on the open handle; if `f` fails, the handle is discarded so that the next
+    /// use starts from a fresh open.
+    pub(super) fn with<T, E>(
+        &self,
+        open_failed: impl FnOnce(redb::Error) -> E,
+        f: impl FnOnce(&Database) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let db = self.get().map_err(open_failed)?;
+        let result = f(&db);
+        if result.is_err() {
+            self.discard(&db);
+        }
+        result
+    }
+}
+
+/// Per partition, the offset after its last stored record.
+fn stored_ends(
+    records: &impl ReadableTable<RecordKey, RecordValue>,
+    partitions: u32,
+) -> Result<Vec<u64>, redb::StorageError> {
+    let mut ends = Vec::with_capacity(partitions as usize);
+    for p in 0..partitions {
+        let last = records
+            .range((p, 0)..=(p, u64::MAX))?
+            .next_back()
+            .transpose()?
+            .map(|(k, _)| k.value().1);
+        ends.push(last.map_or(0, |o| o + 1));
+    }
+    Ok(ends)
 }
 
 fn to_offset(offset: u64) -> Result<Offset, LogError> {

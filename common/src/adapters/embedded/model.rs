@@ -1,13 +1,14 @@
 //! [`EmbeddedModel`]: the read model of one generation in its own redb file, rows and
-//! applied offsets written in one durable transaction.
+//! applied offsets written in one durable transaction. A failed operation (a commit on a
+//! full disk) closes the handle and the next one opens the file again, so the projector's
+//! retries go through once the disk takes writes again, without a restart.
 
 use super::*;
 
 /// The embedded read model. Cloning is cheap (one `Arc`).
 #[derive(Clone)]
 pub struct EmbeddedModel {
-    db: Arc<Database>,
-    file: Arc<PathBuf>,
+    store: Arc<Reopenable>,
     generation: Generation,
 }
 
@@ -48,23 +49,22 @@ impl EmbeddedModel {
         }
         txn.commit().map_err(|e| storage(e.into()))?;
         Ok(EmbeddedModel {
-            db: Arc::new(db),
-            file: Arc::new(file),
+            store: Arc::new(Reopenable::new(file, db)),
             generation,
         })
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.file
+        self.store.file()
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Database) -> Result<T, ModelError> + Send + 'static,
     ) -> Result<T, ModelError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.with(model_unavailable, f))
             .await
             .map_err(|e| ModelError::unavailable("embedded read model task", e))?
     }

@@ -2,6 +2,12 @@
 //! everything already queued behind it (up to [`MAX_GROUP_REQUESTS`] requests or
 //! [`MAX_GROUP_BYTES`] bytes), writes all of it in one transaction, commits (one fsync),
 //! publishes the new end offsets, and only then answers every waiter.
+//!
+//! An append whose caller stopped waiting before the writer took it is skipped. A failed
+//! commit fails its whole group (nothing of it is written or acknowledged), closes the
+//! database handle and marks the log not writable: from then on requests are turned away
+//! at once, and a probe with backoff waits for the storage to take writes again (see
+//! [`Writer::probe`]); once one commits, the log is writable again, without a restart.
 
 use super::*;
 
@@ -63,57 +69,212 @@ pub(super) enum Outcome {
 
 /// The single writer of `events.redb`.
 pub(super) struct Writer {
-    pub(super) db: Arc<Database>,
+    pub(super) store: Arc<Reopenable>,
+    pub(super) partitions: u32,
     /// Per partition, the next offset, as durably committed.
     pub(super) next: Vec<u64>,
     pub(super) queue: mpsc::Receiver<Request>,
     pub(super) ends: watch::Sender<Vec<u64>>,
     pub(super) transactions: Arc<AtomicU64>,
+    /// Appends sent and not yet taken off the queue (the log sheds past its bound).
+    pub(super) queued: Arc<AtomicUsize>,
+    /// Whether the last write worked: false from a failed commit until a probe commits.
+    pub(super) writable: Arc<AtomicBool>,
+    /// Tests: the writer waits for this before its first request.
+    #[cfg(test)]
+    pub(super) gate: Option<mpsc::Receiver<()>>,
+}
+
+/// The size of the scratch file a probe writes (and removes) before it tries a commit: a
+/// disk with less room than this is still full for msghash's purposes.
+const PROBE_BYTES: usize = 1024 * 1024;
+/// The name of that file, in the data directory.
+const PROBE_FILE: &str = ".write-probe";
+
+/// The backoff between probes of a writer that cannot write.
+fn probe_backoff() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(usize::MAX)
+        .with_jitter()
+        .build()
 }
 
 impl Writer {
     pub(super) fn run(mut self) {
-        // `recv` fails once every sender is gone: the log was dropped.
-        while let Ok(first) = self.queue.recv() {
-            let mut bytes = first.size();
-            let mut group = vec![first];
-            while group.len() < MAX_GROUP_REQUESTS && bytes < MAX_GROUP_BYTES {
-                match self.queue.try_recv() {
-                    Ok(request) => {
-                        bytes += request.size();
-                        group.push(request);
-                    }
-                    Err(_) => break,
+        #[cfg(test)]
+        if let Some(gate) = self.gate.take() {
+            let _ = gate.recv();
+        }
+        loop {
+            if self.writable.load(Ordering::Acquire) {
+                // `recv` fails once every sender is gone: the log was dropped.
+                let Ok(first) = self.queue.recv() else { break };
+                self.commit_group(first);
+            } else if !self.recover() {
+                break;
+            }
+        }
+    }
+
+    /// Takes `first` and what is queued behind it, writes it all in one transaction, and
+    /// answers every request. An append whose caller has gone is skipped, not written.
+    fn commit_group(&mut self, first: Request) {
+        let mut group = Vec::new();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(request) = next.take() {
+            if self.take(&request) {
+                bytes += request.size();
+                group.push(request);
+            }
+            if group.len() < MAX_GROUP_REQUESTS && bytes < MAX_GROUP_BYTES {
+                next = self.queue.try_recv().ok();
+            }
+        }
+        if group.is_empty() {
+            return;
+        }
+        let written = self.store.get().and_then(|db| {
+            self.write(&db, &group)
+                .inspect_err(|_| self.store.discard(&db))
+        });
+        match written {
+            Ok((next, outcomes)) => {
+                self.transactions.fetch_add(1, Ordering::Relaxed);
+                // Publish before answering: once `append` returns, `end_offset` and the
+                // subscribers already see the record.
+                self.next = next;
+                self.ends.send_replace(self.next.clone());
+                for (request, outcome) in group.into_iter().zip(outcomes) {
+                    answer(request, outcome);
                 }
             }
-            match self.write(&group) {
-                Ok((next, outcomes)) => {
-                    self.transactions.fetch_add(1, Ordering::Relaxed);
-                    // Publish before answering: once `append` returns, `end_offset` and the
-                    // subscribers already see the record.
-                    self.next = next;
-                    self.ends.send_replace(self.next.clone());
-                    for (request, outcome) in group.into_iter().zip(outcomes) {
-                        answer(request, outcome);
-                    }
-                }
-                Err(e) => {
-                    let detail = e.to_string();
-                    tracing::error!(error = %detail, "embedded event log commit failed");
-                    for request in group {
-                        request.fail(LogError::Unavailable(format!(
-                            "embedded event log: {detail}"
-                        )));
-                    }
+            Err(e) => {
+                // The transaction is aborted: none of the group is written, no offset is
+                // assigned, nothing was acknowledged. The handle is closed; `recover`
+                // opens the file again once it can write.
+                self.writable.store(false, Ordering::Release);
+                tracing::error!(
+                    file = %self.store.file().display(), error = %e,
+                    "embedded event log commit failed; refusing writes until a probe commits"
+                );
+                for request in group {
+                    request.fail(LogError::Unavailable(format!(
+                        "embedded event log commit failed: {e}"
+                    )));
                 }
             }
         }
     }
 
+    /// Whether `request`, just taken off the queue, is to be written: not an append whose
+    /// caller stopped waiting (its client went away or its deadline passed).
+    fn take(&self, request: &Request) -> bool {
+        match request {
+            Request::Append { reply, .. } => {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                !reply.is_closed()
+            }
+            _ => true,
+        }
+    }
+
+    /// While the log cannot write: turns every request away at once and probes with backoff
+    /// until a commit works again. Returns `false` when the log was dropped.
+    fn recover(&mut self) -> bool {
+        let mut backoff = probe_backoff();
+        loop {
+            let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+            let until = std::time::Instant::now() + wait;
+            loop {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                match self.queue.recv_timeout(left) {
+                    Ok(request) => {
+                        self.take(&request);
+                        request.fail(LogError::Shed(
+                            "embedded event log cannot write until its storage recovers".into(),
+                        ));
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+                }
+            }
+            match self.probe() {
+                Ok(()) => {
+                    tracing::info!(
+                        file = %self.store.file().display(),
+                        "embedded event log can write again"
+                    );
+                    self.writable.store(true, Ordering::Release);
+                    return true;
+                }
+                Err(e) => tracing::warn!(
+                    file = %self.store.file().display(), error = %e, retry_in = ?wait,
+                    "embedded event log still cannot write"
+                ),
+            }
+        }
+    }
+
+    /// Whether the log can write again: the disk takes [`PROBE_BYTES`] of scratch data, the
+    /// file opens (recovering from the failed commit), and a durable transaction commits.
+    /// The end offsets are read back from the file, the only truth after a failure.
+    fn probe(&mut self) -> Result<(), String> {
+        let dir = self.store.file().parent().unwrap_or(Path::new("."));
+        let scratch = dir.join(PROBE_FILE);
+        let room = std::fs::File::create(&scratch).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(&vec![0u8; PROBE_BYTES])?;
+            f.sync_all()
+        });
+        let _ = std::fs::remove_file(&scratch);
+        room.map_err(|e| format!("{}: {e}", scratch.display()))?;
+
+        let db = self.store.get().map_err(|e| e.to_string())?;
+        let probed = (|| -> Result<Vec<u64>, redb::Error> {
+            let txn = begin_durable(&db)?;
+            let ends = {
+                let records = txn.open_table(RECORDS)?;
+                let ends = stored_ends(&records, self.partitions)?;
+                let mut meta = txn.open_table(LOG_META)?;
+                let probes = meta.get(META_PROBES)?.map_or(0, |v| v.value());
+                meta.insert(META_PROBES, probes.wrapping_add(1))?;
+                ends
+            };
+            txn.commit()?;
+            Ok(ends)
+        })();
+        let ends = probed
+            .inspect_err(|_| self.store.discard(&db))
+            .map_err(|e| e.to_string())?;
+        // A commit whose error came after its data reached the disk may have survived: its
+        // records are in the file, unacknowledged, and count (a client's retry only adds a
+        // duplicate, which the projection absorbs).
+        for (next, stored) in self.next.iter_mut().zip(ends) {
+            if stored < *next {
+                tracing::error!(
+                    stored,
+                    expected = *next,
+                    "the event log file ends before its acknowledged records"
+                );
+            }
+            *next = (*next).max(stored);
+        }
+        self.ends.send_replace(self.next.clone());
+        Ok(())
+    }
+
     /// Writes one group in one durable transaction; returns the new end offsets and one
     /// outcome per request, in order. Nothing is visible unless this returns `Ok`.
-    fn write(&self, group: &[Request]) -> Result<(Vec<u64>, Vec<Outcome>), redb::Error> {
-        let txn = begin_durable(&self.db)?;
+    fn write(
+        &self,
+        db: &Database,
+        group: &[Request],
+    ) -> Result<(Vec<u64>, Vec<Outcome>), redb::Error> {
+        let txn = begin_durable(db)?;
         let mut next = self.next.clone();
         let mut outcomes = Vec::with_capacity(group.len());
         {
