@@ -63,10 +63,11 @@ pub fn router(log: Arc<dyn EventLog>, settings: IngestSettings) -> Router {
         })
 }
 
-/// The body of `POST /messages`.
-#[derive(Deserialize)]
-struct PostMessage {
-    message: String,
+/// The body of `POST /messages`. Public for the fuzz target of request bodies, which decodes
+/// arbitrary bytes with [`RequestBody::decode`] exactly as the route does.
+#[derive(Debug, Deserialize)]
+pub struct PostMessage {
+    pub message: String,
 }
 
 impl RequestBody for PostMessage {

@@ -14,6 +14,12 @@ use serde::de::DeserializeOwned;
 pub trait RequestBody: DeserializeOwned {
     /// The 400's `err_msg`.
     const INVALID: &'static str;
+
+    /// Decodes a whole body as [`JsonBody`] does once it has read it (see [`decode_json`]).
+    /// The fuzz target of request bodies (`fuzz/fuzz_targets/request.rs`) calls this.
+    fn decode(bytes: &[u8]) -> Result<Self, ApiError> {
+        decode_json(bytes, Self::INVALID)
+    }
 }
 
 /// The largest request body a router's routes accept, in bytes: a [`JsonBody`] finds it in
@@ -100,13 +106,23 @@ pub async fn read_json<T: DeserializeOwned>(
     let bytes = tokio::time::timeout(timeout, collect_bounded(body, limit))
         .await
         .map_err(|_| ApiError::BodyTimeout)??;
-    // Only a JSON object is a request body (serde would also read a struct from an array).
-    // It is decoded straight into `T`, with no tree in between, so a field given twice is
-    // refused instead of the last one silently winning.
+    decode_json(&bytes, bad_body)
+}
+
+/// Decodes a whole JSON body into `T`: 400 (`bad_body`) unless it is one JSON object that
+/// deserializes into `T` with nothing after it.
+///
+/// Only a JSON object is a request body (serde would also read a struct from an array). It
+/// is decoded straight into `T`, with no tree in between, so a field given twice is refused
+/// instead of the last one silently winning.
+pub fn decode_json<T: DeserializeOwned>(
+    bytes: &[u8],
+    bad_body: &'static str,
+) -> Result<T, ApiError> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::BadRequest(bad_body));
     }
-    serde_json::from_slice(&bytes).map_err(|_| ApiError::BadRequest(bad_body))
+    serde_json::from_slice(bytes).map_err(|_| ApiError::BadRequest(bad_body))
 }
 
 async fn collect_bounded(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
@@ -218,6 +234,28 @@ mod tests {
                 read(request(Some("application/json"), bad.into()), 100).await,
                 Err(ApiError::BadRequest("bad body")),
                 "{bad}"
+            );
+        }
+    }
+
+    impl RequestBody for Body1 {
+        const INVALID: &'static str = "bad body";
+    }
+
+    #[tokio::test]
+    async fn decode_answers_what_the_extractor_answers_for_the_same_bytes() {
+        for body in [
+            r#"{"message":"hi","extra":1}"#,
+            r#" {"message":"hi"}"#,
+            r#"["hi"]"#,
+            r#"{"message":"a","message":"b"}"#,
+            r#"{"message":"a"} trailing"#,
+            "",
+        ] {
+            assert_eq!(
+                Body1::decode(body.as_bytes()),
+                read(request(Some("application/json"), body.into()), 100).await,
+                "{body}"
             );
         }
     }

@@ -16,7 +16,7 @@ pub mod health;
 pub mod observe;
 pub mod serve;
 
-pub use body::{read_json, BodyLimit, JsonBody, RequestBody, DRAIN_LIMIT};
+pub use body::{decode_json, read_json, BodyLimit, JsonBody, RequestBody, DRAIN_LIMIT};
 pub use error::{method_not_allowed, route_not_found, with_error_fallbacks, ApiError};
 pub use guard::{ApiKeys, Guards, KeyScope, RateLimit};
 pub use health::{health_routes, log_and_model_ready, log_ready};
