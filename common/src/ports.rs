@@ -160,12 +160,12 @@ pub type SourceError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// The store did not answer (connection lost, timeout, I/O): worth a retry. The store's
-    /// own error, when there is one, is the source.
-    #[error("read model unavailable: {context}")]
+    /// own error, when there is one, is part of the message, so that every log line that
+    /// prints the error (`error = %e`) has the cause.
+    #[error("read model unavailable: {context}{}", cause.as_ref().map(|c| format!(": {c}")).unwrap_or_default())]
     Unavailable {
         context: String,
-        #[source]
-        source: Option<SourceError>,
+        cause: Option<SourceError>,
     },
     /// The store answered with data msghash did not write.
     #[error("read model returned unexpected data: {0}")]
@@ -186,7 +186,7 @@ impl ModelError {
     ) -> ModelError {
         ModelError::Unavailable {
             context: context.into(),
-            source: Some(Box::new(source)),
+            cause: Some(Box::new(source)),
         }
     }
 
@@ -194,7 +194,7 @@ impl ModelError {
     pub fn unavailable_because(context: impl Into<String>) -> ModelError {
         ModelError::Unavailable {
             context: context.into(),
-            source: None,
+            cause: None,
         }
     }
 }

@@ -46,6 +46,12 @@ pub fn log_and_model_ready(
         let (log, model) = (log.clone(), model.clone());
         Box::pin(async move {
             let (l, m) = tokio::join!(log.ready(), model.applied_offset(0));
+            if let Err(e) = &l {
+                tracing::info!(error = %e, "not ready: event log");
+            }
+            if let Err(e) = &m {
+                tracing::info!(error = %e, "not ready: read model");
+            }
             l.is_ok() && m.is_ok()
         })
     }
@@ -57,6 +63,12 @@ pub fn log_ready(
 ) -> impl Fn() -> futures::future::BoxFuture<'static, bool> + Clone + Send + Sync + 'static {
     move || {
         let log = log.clone();
-        Box::pin(async move { log.ready().await.is_ok() })
+        Box::pin(async move {
+            let ready = log.ready().await;
+            if let Err(e) = &ready {
+                tracing::info!(error = %e, "not ready: event log");
+            }
+            ready.is_ok()
+        })
     }
 }
