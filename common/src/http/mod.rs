@@ -3,6 +3,7 @@
 //! - [`body`]: the bounded JSON body reader;
 //! - [`serve`]: the TLS server, bound first and served until shutdown;
 //! - [`health`]: the health routes and readiness checks;
+//! - [`openapi`]: the OpenAPI document every service serves at `/openapi.json`;
 //! - [`observe`]: the layers around every route (request id, tracing span, request log
 //!   line and metrics, timeouts);
 //! - [`service_app`] (here): a service's routes with health, `/metrics`, the JSON fallbacks
@@ -12,12 +13,14 @@ pub mod body;
 pub mod error;
 pub mod health;
 pub mod observe;
+pub mod openapi;
 pub mod serve;
 
 pub use body::{read_json, BodyLimit, JsonBody, RequestBody, DRAIN_LIMIT};
 pub use error::{method_not_allowed, route_not_found, with_error_fallbacks, ApiError};
 pub use health::{health_routes, log_and_model_ready, log_ready};
 pub use observe::{observe, REQUEST_ID, UNMATCHED_ROUTE};
+pub use openapi::{openapi_route, ErrorBody};
 pub use serve::{BodyTimeout, ConnectionLimits, Server, GRACE};
 
 use axum::Router;
