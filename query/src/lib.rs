@@ -105,10 +105,17 @@ pub fn openapi() -> serde_json::Value {
 /// The OpenAPI 3.1 document of the whole API, ingest's `POST /messages` and query's GETs: what
 /// `msghash` serves, and what the edge serves at `/openapi.json` (from [`EDGE_OPENAPI_PATH`]).
 pub fn full_openapi() -> serde_json::Value {
-    http::openapi::document(
+    let mut doc = http::openapi::document(
         "msghash",
         ingest::IngestApi::openapi().merge_from(openapi_paths()),
-    )
+    );
+    // A 201's digest is what both GETs of a message take.
+    let digest = serde_json::json!({"digest": "$response.body#/digest"});
+    doc["paths"]["/messages"]["post"]["responses"]["201"]["links"] = serde_json::json!({
+        "GetMessage": {"operationId": "get_message", "parameters": digest},
+        "GetMessageAlias": {"operationId": "get_message_alias", "parameters": digest},
+    });
+    doc
 }
 
 /// The read path as the `query` service serves it: [`router`], `/openapi.json` (and the whole

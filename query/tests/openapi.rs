@@ -90,5 +90,16 @@ async fn the_edge_document_is_the_whole_api() {
     methods.sort();
     assert_eq!(methods, ["get", "post"]);
     assert!(doc["paths"]["/messages/{digest}"]["get"].is_object());
+    // Both GETs of a message take the digest a 201 answers.
+    let links = &doc["paths"]["/messages"]["post"]["responses"]["201"]["links"];
+    for (link, path) in [
+        ("GetMessage", "/messages/{digest}"),
+        ("GetMessageAlias", "/message/{digest}"),
+    ] {
+        assert_eq!(
+            links[link]["operationId"],
+            doc["paths"][path]["get"]["operationId"]
+        );
+    }
     assert!(doc["paths"].get(query::EDGE_OPENAPI_PATH).is_none());
 }
