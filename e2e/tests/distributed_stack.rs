@@ -602,10 +602,53 @@ async fn broker_stopped_gives_503(stack: &Stack) {
     );
 }
 
+/// The edge serves the whole API's OpenAPI document (the POST of ingest beside the GETs of
+/// query), and schemathesis finds nothing against it (`scripts/api-fuzz`: at least 1,000
+/// generated cases, every check).
+async fn api_fuzz_through_the_edge(stack: &Stack) {
+    let doc: serde_json::Value = stack
+        .client
+        .get(format!("{}/openapi.json", stack.edge))
+        .send()
+        .await
+        .expect("openapi.json through the edge")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/messages"]["post"].is_object(), "{doc}");
+    assert!(
+        doc["paths"]["/messages/{digest}"]["get"].is_object(),
+        "{doc}"
+    );
+    let script = msghash_testkit::stack::repo_root().join("scripts/api-fuzz");
+    let (edge, cert) = (stack.edge.clone(), stack.cert.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(script)
+            .args(["--url", &edge, "--ca"])
+            .arg(&cert)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("scripts/api-fuzz runs");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "schemathesis through the edge:\n{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_stack_end_to_end() {
     let stack = Stack::start().await;
     http_contract(&stack).await;
+    api_fuzz_through_the_edge(&stack).await;
     external_clients(&stack).await;
     read_your_writes(&stack, 1_000).await;
     metrics_move(&stack).await;

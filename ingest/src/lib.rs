@@ -14,12 +14,13 @@ use axum::http::{header, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use backon::{ExponentialBuilder, Retryable};
-use msghash_common::http::{self, ApiError, BodyLimit, JsonBody, RequestBody};
+use msghash_common::http::{self, ApiError, BodyLimit, ErrorBody, JsonBody, RequestBody};
 use msghash_common::metrics::names;
 use msghash_common::{partition_for, EventLog, LogError, MessageHashed, Offset};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
+use utoipa::{OpenApi, ToSchema};
 
 /// Settings of the write path itself, whatever the log behind it.
 #[derive(Debug, Clone)]
@@ -63,10 +64,12 @@ pub fn router(log: Arc<dyn EventLog>, settings: IngestSettings) -> Router {
         })
 }
 
-/// The body of `POST /messages`. Public for the fuzz target of request bodies, which decodes
-/// arbitrary bytes with [`RequestBody::decode`] exactly as the route does.
-#[derive(Debug, Deserialize)]
+/// The body of `POST /messages`. Other fields are ignored; `message` given twice is a 400.
+/// Public for the fuzz target of request bodies, which decodes arbitrary bytes with
+/// [`RequestBody::decode`] exactly as the route does.
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct PostMessage {
+    /// Any string, the empty one included; its UTF-8 bytes are hashed.
     pub message: String,
 }
 
@@ -76,8 +79,10 @@ impl RequestBody for PostMessage {
 }
 
 /// The body of the 201.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Accepted {
+    /// SHA-256 of the message's UTF-8 bytes, 64 lower-case hex characters.
+    #[schema(pattern = "^[0-9a-f]{64}$")]
     digest: String,
 }
 
@@ -85,6 +90,32 @@ struct Accepted {
 const RETRY_AFTER_SECS: u32 = 1;
 
 /// `POST /messages`: hash, append, and answer 201 once the log acknowledged.
+#[utoipa::path(
+    post,
+    path = "/messages",
+    tag = "messages",
+    operation_id = "post_message",
+    request_body(
+        content = PostMessage,
+        content_type = "application/json",
+        description = "A JSON object (`application/json` or `application/*+json`) of at most \
+                       MSGHASH_BODY_LIMIT bytes (1 MiB by default)",
+    ),
+    responses(
+        (status = 201, description = "The event is on the log; the message's digest",
+         body = Accepted,
+         headers(("Location" = String, description = "`/messages/<digest>`"))),
+        (status = 400, description = "Not a JSON object, `message` missing, not a string or \
+                                      given twice", body = ErrorBody),
+        (status = 408, description = "The body was not received within the body timeout",
+         body = ErrorBody),
+        (status = 413, description = "The body is over the limit, or the message too large \
+                                      for the event log", body = ErrorBody),
+        (status = 415, description = "The content type is not JSON", body = ErrorBody),
+        (status = 503, description = "The event log did not acknowledge within the request \
+                                      deadline", body = ErrorBody),
+    ),
+)]
 async fn post_message(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<PostMessage>,
@@ -132,13 +163,27 @@ async fn post_message(
     ))
 }
 
-/// The write path as the `ingest` service serves it: [`router`], health (ready when the
-/// log answers), `/metrics`, JSON fallbacks, request observation.
+/// The OpenAPI description of [`router`]'s routes alone (no health, no headers): what
+/// [`openapi`] and the whole API's document are built from.
+#[derive(OpenApi)]
+#[openapi(
+    paths(post_message),
+    components(schemas(PostMessage, Accepted, ErrorBody))
+)]
+pub struct IngestApi;
+
+/// The `ingest` service's OpenAPI 3.1 document, as it serves it at `/openapi.json`.
+pub fn openapi() -> serde_json::Value {
+    http::openapi::document("msghash ingest", IngestApi::openapi())
+}
+
+/// The write path as the `ingest` service serves it: [`router`], `/openapi.json`, health
+/// (ready when the log answers), `/metrics`, JSON fallbacks, request observation.
 pub fn app(log: Arc<dyn EventLog>, settings: IngestSettings) -> Router {
     msghash_common::metrics::install();
     http::service_app(
         "ingest",
-        router(log.clone(), settings),
+        router(log.clone(), settings).merge(http::openapi_route(&openapi())),
         http::log_ready(log),
     )
 }

@@ -15,12 +15,14 @@ use axum::http::request::Parts;
 use axum::routing::get;
 use axum::{Json, Router};
 use barrier::{BarrierError, ReadBarrier};
-use msghash_common::http::{self, ApiError};
+use msghash_common::http::openapi::DigestHex;
+use msghash_common::http::{self, ApiError, ErrorBody};
 use msghash_common::{partition_for, Digest, EventLog, ReadModel};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use utoipa::{OpenApi, ToSchema};
 
 /// Settings of the read path itself.
 #[derive(Debug, Clone)]
@@ -69,13 +71,67 @@ pub fn router(
         .with_state(state)
 }
 
-/// The read path as the `query` service serves it: [`router`], health (ready when the log
-/// and the read model answer), `/metrics`, JSON fallbacks, request observation.
+/// The OpenAPI description of [`router`]'s routes alone (no health, no headers).
+#[derive(OpenApi)]
+#[openapi(
+    paths(get_message, list_messages),
+    components(schemas(Found, Listing, DigestHex, ErrorBody))
+)]
+struct QueryApi;
+
+/// [`router`]'s routes, aliases included, for [`openapi`] and the whole API's document.
+pub fn openapi_paths() -> utoipa::openapi::OpenApi {
+    let mut doc = QueryApi::openapi();
+    http::openapi::alias(&mut doc, "/messages/{digest}", "/message/{digest}");
+    http::openapi::alias(&mut doc, "/messages", "/all-messages");
+    doc
+}
+
+/// Where query also serves [`full_openapi`]: the edge sends its `GET /openapi.json` here
+/// (`deploy/haproxy.cfg`), so that a client of the edge reads the whole API it serves.
+pub const EDGE_OPENAPI_PATH: &str = "/openapi/edge.json";
+
+/// The `query` service's OpenAPI 3.1 document, as it serves it at `/openapi.json`: its GETs,
+/// health, `/openapi.json` and [`EDGE_OPENAPI_PATH`].
+pub fn openapi() -> serde_json::Value {
+    let mut doc = http::openapi::document("msghash query", openapi_paths());
+    let mut edge = doc["paths"]["/openapi.json"].clone();
+    edge["get"]["operationId"] = "openapi_edge".into();
+    edge["get"]["summary"] =
+        "The document of the whole API (POST and GETs) as the edge serves it".into();
+    doc["paths"][EDGE_OPENAPI_PATH] = edge;
+    doc
+}
+
+/// The OpenAPI 3.1 document of the whole API, ingest's `POST /messages` and query's GETs: what
+/// `msghash` serves, and what the edge serves at `/openapi.json` (from [`EDGE_OPENAPI_PATH`]).
+pub fn full_openapi() -> serde_json::Value {
+    let mut doc = http::openapi::document(
+        "msghash",
+        ingest::IngestApi::openapi().merge_from(openapi_paths()),
+    );
+    // A 201's digest is what both GETs of a message take.
+    let digest = serde_json::json!({"digest": "$response.body#/digest"});
+    doc["paths"]["/messages"]["post"]["responses"]["201"]["links"] = serde_json::json!({
+        "GetMessage": {"operationId": "get_message", "parameters": digest},
+        "GetMessageAlias": {"operationId": "get_message_alias", "parameters": digest},
+    });
+    doc
+}
+
+/// The read path as the `query` service serves it: [`router`], `/openapi.json` (and the whole
+/// API's at [`EDGE_OPENAPI_PATH`]), health (ready when the log and the read model answer),
+/// `/metrics`, JSON fallbacks, request observation.
 pub fn app(log: Arc<dyn EventLog>, model: Arc<dyn ReadModel>, settings: QuerySettings) -> Router {
     msghash_common::metrics::install();
     http::service_app(
         "query",
-        router(log.clone(), model.clone(), settings),
+        router(log.clone(), model.clone(), settings)
+            .merge(http::openapi_route(&openapi()))
+            .merge(http::openapi::openapi_route_at(
+                EDGE_OPENAPI_PATH,
+                &full_openapi(),
+            )),
         http::log_and_model_ready(log, model),
     )
 }
@@ -97,8 +153,9 @@ impl<S: Send + Sync> FromRequestParts<S> for DigestPath {
 }
 
 /// The body of a 200 to `GET /messages/{digest}`.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Found {
+    /// The message, exactly as it was posted.
     message: String,
 }
 
@@ -106,6 +163,25 @@ struct Found {
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
 /// `GET /messages/{digest}` (and `/message/{digest}`).
+#[utoipa::path(
+    get,
+    path = "/messages/{digest}",
+    tag = "messages",
+    operation_id = "get_message",
+    params(
+        ("digest" = String, Path, pattern = "^[0-9a-fA-F]{64}$",
+         description = "The message's digest: 64 hex characters, either case. Anything else \
+                        names no message: 404"),
+    ),
+    responses(
+        (status = 200, description = "The message. Immutable: `Cache-Control: public, \
+                                      max-age=31536000, immutable`", body = Found),
+        (status = 404, description = "No message has this digest (also after waiting for the \
+                                      projector), or the digest is malformed", body = ErrorBody),
+        (status = 503, description = "The read model does not answer, or the projector is too \
+                                      far behind for a read-your-writes answer", body = ErrorBody),
+    ),
+)]
 async fn get_message(
     State(state): State<AppState>,
     DigestPath(digest): DigestPath,
@@ -161,13 +237,36 @@ impl<S: Send + Sync> FromRequestParts<S> for Page {
 
 /// The body of a 200 to `GET /messages`: one page and the cursor of the next (`null` on the
 /// last page).
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Listing {
+    /// Up to `limit` digests, in the store's order.
+    #[schema(value_type = Vec<DigestHex>)]
     digests: Vec<String>,
+    /// Pass it as `after` for the next page; `null` on the last page.
+    #[schema(value_type = Option<DigestHex>)]
     next: Option<String>,
 }
 
 /// `GET /messages?limit=&after=`.
+#[utoipa::path(
+    get,
+    path = "/messages",
+    tag = "messages",
+    operation_id = "list_messages",
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,
+         description = "Page size, 1 to 1000; 100 when not given"),
+        ("after" = Option<String>, Query, pattern = "^([0-9a-fA-F]{64})?$",
+         description = "The cursor: the `next` of the previous page (64 hex characters); \
+                        empty or not given: the first page"),
+    ),
+    responses(
+        (status = 200, description = "One page of digests", body = Listing),
+        (status = 400, description = "`limit` or `after` malformed or out of range",
+         body = ErrorBody),
+        (status = 503, description = "The read model does not answer", body = ErrorBody),
+    ),
+)]
 async fn list_messages(
     State(state): State<AppState>,
     page: Page,

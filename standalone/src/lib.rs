@@ -167,6 +167,25 @@ pub fn env_hint(error_line: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Everything `msghash` serves on its port: ingest's and query's routes over `log` and
+/// `model`, `/openapi.json` (the whole API: [`query::full_openapi`], the same document the
+/// edge of the distributed stack serves), health, `/metrics`, request observation.
+pub fn app(
+    log: Arc<dyn EventLog>,
+    model: Arc<dyn ReadModel>,
+    write: ingest::IngestSettings,
+    read: query::QuerySettings,
+) -> axum::Router {
+    msghash_common::metrics::install();
+    http::service_app(
+        SERVICE,
+        ingest::router(log.clone(), write)
+            .merge(query::router(log.clone(), model.clone(), read))
+            .merge(http::openapi_route(&query::full_openapi())),
+        http::log_and_model_ready(log, model),
+    )
+}
+
 /// Why `msghash` could not start or stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -225,14 +244,11 @@ impl Application {
             .map_err(|e| config(&e))?;
         let model: Arc<dyn ReadModel> = live.clone();
 
-        let app = http::service_app(
-            SERVICE,
-            ingest::router(log.clone(), cli.write.settings()).merge(query::router(
-                log.clone(),
-                model.clone(),
-                cli.read.settings(),
-            )),
-            http::log_and_model_ready(log.clone(), model),
+        let app = app(
+            log.clone(),
+            model,
+            cli.write.settings(),
+            cli.read.settings(),
         );
         let guards = cli
             .http

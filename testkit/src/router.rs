@@ -64,3 +64,27 @@ pub async fn post_message(
         .expect("request");
     call(app, request).await
 }
+
+/// `GET /openapi.json`, checked as an OpenAPI 3.1 document served as JSON with the headers of
+/// every answer; returns the document and its operations as `"METHOD /path"`, sorted.
+pub async fn openapi(app: &Router) -> (serde_json::Value, Vec<String>) {
+    let request = Request::get("/openapi.json")
+        .body(Body::empty())
+        .expect("request");
+    let (status, headers, doc) = call(app, request).await;
+    assert_eq!(status, StatusCode::OK, "{doc}");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(doc["openapi"], "3.1.0", "an OpenAPI 3.1 document");
+    assert_eq!(doc["servers"][0]["url"], "/");
+    let mut operations: Vec<String> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .flat_map(|(path, item)| {
+            let methods = item.as_object().expect("a path item").keys();
+            methods.map(move |m| format!("{} {path}", m.to_uppercase()))
+        })
+        .collect();
+    operations.sort();
+    (doc, operations)
+}

@@ -1,41 +1,70 @@
 //! `/health/live` and `/health/ready`, and the readiness checks the services use.
 
+use super::openapi::{ErrorBody, HealthBody};
 use super::ApiError;
-use axum::response::IntoResponse;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use axum::{Json, Router};
+use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A readiness check: true when the service's dependencies answer.
+type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>;
+
 /// `/health/live` (the process answers) and `/health/ready` (`ready()` says its
 /// dependencies answer; 503 otherwise).
-pub fn health_routes<F, Fut>(ready: F) -> Router
+pub fn health_routes<F, Fut>(ready_check: F) -> Router
 where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send + 'static,
 {
-    use axum::routing::get;
+    let check: ReadyCheck = Arc::new(move || Box::pin(ready_check()));
     Router::new()
-        .route(
-            "/health/live",
-            get(|| async { Json(serde_json::json!({"status": "live"})) }),
-        )
-        .route(
-            "/health/ready",
-            get(move || {
-                let ready = ready.clone();
-                async move {
-                    match tokio::time::timeout(Duration::from_secs(2), ready()).await {
-                        Ok(true) => Json(serde_json::json!({"status": "ready"})).into_response(),
-                        _ => ApiError::Unavailable {
-                            retry_after_secs: 1,
-                        }
-                        .into_response(),
-                    }
-                }
-            }),
-        )
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .with_state(check)
 }
 
+/// Liveness: the process serves.
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "health",
+    operation_id = "health_live",
+    responses((status = 200, description = "The process serves", body = HealthBody)),
+)]
+pub(crate) async fn live() -> Json<HealthBody> {
+    Json(HealthBody {
+        status: "live".into(),
+    })
+}
+
+/// Readiness: the service's dependencies answer (ingest: the event log; query and
+/// `msghash`: the event log and the read model).
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "health",
+    operation_id = "health_ready",
+    responses(
+        (status = 200, description = "Ready to serve", body = HealthBody),
+        (status = 503, description = "A dependency does not answer", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn ready(State(check): State<ReadyCheck>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(2), check()).await {
+        Ok(true) => Json(HealthBody {
+            status: "ready".into(),
+        })
+        .into_response(),
+        _ => ApiError::Unavailable {
+            retry_after_secs: 1,
+        }
+        .into_response(),
+    }
+}
 /// Readiness of an event log and a read model: both answer (the log [`crate::EventLog::ready`],
 /// the model an applied-offset read).
 pub fn log_and_model_ready(

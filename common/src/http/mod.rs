@@ -4,6 +4,7 @@
 //! - [`serve`]: the TLS server, bound first and served until shutdown;
 //! - [`health`]: the health routes and readiness checks;
 //! - [`guard`]: per-client rate limits and API keys;
+//! - [`openapi`]: the OpenAPI document every service serves at `/openapi.json`;
 //! - [`observe`]: the layers around every route (request id, tracing span, request log
 //!   line and metrics, timeouts);
 //! - [`service_app`] (here): a service's routes with health, `/metrics`, the JSON fallbacks
@@ -14,6 +15,7 @@ pub mod error;
 pub mod guard;
 pub mod health;
 pub mod observe;
+pub mod openapi;
 pub mod serve;
 
 pub use body::{decode_json, read_json, BodyLimit, JsonBody, RequestBody, DRAIN_LIMIT};
@@ -21,6 +23,7 @@ pub use error::{method_not_allowed, route_not_found, with_error_fallbacks, ApiEr
 pub use guard::{ApiKeys, Guards, KeyScope, RateLimit};
 pub use health::{health_routes, log_and_model_ready, log_ready};
 pub use observe::{observe, REQUEST_ID, UNMATCHED_ROUTE};
+pub use openapi::{openapi_route, ErrorBody};
 pub use serve::{BodyTimeout, ConnectionLimits, Server, GRACE};
 
 use axum::Router;
