@@ -302,7 +302,7 @@ async fn lookup_across_switch(state: &AppState, digest: &Digest) -> Result<Strin
         let generation = state.model.generation();
         let began = Instant::now();
         let deadline = *deadline.get_or_insert_with(|| state.barrier.deadline(began));
-        let result = lookup(state, digest, began, deadline, tries > 0).await;
+        let result = lookup(state, digest, began, deadline).await;
         tries += 1;
         match result {
             Err(ApiError::MessageNotFound)
@@ -315,15 +315,14 @@ async fn lookup_across_switch(state: &AppState, digest: &Digest) -> Result<Strin
     }
 }
 
-/// One lookup: a read, and on a miss the barrier and a second read, both by `deadline`.
-/// The first read is bounded by the deadline too when this is a retry (`after_a_miss`); on
-/// the first try it is not, so hits never depend on the read-your-writes timeout.
+/// One lookup: a read, and on a miss the barrier and a second read, all by `deadline`, so a
+/// read model that hangs answers 503 by then too (a hit is one read: it needs the deadline
+/// only when the read model does not answer).
 async fn lookup(
     state: &AppState,
     digest: &Digest,
     began: Instant,
     deadline: Instant,
-    after_a_miss: bool,
 ) -> Result<String, ApiError> {
     let unavailable = |what: &str, e: &dyn std::fmt::Display| {
         tracing::warn!(%digest, error = %e, "{what}");
@@ -331,18 +330,13 @@ async fn lookup(
             retry_after_secs: 1,
         }
     };
-    let read = |bounded: bool| async move {
-        let read = state.model.get(digest);
-        let result = if bounded {
-            tokio::time::timeout_at(deadline, read)
-                .await
-                .map_err(|_| unavailable("read failed", &"no answer by the deadline"))?
-        } else {
-            read.await
-        };
-        result.map_err(|e| unavailable("read failed", &e))
+    let read = || async move {
+        tokio::time::timeout_at(deadline, state.model.get(digest))
+            .await
+            .map_err(|_| unavailable("read failed", &"no answer by the deadline"))?
+            .map_err(|e| unavailable("read failed", &e))
     };
-    if let Some(m) = read(after_a_miss).await? {
+    if let Some(m) = read().await? {
         return Ok(m);
     }
     let partition = partition_for(digest, state.partitions);
@@ -351,7 +345,7 @@ async fn lookup(
         Err(e @ BarrierError::Behind { .. }) => return Err(unavailable("projector behind", &e)),
         Err(e) => return Err(unavailable("barrier failed", &e)),
     }
-    read(true).await?.ok_or(ApiError::MessageNotFound)
+    read().await?.ok_or(ApiError::MessageNotFound)
 }
 
 /// The read path's own settings, shared by `query` and the standalone `msghash`.
