@@ -201,6 +201,10 @@ impl ReadBarrier {
             return Ok(());
         }
         let mut pause = FIRST_POLL;
+        // The last applied offset read in this wait: once the model has answered, a read
+        // still running when the deadline comes means the projector is behind, not that
+        // the model failed (under load a poll can start just before the deadline).
+        let mut last: Option<Option<Offset>> = None;
         loop {
             let model = self.model.clone();
             let applied = self
@@ -211,7 +215,14 @@ impl ReadBarrier {
                         .await
                         .map_err(|e| e.to_string())
                 });
-            let applied = by(deadline, "applied offset", applied).await?;
+            let applied = match (by(deadline, "applied offset", applied).await, last) {
+                (Ok(applied), _) => applied,
+                (Err(BarrierError::Dependency(_)), Some(applied)) if Instant::now() >= deadline => {
+                    return Err(BarrierError::Behind { applied, end });
+                }
+                (Err(e), _) => return Err(e),
+            };
+            last = Some(applied);
             if applied.is_some_and(|a| a + 1 >= end) {
                 return Ok(());
             }
@@ -325,6 +336,74 @@ mod tests {
         for i in 0..3 {
             assert!(after[i] >= before[i] + 1.0, "{}", OUTCOMES[i]);
         }
+    }
+
+    /// A read model whose first applied-offset read answers at once (nothing applied) and
+    /// every later one only after 10 s: a projector that is behind, on a loaded model.
+    #[derive(Default)]
+    struct SlowAfterFirst {
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl ReadModel for SlowAfterFirst {
+        async fn apply(
+            &self,
+            _: &msghash_common::ProjectionBatch,
+        ) -> Result<(), msghash_common::ports::ModelError> {
+            Ok(())
+        }
+        async fn get(
+            &self,
+            _: &msghash_common::Digest,
+        ) -> Result<Option<String>, msghash_common::ports::ModelError> {
+            Ok(None)
+        }
+        async fn applied_offset(
+            &self,
+            _: u32,
+        ) -> Result<Option<Offset>, msghash_common::ports::ModelError> {
+            if self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+            Ok(None)
+        }
+        async fn list(
+            &self,
+            _: Option<&msghash_common::Digest>,
+            _: usize,
+        ) -> Result<Vec<msghash_common::Digest>, msghash_common::ports::ModelError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Once the model has answered, a poll still running at the deadline means the
+    /// projector is behind: `behind`, not `error`. Before, it counted as an error (CI:
+    /// read_path.rs "waits(after, behind) >= waits(before, behind) + 1" failed under load).
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_cut_off_by_the_deadline_after_an_answer_is_behind_not_an_error() {
+        let barrier = ReadBarrier::new(
+            Arc::new(Log { end: Some(3) }),
+            Arc::new(SlowAfterFirst::default()),
+            Duration::from_millis(500),
+        );
+        let began = Instant::now();
+        let outcome = barrier.wait(0, began, barrier.deadline(began)).await;
+        assert!(
+            matches!(
+                outcome,
+                Err(BarrierError::Behind {
+                    applied: None,
+                    end: 3
+                })
+            ),
+            "{outcome:?}"
+        );
+        assert!(
+            began.elapsed() <= Duration::from_millis(501),
+            "{:?}",
+            began.elapsed()
+        );
     }
 
     const TIMEOUT: Duration = Duration::from_millis(500);
