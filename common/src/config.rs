@@ -346,6 +346,11 @@ pub struct LogArgs {
     /// Log filter, in tracing's EnvFilter syntax (e.g. info,msghash_common=debug).
     #[arg(long, global = true, env = "MSGHASH_LOG", default_value = "info")]
     pub log: String,
+    /// Log 1 in N routine `request` lines (2xx, 3xx, 404); every other 4xx and every 5xx
+    /// line is always logged, and the HTTP metrics count every request. 1: every line.
+    #[arg(long, global = true, env = "MSGHASH_LOG_SAMPLE", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub log_sample: u32,
 }
 
 #[cfg(all(test, feature = "kafka", feature = "scylla"))]

@@ -47,6 +47,7 @@ pub async fn main<A: Application>() -> ExitCode {
     let cli = <A::Cli as clap::Parser>::parse();
     let log = A::log_args(&cli);
     crate::telemetry::init(log.log_format, &log.log);
+    crate::http::observe::set_log_sample(log.log_sample);
     run::<A>(cli).await
 }
 

@@ -226,6 +226,7 @@ async fn no_dependency_failure_reaches_an_answer_and_each_cause_is_logged_with_t
         Arc::new(msghash_testkit::fakes::OffsetsOnly::default()),
         query::QuerySettings {
             read_your_writes_timeout: Duration::from_millis(200),
+            ..query::QuerySettings::default()
         },
     );
     for path in [format!("/messages/{digest}"), "/health/ready".to_owned()] {
@@ -246,6 +247,7 @@ async fn no_dependency_failure_reaches_an_answer_and_each_cause_is_logged_with_t
             model,
             query::QuerySettings {
                 read_your_writes_timeout: Duration::from_millis(200),
+                ..query::QuerySettings::default()
             },
         );
         for path in [

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 async fn main() -> ExitCode {
     let cli = projector::Cli::parse();
     msghash_common::telemetry::init(cli.log.log_format, &cli.log.log);
+    msghash_common::http::observe::set_log_sample(cli.log.log_sample);
     let result = match cli.command {
         Some(projector::Command::Status) => projector::print_status(&cli).await.map(|_| ()),
         Some(projector::Command::Replay(ref args)) => {

@@ -113,6 +113,7 @@ async fn replay_story(
         live.clone(),
         query::QuerySettings {
             read_your_writes_timeout: Duration::from_secs(10),
+            ..Default::default()
         },
     ));
 

@@ -8,13 +8,16 @@
 //! request observation; [`Application`] is the service on its own.
 
 pub mod barrier;
+mod cache;
 
+use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::header;
 use axum::http::request::Parts;
 use axum::routing::get;
 use axum::{Json, Router};
 use barrier::{BarrierError, ReadBarrier};
+use cache::HitCache;
 use msghash_common::http::openapi::DigestHex;
 use msghash_common::http::{self, ApiError, ErrorBody};
 use msghash_common::{partition_for, Digest, EventLog, ReadModel};
@@ -30,12 +33,20 @@ pub struct QuerySettings {
     /// How long a miss may take, reads and wait for the projector included, before it
     /// answers 503.
     pub read_your_writes_timeout: Duration,
+    /// Most bytes of found messages' answers kept in memory (0: none). A found message
+    /// never changes, so a kept answer is served without reading the model again; a miss
+    /// is never kept.
+    pub cache_bytes: u64,
 }
+
+/// [`QuerySettings::cache_bytes`] by default (`MSGHASH_CACHE_BYTES`).
+pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 impl Default for QuerySettings {
     fn default() -> Self {
         QuerySettings {
             read_your_writes_timeout: Duration::from_secs(2),
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -45,6 +56,8 @@ struct AppState {
     model: Arc<dyn ReadModel>,
     partitions: std::num::NonZeroU32,
     barrier: Arc<ReadBarrier>,
+    /// Found messages' 200 bodies by digest; `None` when `cache_bytes` is 0.
+    hits: Option<Arc<HitCache>>,
 }
 
 /// The read-path routes: `GET /messages/{digest}`.
@@ -61,6 +74,7 @@ pub fn router(
             settings.read_your_writes_timeout,
         )),
         model,
+        hits: HitCache::new(settings.cache_bytes).map(Arc::new),
     };
     Router::new()
         .route("/messages/{digest}", get(get_message))
@@ -185,12 +199,31 @@ const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 async fn get_message(
     State(state): State<AppState>,
     DigestPath(digest): DigestPath,
-) -> Result<([(header::HeaderName, &'static str); 1], Json<Found>), ApiError> {
+) -> Result<([(header::HeaderName, &'static str); 2], Bytes), ApiError> {
+    let headers = [
+        (header::CONTENT_TYPE, "application/json"),
+        (header::CACHE_CONTROL, IMMUTABLE),
+    ];
+    if let Some(body) = state.hits.as_ref().and_then(|hits| hits.get(&digest)) {
+        return Ok((headers, body));
+    }
     let message = lookup_across_switch(&state, &digest).await?;
-    Ok((
-        [(header::CACHE_CONTROL, IMMUTABLE)],
-        Json(Found { message }),
-    ))
+    let body = found_body(message)?;
+    // Only a found message is kept: a miss may be found by the next read.
+    if let Some(hits) = &state.hits {
+        hits.insert(digest, body.clone());
+    }
+    Ok((headers, body))
+}
+
+/// The JSON body of a 200: `{"message": ...}`, written once into a buffer of about its size.
+fn found_body(message: String) -> Result<Bytes, ApiError> {
+    let mut body = Vec::with_capacity(message.len() + 16);
+    serde_json::to_writer(&mut body, &Found { message }).map_err(|e| {
+        tracing::error!(error = %e, "cannot encode a found message");
+        ApiError::Internal
+    })?;
+    Ok(Bytes::from(body))
 }
 
 /// Page size of `GET /messages` when the client gives none, and the most it may ask for.
@@ -356,12 +389,17 @@ pub struct ReadArgs {
     #[arg(long, env = "MSGHASH_RYW_TIMEOUT_MS", default_value_t = 2_000,
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub ryw_timeout_ms: u64,
+    /// Most bytes of found messages kept in memory to answer the next GETs of them without a
+    /// read (0: no cache). Misses are never kept.
+    #[arg(long, env = "MSGHASH_CACHE_BYTES", default_value_t = DEFAULT_CACHE_BYTES)]
+    pub cache_bytes: u64,
 }
 
 impl ReadArgs {
     pub fn settings(&self) -> QuerySettings {
         QuerySettings {
             read_your_writes_timeout: Duration::from_millis(self.ryw_timeout_ms),
+            cache_bytes: self.cache_bytes,
         }
     }
 }

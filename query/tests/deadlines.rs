@@ -53,6 +53,7 @@ async fn misses_get_503_within_the_deadline_while_the_broker_is_down() {
         Arc::new(OffsetsOnly::default()),
         QuerySettings {
             read_your_writes_timeout: DEADLINE,
+            ..Default::default()
         },
     );
     cluster.broker_down(1).expect("broker down");
@@ -151,6 +152,7 @@ async fn a_get_gets_503_within_the_deadline_when_the_read_model_hangs() {
             }),
             QuerySettings {
                 read_your_writes_timeout: DEADLINE,
+                ..Default::default()
             },
         );
         let digest = Digest::of("never written").to_hex();

@@ -91,6 +91,7 @@ async fn fixture() -> Fixture {
         watched.clone(),
         QuerySettings {
             read_your_writes_timeout: Duration::from_millis(500),
+            ..Default::default()
         },
     );
     Fixture {

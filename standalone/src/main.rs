@@ -50,6 +50,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    msghash_common::http::observe::set_log_sample(cli.log.log_sample);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

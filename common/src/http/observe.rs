@@ -21,6 +21,8 @@ use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -44,6 +46,33 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// server did not set its own ([`super::BodyTimeout`], `MSGHASH_HTTP_BODY_TIMEOUT_MS`). Past
 /// it: 408, and the connection is closed.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// 1 in how many routine `request` lines is logged (see [`set_log_sample`]).
+static LOG_SAMPLE: AtomicU32 = AtomicU32::new(1);
+
+/// Logs only 1 in `n` routine `request` lines (2xx, 3xx, 404: `MSGHASH_LOG_SAMPLE`); every
+/// other 4xx and every 5xx is always logged, and the HTTP metrics always count every
+/// request. 1 (the default) logs every line; 0 is taken as 1. Process-wide.
+pub fn set_log_sample(n: u32) {
+    LOG_SAMPLE.store(n.max(1), Ordering::Relaxed);
+}
+
+/// Whether the `request` line of an answer with `status` is logged.
+fn logged(status: u16) -> bool {
+    let n = LOG_SAMPLE.load(Ordering::Relaxed);
+    if n <= 1 || !(status < 400 || status == 404) {
+        return true;
+    }
+    thread_local! {
+        // Per thread, so the workers do not contend on one counter.
+        static ROUTINE: Cell<u32> = const { Cell::new(0) };
+    }
+    ROUTINE.with(|seen| {
+        let next = seen.get().wrapping_add(1) % n;
+        seen.set(next);
+        next == 0
+    })
+}
 
 /// Wraps every route of `router` (and its fallbacks: add them first) with the layers in the
 /// module doc; the HTTP metrics are labelled `service`.
@@ -114,7 +143,8 @@ fn request_span(request: &Request) -> tracing::Span {
 /// One log event and the two HTTP metrics per request.
 async fn record(State(service): State<&'static str>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let id = request_id(&request).to_owned();
+    // Kept by handle (a reference count), formatted only if the line is logged.
+    let id = request.extensions().get::<RequestId>().cloned();
     let method = method_label(request.method());
     let route = request
         .extensions()
@@ -139,6 +169,13 @@ async fn record(State(service): State<&'static str>, request: Request, next: Nex
         "method" => method,
     )
     .record(elapsed.as_secs_f64());
+    if !logged(status) {
+        return response;
+    }
+    let id = id
+        .as_ref()
+        .and_then(|id| id.header_value().to_str().ok())
+        .unwrap_or_default();
     let latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
     // Probes come every few seconds from orchestrators and scrapers: debug, not info.
     if route.starts_with("/health/") || route == "/metrics" {
@@ -183,6 +220,19 @@ fn method_label(method: &Method) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampling_keeps_every_error_line_and_one_in_n_routine_lines() {
+        set_log_sample(4);
+        let routine = (0..40).filter(|_| logged(200)).count();
+        let not_found = (0..40).filter(|_| logged(404)).count();
+        let errors = (0..40)
+            .filter(|_| logged(503) && logged(400) && logged(429))
+            .count();
+        set_log_sample(1);
+        let all = (0..40).filter(|_| logged(200)).count();
+        assert_eq!((routine, not_found, errors, all), (10, 10, 40, 40));
+    }
 
     #[test]
     fn method_and_request_id_labels_stay_bounded() {
