@@ -14,6 +14,7 @@ use msghash_testkit::fakes::OffsetsOnly;
 use msghash_testkit::router::get_message;
 use query::QuerySettings;
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,8 +37,8 @@ fn misses_on_partition_0() -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn misses_get_503_within_the_deadline_while_the_broker_is_down() {
+/// librdkafka's in-process mock cluster with the topic, and the real Kafka adapter on it.
+async fn mock_cluster_and_log() -> (MockCluster<'static, DefaultProducerContext>, Arc<KafkaLog>) {
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster
         .create_topic(TOPIC, PARTITIONS.get() as i32, 1)
@@ -48,6 +49,12 @@ async fn misses_get_503_within_the_deadline_while_the_broker_is_down() {
     settings.create_topic = false;
     settings.verify_compaction = false;
     let log = Arc::new(KafkaLog::connect(settings).await.expect("connect"));
+    (cluster, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_get_503_within_the_deadline_while_the_broker_is_down() {
+    let (cluster, log) = mock_cluster_and_log().await;
     let app = query::app(
         log,
         Arc::new(OffsetsOnly::default()),
@@ -133,15 +140,8 @@ impl ReadModel for MissThenHang {
 /// a read model that hung there held the GET until the service's 30 s request timeout.
 #[tokio::test]
 async fn a_get_gets_503_within_the_deadline_when_the_read_model_hangs() {
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster
-        .create_topic(TOPIC, PARTITIONS.get() as i32, 1)
-        .expect("topic");
-    let mut settings = KafkaSettings::local(cluster.bootstrap_servers(), TOPIC, PARTITIONS);
-    settings.create_topic = false;
-    settings.verify_compaction = false;
     // The log is empty and up: the barrier passes at once.
-    let log = Arc::new(KafkaLog::connect(settings).await.expect("connect"));
+    let (_cluster, log) = mock_cluster_and_log().await;
     // A miss, then a hang after the barrier; a hang from the first read.
     for misses in [1, 0] {
         let app = query::app(
