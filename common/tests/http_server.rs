@@ -390,3 +390,49 @@ async fn with_api_keys_a_post_needs_a_valid_bearer_key_reads_stay_open_and_sighu
     }
     assert_eq!(post(Some("first-key")).await.expect("post").status(), 401);
 }
+
+#[tokio::test]
+async fn requests_refused_for_their_key_still_count_against_the_rate_limit() {
+    use msghash_common::http::guard::key_file_line;
+    use msghash_common::http::{ApiKeys, Guards, KeyScope, RateLimit};
+    use std::num::NonZeroU32;
+    let keys_dir = tempfile::tempdir().expect("dir");
+    let path = keys_dir.path().join("keys");
+    std::fs::write(&path, format!("{}\n", key_file_line("the-key"))).expect("write");
+    let server = serve_guarded(Guards {
+        api_keys: Some(ApiKeys::load(&path, KeyScope::All).expect("keys")),
+        rate_limit: Some(RateLimit::new(
+            NonZeroU32::new(1).expect("1"),
+            NonZeroU32::new(2).expect("2"),
+        )),
+        ..Guards::default()
+    })
+    .await;
+    let client = https_client(&server);
+    let base = format!("https://localhost:{}", server.address.port());
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = client
+            .post(format!("{base}/messages"))
+            .bearer_auth("a-guess")
+            .json(&serde_json::json!({ "text": "hi" }))
+            .send()
+            .await
+            .expect("post");
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, [401, 401, 429], "key guessing is rate-limited");
+    // The document the edge serves as /openapi.json needs no key and is never limited.
+    for path in ["/openapi.json", "/openapi/edge.json", "/health/live"] {
+        let r = client
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .expect("get");
+        assert!(
+            r.status() != 401 && r.status() != 429,
+            "{path}: {}",
+            r.status()
+        );
+    }
+}

@@ -348,9 +348,13 @@ async fn lookup_across_switch(state: &AppState, digest: &Digest) -> Result<Strin
     }
 }
 
-/// One lookup: a read, and on a miss the barrier and a second read, all by `deadline`, so a
-/// read model that hangs answers 503 by then too (a hit is one read: it needs the deadline
-/// only when the read model does not answer).
+/// The least time the first read of a GET gets, whatever the read-your-writes timeout: a
+/// short or zero timeout (a miss does not wait) must not turn hits into 503s.
+const FIRST_READ_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One lookup: a read, and on a miss the barrier and a second read, all by `deadline` (the
+/// first read by [`FIRST_READ_AT_LEAST`] at the earliest), so a read model that hangs
+/// answers 503 by then too.
 async fn lookup(
     state: &AppState,
     digest: &Digest,
@@ -363,13 +367,13 @@ async fn lookup(
             retry_after_secs: 1,
         }
     };
-    let read = || async move {
-        tokio::time::timeout_at(deadline, state.model.get(digest))
+    let read = |by: Instant| async move {
+        tokio::time::timeout_at(by, state.model.get(digest))
             .await
             .map_err(|_| unavailable("read failed", &"no answer by the deadline"))?
             .map_err(|e| unavailable("read failed", &e))
     };
-    if let Some(m) = read().await? {
+    if let Some(m) = read(deadline.max(began + FIRST_READ_AT_LEAST)).await? {
         return Ok(m);
     }
     let partition = partition_for(digest, state.partitions);
@@ -378,7 +382,7 @@ async fn lookup(
         Err(e @ BarrierError::Behind { .. }) => return Err(unavailable("projector behind", &e)),
         Err(e) => return Err(unavailable("barrier failed", &e)),
     }
-    read().await?.ok_or(ApiError::MessageNotFound)
+    read(deadline).await?.ok_or(ApiError::MessageNotFound)
 }
 
 /// The read path's own settings, shared by `query` and the standalone `msghash`.

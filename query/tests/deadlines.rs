@@ -177,3 +177,41 @@ async fn a_get_gets_503_within_the_deadline_when_the_read_model_hangs() {
         );
     }
 }
+
+/// A read model that finds every digest, after 50 ms.
+struct SlowHit;
+
+#[async_trait::async_trait]
+impl ReadModel for SlowHit {
+    async fn apply(&self, _: &ProjectionBatch) -> Result<(), ModelError> {
+        Ok(())
+    }
+    async fn get(&self, _: &Digest) -> Result<Option<String>, ModelError> {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(Some("found".into()))
+    }
+    async fn applied_offset(&self, _: u32) -> Result<Option<Offset>, ModelError> {
+        Ok(None)
+    }
+    async fn list(&self, _: Option<&Digest>, _: usize) -> Result<Vec<Digest>, ModelError> {
+        Ok(Vec::new())
+    }
+}
+
+/// `MSGHASH_RYW_TIMEOUT_MS=0` means a miss does not wait, not that a hit fails: the first
+/// read gets at least a second. Before, a hit that took 50 ms answered 503.
+#[tokio::test]
+async fn a_zero_read_your_writes_timeout_still_answers_hits() {
+    let (_cluster, log) = mock_cluster_and_log().await;
+    let app = query::app(
+        log,
+        Arc::new(SlowHit),
+        QuerySettings {
+            read_your_writes_timeout: Duration::ZERO,
+            ..QuerySettings::default()
+        },
+    );
+    let (status, _, body) = get_message(&app, &Digest::of("found").to_hex()).await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    assert_eq!(body, serde_json::json!({"message": "found"}));
+}

@@ -51,7 +51,11 @@ pub enum KeyScope {
 /// Paths that are never limited nor need a key: orchestrators, scrapers, API clients
 /// discovering the API.
 fn is_exempt(path: &str) -> bool {
-    path.starts_with("/health/") || path == "/metrics" || path == "/openapi.json"
+    // `/openapi/edge.json` is what the edge serves as its `/openapi.json`.
+    path.starts_with("/health/")
+        || path == "/metrics"
+        || path == "/openapi.json"
+        || path.starts_with("/openapi/")
 }
 
 impl Guards {
@@ -80,12 +84,8 @@ pub async fn enforce(request: Request, next: Next) -> Response {
     if is_exempt(request.uri().path()) {
         return next.run(request).await;
     }
-    if let Some(keys) = &guards.api_keys {
-        let needed = keys.scope == KeyScope::All || request.method() == Method::POST;
-        if needed && !keys.admits(request.headers()) {
-            return ApiError::Unauthorized.into_response();
-        }
-    }
+    // The rate limit first: a flood of requests without a key, or guessing keys, is
+    // limited too.
     if let Some(limit) = &guards.rate_limit {
         let peer = request
             .extensions()
@@ -97,6 +97,12 @@ pub async fn enforce(request: Request, next: Next) -> Response {
                 let retry_after_secs = u32::try_from(wait.as_secs() + 1).unwrap_or(u32::MAX);
                 return ApiError::TooManyRequests { retry_after_secs }.into_response();
             }
+        }
+    }
+    if let Some(keys) = &guards.api_keys {
+        let needed = keys.scope == KeyScope::All || request.method() == Method::POST;
+        if needed && !keys.admits(request.headers()) {
+            return ApiError::Unauthorized.into_response();
         }
     }
     next.run(request).await

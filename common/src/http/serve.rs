@@ -9,7 +9,8 @@
 //! - a request body must arrive within `body_timeout` of its head (408, see
 //!   [`super::body`]);
 //! - a connection on which no byte moves either way for `idle_timeout` is closed (an idle
-//!   HTTP/2 connection, or a client that stops reading its answer);
+//!   HTTP/2 connection, or a client that stops reading its answer; an HTTP/2 client that
+//!   keeps sending frames without requests is bounded only by the cap);
 //! - an HTTP/2 connection carries at most `http2_max_streams` concurrent streams, with
 //!   bounded headers and reset-stream floods cut off (hyper's limits). No keep-alive pings:
 //!   they would keep an idle connection busy; a dead peer is found by the idle timeout.
