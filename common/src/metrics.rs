@@ -80,6 +80,11 @@ const UPKEEP: Duration = Duration::from_secs(5);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Whether [`install`] has run: metric handles taken before it count nowhere.
+pub fn installed() -> bool {
+    HANDLE.get().is_some()
+}
+
 /// Installs the process's Prometheus recorder (once; later calls return the same handle).
 ///
 /// If another global recorder was installed first (never in msghash's binaries), the

@@ -51,6 +51,39 @@ pub async fn main<A: Application>() -> ExitCode {
     run::<A>(cli).await
 }
 
+/// Runs `main` (a service's async main) on a new multi-threaded runtime, after
+/// [`limit_malloc_arenas`]; exit code 1 when the runtime cannot start.
+pub fn block_on(service: &str, main: impl Future<Output = ExitCode>) -> ExitCode {
+    limit_malloc_arenas();
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(main),
+        Err(e) => {
+            eprintln!("{service}: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// How many malloc arenas glibc may create, unless `MALLOC_ARENA_MAX` says otherwise.
+pub const MALLOC_ARENAS: i32 = 2;
+
+/// Caps glibc's malloc arenas at [`MALLOC_ARENAS`] (its default is 8 per core), unless the
+/// environment sets `MALLOC_ARENA_MAX`. Every runtime thread that allocates under
+/// contention otherwise gets an arena of its own, each keeping freed memory: measured after
+/// a POST load on the standalone binary, 76 MiB resident against 63 MiB with 2 arenas, for
+/// the same throughput (docs/performance.md). Call it first thing in `main`, before any
+/// thread starts. Other platforms and allocators: nothing to do.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a tuning parameter of glibc's allocator; it is called
+        // before other threads exist, and an unknown value is refused with a 0 return.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+        }
+    }
+}
+
 /// Builds `A` from `cli` and runs it until SIGINT or SIGTERM; the exit code says how it
 /// ended.
 pub async fn run<A: Application>(cli: A::Cli) -> ExitCode {

@@ -211,6 +211,73 @@ async fn next_batch_returns_everything_in_partition_order() {
 }
 
 #[tokio::test]
+async fn a_batch_of_large_messages_stops_at_the_byte_bound_and_loses_nothing() {
+    use msghash_common::adapters::embedded::MAX_READ_BYTES;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open_log(dir.path(), 2);
+    // 4 MiB each: the byte bound holds 8 of them, far fewer than the 1,000 asked for.
+    let per_message = 4 * 1024 * 1024;
+    let count = MAX_READ_BYTES / per_message + 4;
+    for i in 0..count {
+        let e = MessageHashed::new(format!("{i} {}", "x".repeat(per_message)));
+        log.append(u32::try_from(i % 2).expect("partition"), &e)
+            .await
+            .expect("append");
+    }
+    let mut sub = log.subscribe("large").await.expect("subscribe");
+    let first = sub.next_batch(1_000, GENEROUS).await.expect("batch");
+    let bytes: usize = first
+        .iter()
+        .map(|r| r.value.as_ref().map_or(0, Vec::len))
+        .sum();
+    assert!(
+        !first.is_empty() && first.len() < count,
+        "{} records in one batch",
+        first.len()
+    );
+    assert!(
+        bytes < MAX_READ_BYTES + 2 * per_message,
+        "{bytes} bytes in one batch"
+    );
+    // The rest comes next, each record once, in order per partition.
+    let mut got = first;
+    let rest = count - got.len();
+    got.extend(collect(sub.as_mut(), rest).await);
+    assert_eq!(got.len(), count);
+    for (p, offsets) in offsets_by_partition(&got) {
+        let end = log.end_offset(p).await.expect("end");
+        assert_eq!(offsets, (0..end).collect::<Vec<_>>(), "partition {p}");
+    }
+}
+
+#[tokio::test]
+async fn large_messages_in_one_partition_do_not_starve_the_others() {
+    use msghash_common::adapters::embedded::MAX_READ_BYTES;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open_log(dir.path(), 2);
+    // Each partition holds more than two byte-bounded batches.
+    let per_message = 4 * 1024 * 1024;
+    let per_partition = 2 * MAX_READ_BYTES / per_message + 4;
+    for i in 0..2 * per_partition {
+        let e = MessageHashed::new(format!("{i} {}", "y".repeat(per_message)));
+        log.append(u32::try_from(i % 2).expect("partition"), &e)
+            .await
+            .expect("append");
+    }
+    let mut sub = log.subscribe("fair-bytes").await.expect("subscribe");
+    let mut seen = HashSet::new();
+    for _ in 0..2 {
+        let batch = sub.next_batch(100_000, GENEROUS).await.expect("batch");
+        seen.extend(batch.iter().map(|r| r.partition));
+    }
+    assert_eq!(
+        seen,
+        HashSet::from([0, 1]),
+        "two batches read only {seen:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_busy_partition_does_not_starve_the_others() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = open_log(dir.path(), 3);

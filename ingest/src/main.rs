@@ -1,5 +1,7 @@
 //! The `ingest` binary: flags, logging and [`ingest::Application`] (see `msghash_common::service`).
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    msghash_common::service::main::<ingest::Application>().await
+fn main() -> std::process::ExitCode {
+    msghash_common::service::block_on(
+        "ingest",
+        msghash_common::service::main::<ingest::Application>(),
+    )
 }

@@ -4,8 +4,11 @@ use msghash_common::service::{exit_code, run};
 use msghash_common::shutdown::on_signals;
 use std::process::ExitCode;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    msghash_common::service::block_on("projector", projector_main())
+}
+
+async fn projector_main() -> ExitCode {
     let cli = projector::Cli::parse();
     msghash_common::telemetry::init(cli.log.log_format, &cli.log.log);
     msghash_common::http::observe::set_log_sample(cli.log.log_sample);

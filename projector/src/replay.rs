@@ -27,6 +27,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// Most events the new generation may lack when readers switch to it (see `switch_lag`).
+pub const SWITCH_LAG_MAX: usize = 1_000;
+
 /// Settings of one replay.
 #[derive(Debug, Clone)]
 pub struct ReplaySettings {
@@ -228,8 +231,10 @@ pub async fn replay(
     let mut switched_at = None;
     let mut adopted = false;
     let mut last_report = Instant::now();
-    // Switch once the target is this close to the end of the log.
-    let switch_lag = i64::try_from(settings.batch_size).unwrap_or(i64::MAX);
+    // Switch once the target is this close to the end of the log: at most one batch, and
+    // never more than SWITCH_LAG_MAX events, so a large batch size (the standalone's) does
+    // not leave readers waiting for the newest messages after the switch.
+    let switch_lag = i64::try_from(settings.batch_size.min(SWITCH_LAG_MAX)).unwrap_or(i64::MAX);
     while !shutdown.is_cancelled() {
         let records = reader.read(log.as_ref(), model.as_ref()).await?;
         let idle = records.is_empty();

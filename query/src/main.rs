@@ -1,5 +1,7 @@
 //! The `query` binary: flags, logging and [`query::Application`] (see `msghash_common::service`).
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    msghash_common::service::main::<query::Application>().await
+fn main() -> std::process::ExitCode {
+    msghash_common::service::block_on(
+        "query",
+        msghash_common::service::main::<query::Application>(),
+    )
 }

@@ -40,8 +40,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "MSGHASH_PARTITIONS", default_value = "8",
           value_parser = msghash_common::config::parse_partitions::<1024>)]
     pub partitions: std::num::NonZeroU32,
-    /// Most events the projector (and a replay) applies in one transaction.
-    #[arg(long, global = true, env = "MSGHASH_BATCH_SIZE", default_value_t = 500,
+    /// Most events the projector (and a replay) applies in one transaction. A caught-up
+    /// projector applies what is there (a few events); a large maximum only matters while
+    /// it catches up or replays, where each commit rewrites the read model's pages that
+    /// the batch's (random) digests touch, so fewer, larger commits go faster
+    /// (docs/performance.md). Each pending event holds its message in memory.
+    #[arg(long, global = true, env = "MSGHASH_BATCH_SIZE", default_value_t = 32_768,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch_size: u64,
     /// Most appends waiting for the event log's writer; past it a POST is answered 503

@@ -2,6 +2,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    msghash_common::service::limit_malloc_arenas();
     let cli = match msghash::Cli::try_parse_args() {
         Ok(cli) => cli,
         Err(e) => {
@@ -51,14 +52,7 @@ fn main() -> ExitCode {
         }
     };
     msghash_common::http::observe::set_log_sample(cli.log.log_sample);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("msghash: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
+    msghash_common::service::block_on("msghash", async {
         let result = match msghash::Application::build(cli).await {
             Ok(app) => {
                 app.run_until_stopped(msghash_common::shutdown::on_signals())

@@ -18,7 +18,6 @@
 use super::ApiError;
 use axum::extract::{ConnectInfo, Request};
 use axum::http::{header, HeaderMap, Method};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use ipnet::IpNet;
@@ -76,13 +75,13 @@ impl Guards {
     }
 }
 
-/// Enforces the request's [`Guards`] (an extension the server sets; none: nothing to do).
-pub async fn enforce(request: Request, next: Next) -> Response {
-    let Some(guards) = request.extensions().get::<Arc<Guards>>().cloned() else {
-        return next.run(request).await;
-    };
+/// Enforces the request's [`Guards`] (an extension the server sets; none: nothing to do):
+/// the answer that refuses `request` (429, 401), or `None` when the guards let it through.
+/// [`super::observe`] asks it for every request.
+pub fn refusal(request: &Request) -> Option<Response> {
+    let guards = request.extensions().get::<Arc<Guards>>()?;
     if is_exempt(request.uri().path()) {
-        return next.run(request).await;
+        return None;
     }
     // The rate limit first: a flood of requests without a key, or guessing keys, is
     // limited too.
@@ -95,17 +94,17 @@ pub async fn enforce(request: Request, next: Next) -> Response {
             if let Err(wait) = limit.check(ip) {
                 ::metrics::counter!(crate::metrics::names::HTTP_RATE_LIMITED_TOTAL).increment(1);
                 let retry_after_secs = u32::try_from(wait.as_secs() + 1).unwrap_or(u32::MAX);
-                return ApiError::TooManyRequests { retry_after_secs }.into_response();
+                return Some(ApiError::TooManyRequests { retry_after_secs }.into_response());
             }
         }
     }
     if let Some(keys) = &guards.api_keys {
         let needed = keys.scope == KeyScope::All || request.method() == Method::POST;
         if needed && !keys.admits(request.headers()) {
-            return ApiError::Unauthorized.into_response();
+            return Some(ApiError::Unauthorized.into_response());
         }
     }
-    next.run(request).await
+    None
 }
 
 /// A request-rate limit per client address.

@@ -1,18 +1,26 @@
-//! What wraps every route of every service, built from tower-http's layers, outermost first:
-//! - a client's malformed `x-request-id` is dropped, then [`SetRequestIdLayer`] keeps a
-//!   valid one or generates a UUID, and [`PropagateRequestIdLayer`] echoes it on the response;
-//! - [`TraceLayer`] runs the request inside a `request` span carrying that id, so every event
-//!   logged while handling it can be found by it;
-//! - [`record`] logs one event per request and counts it in the two HTTP metrics, under the
-//!   route template (never the raw path);
-//! - a bare error from a layer below (the timeout's 503) gets the JSON `{"err_msg"}` body;
-//! - the server's [`super::Guards`] (rate limit, API keys) are enforced, inside all of the
-//!   above, so a 401 or 429 is logged, counted and carries the usual headers;
+//! What wraps every route of every service: ONE middleware, [`record`], around tower-http's
+//! [`TimeoutLayer`]. Per request, in order:
+//! - a client's `x-request-id` is kept when valid (1-128 visible ASCII characters), else a
+//!   UUID is generated ([`MakeRequestUuidV4`]); it is set on the request (header and
+//!   [`RequestId`] extension) and echoed on the response;
+//! - the handler runs inside a `request` span carrying that id, so every event logged while
+//!   handling it can be found by it;
+//! - the server's [`super::Guards`] (rate limit, API keys) may refuse it
+//!   ([`super::guard::refusal`]): the 401 or 429 is logged, counted and carries the usual
+//!   headers like any answer;
 //! - [`TimeoutLayer`] bounds a whole request, so a stalled handler cannot hold a task (the
-//!   body's own deadline is [`super::BodyTimeout`], checked where the body is read);
+//!   body's own deadline is [`super::BodyTimeout`], checked where the body is read); its
+//!   bare 503 gets the JSON `{"err_msg"}` body and `Retry-After`;
 //! - every answer carries `Strict-Transport-Security` and `X-Content-Type-Options: nosniff`,
 //!   and `Cache-Control: no-store` unless the handler said otherwise (a found message is
-//!   immutable).
+//!   immutable);
+//! - one `request` event is logged (sampled: [`set_log_sample`]) and the request is counted
+//!   in the two HTTP metrics, under the route template (never the raw path).
+//!
+//! It used to be ten layers (tower-http's request-id, trace and set-header layers and four
+//! axum middlewares). axum clones a route's whole layered service for every request, and
+//! every axum middleware clones and boxes the stack below it again: about a third of the
+//! instructions of a GET hit went to those clones and their frees (docs/performance.md).
 
 use super::ApiError;
 use crate::metrics::names;
@@ -21,15 +29,15 @@ use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU32, Ordering};
+use metrics::{Counter, Histogram};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use tower_http::request_id::{
-    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
-use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::request_id::{MakeRequestId, RequestId};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Instrument;
 
 /// The request id header, read from the request and always set on the response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -74,53 +82,15 @@ fn logged(status: u16) -> bool {
     })
 }
 
-/// Wraps every route of `router` (and its fallbacks: add them first) with the layers in the
-/// module doc; the HTTP metrics are labelled `service`.
+/// Wraps every route of `router` (and its fallbacks: add them first) as the module doc
+/// says; the HTTP metrics are labelled `service`.
 pub fn observe(router: Router, service: &'static str) -> Router {
     router
-        .layer(middleware::from_fn(super::guard::enforce))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
         ))
-        .layer(middleware::map_response(json_error_body))
-        .layer(SetResponseHeaderLayer::if_not_present(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("no-store"),
-        ))
-        .layer(SetResponseHeaderLayer::overriding(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        ))
-        .layer(SetResponseHeaderLayer::overriding(
-            header::STRICT_TRANSPORT_SECURITY,
-            HeaderValue::from_static("max-age=31536000"),
-        ))
         .layer(middleware::from_fn_with_state(service, record))
-        // Every request's line (with its status) is logged by `record`; tower-http's own
-        // ERROR line per 5xx would flood the log with one more line per shed request under
-        // an overload.
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(request_span)
-                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
-        )
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-        .layer(middleware::map_request(drop_malformed_request_id))
-}
-
-/// A client's `x-request-id` is kept when it is 1–128 visible ASCII characters; any other
-/// is removed here, so that the next layer generates one.
-async fn drop_malformed_request_id(mut request: Request) -> Request {
-    if request
-        .headers()
-        .get(&REQUEST_ID)
-        .is_some_and(|v| !is_valid_request_id(v))
-    {
-        request.headers_mut().remove(&REQUEST_ID);
-    }
-    request
 }
 
 fn is_valid_request_id(value: &HeaderValue) -> bool {
@@ -128,67 +98,187 @@ fn is_valid_request_id(value: &HeaderValue) -> bool {
     (1..=128).contains(&bytes.len()) && bytes.iter().all(u8::is_ascii_graphic)
 }
 
-fn request_id(request: &Request) -> &str {
-    request
-        .extensions()
-        .get::<RequestId>()
-        .and_then(|id| id.header_value().to_str().ok())
-        .unwrap_or_default()
+/// The request's id: the client's when valid, else a new one; set on the request as its
+/// `x-request-id` header and its [`RequestId`] extension.
+fn assign_request_id(request: &mut Request) -> HeaderValue {
+    let id = match request.headers().get(&REQUEST_ID) {
+        Some(id) if is_valid_request_id(id) => Some(id.clone()),
+        _ => MakeRequestUuidV4
+            .make_request_id(request)
+            .map(|id| id.into_header_value()),
+    };
+    match id {
+        Some(id) => {
+            request.headers_mut().insert(REQUEST_ID, id.clone());
+            request.extensions_mut().insert(RequestId::new(id.clone()));
+            id
+        }
+        None => {
+            request.headers_mut().remove(&REQUEST_ID);
+            HeaderValue::from_static("")
+        }
+    }
 }
 
-fn request_span(request: &Request) -> tracing::Span {
-    tracing::info_span!("request", request_id = %request_id(request))
+/// Makes the id of a request that came without a valid one: formatted as a version-4 UUID,
+/// but only its first 60 bits are random (once per process); the last 62 count the
+/// requests. So ids are unique in a process and, with overwhelming odds, across processes,
+/// without a `getrandom` call per request (tower-http's `MakeRequestUuid` makes one each
+/// time). An id identifies a request in the logs; nothing relies on it being
+/// unpredictable (it tells a client roughly how many requests its replica answered).
+#[derive(Clone, Copy)]
+struct MakeRequestUuidV4;
+
+impl MakeRequestId for MakeRequestUuidV4 {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        static PREFIX: OnceLock<[u8; 8]> = OnceLock::new();
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let prefix = PREFIX.get_or_init(|| {
+            let random = uuid::Uuid::new_v4().into_bytes();
+            let mut prefix = [0; 8];
+            prefix.copy_from_slice(&random[..8]);
+            prefix
+        });
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(prefix);
+        bytes[8..].copy_from_slice(&COUNT.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let text = id.hyphenated().encode_lower(&mut text);
+        HeaderValue::from_str(text).ok().map(RequestId::new)
+    }
 }
 
-/// One log event and the two HTTP metrics per request.
-async fn record(State(service): State<&'static str>, request: Request, next: Next) -> Response {
+/// The handles of the HTTP metrics of one service, route and method, with the counters of
+/// the statuses seen so far.
+struct RouteMetrics {
+    service: &'static str,
+    method: &'static str,
+    duration: Histogram,
+    requests: Vec<(u16, Counter)>,
+}
+
+thread_local! {
+    /// Per worker thread, by route template: registering a metric builds and hashes its
+    /// label set and takes the registry's lock, which cost about 3 % of a GET hit; a kept
+    /// handle is one atomic add. Bounded: routes are templates, methods and statuses few.
+    static ROUTE_METRICS: RefCell<HashMap<Box<str>, Vec<RouteMetrics>>> =
+        RefCell::new(HashMap::new());
+}
+
+/// Counts a request in the two HTTP metrics.
+fn count(service: &'static str, route: &str, method: &'static str, status: u16, seconds: f64) {
+    let register_counter = || {
+        ::metrics::counter!(
+            names::HTTP_REQUESTS_TOTAL,
+            "service" => service,
+            "route" => route.to_owned(),
+            "method" => method,
+            "status" => status.to_string(),
+        )
+    };
+    let register_histogram = || {
+        ::metrics::histogram!(
+            names::HTTP_REQUEST_DURATION_SECONDS,
+            "service" => service,
+            "route" => route.to_owned(),
+            "method" => method,
+        )
+    };
+    if !crate::metrics::installed() {
+        // A handle taken before the recorder exists would count nowhere for ever.
+        register_counter().increment(1);
+        register_histogram().record(seconds);
+        return;
+    }
+    ROUTE_METRICS.with_borrow_mut(|routes| {
+        if !routes.contains_key(route) {
+            routes.insert(route.into(), Vec::new());
+        }
+        let Some(methods) = routes.get_mut(route) else {
+            return;
+        };
+        let index = match methods
+            .iter()
+            .position(|m| m.service == service && m.method == method)
+        {
+            Some(i) => i,
+            None => {
+                methods.push(RouteMetrics {
+                    service,
+                    method,
+                    duration: register_histogram(),
+                    requests: Vec::new(),
+                });
+                methods.len() - 1
+            }
+        };
+        let metrics = &mut methods[index];
+        metrics.duration.record(seconds);
+        match metrics.requests.iter().find(|(s, _)| *s == status) {
+            Some((_, counter)) => counter.increment(1),
+            None => {
+                let counter = register_counter();
+                counter.increment(1);
+                metrics.requests.push((status, counter));
+            }
+        }
+    });
+}
+
+/// The one middleware of every route (see the module doc).
+async fn record(State(service): State<&'static str>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
-    // Kept by handle (a reference count), formatted only if the line is logged.
-    let id = request.extensions().get::<RequestId>().cloned();
+    let id = assign_request_id(&mut request);
+    let id_text = id.to_str().unwrap_or_default();
+    let span = tracing::info_span!("request", request_id = %id_text);
     let method = method_label(request.method());
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
-    let response = next.run(request).await;
+    // A reference count, not a copy of the template.
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let response = match super::guard::refusal(&request) {
+        Some(refused) => refused,
+        None => next.run(request).instrument(span.clone()).await,
+    };
+    let mut response = json_error_body(response);
+    let headers = response.headers_mut();
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=31536000"),
+    );
+    if !headers.contains_key(&REQUEST_ID) && !id.is_empty() {
+        headers.insert(REQUEST_ID, id.clone());
+    }
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    ::metrics::counter!(
-        names::HTTP_REQUESTS_TOTAL,
-        "service" => service,
-        "route" => route.clone(),
-        "method" => method,
-        "status" => status.to_string(),
-    )
-    .increment(1);
-    ::metrics::histogram!(
-        names::HTTP_REQUEST_DURATION_SECONDS,
-        "service" => service,
-        "route" => route.clone(),
-        "method" => method,
-    )
-    .record(elapsed.as_secs_f64());
+    let route = matched
+        .as_ref()
+        .map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
+    count(service, route, method, status, elapsed.as_secs_f64());
     if !logged(status) {
         return response;
     }
-    let id = id
-        .as_ref()
-        .and_then(|id| id.header_value().to_str().ok())
-        .unwrap_or_default();
     let latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
-    // Probes come every few seconds from orchestrators and scrapers: debug, not info.
-    if route.starts_with("/health/") || route == "/metrics" {
-        tracing::debug!(request_id = %id, service, method, route, status, latency_ms, "request");
-    } else {
-        tracing::info!(request_id = %id, service, method, route, status, latency_ms, "request");
-    }
+    span.in_scope(|| {
+        // Probes come every few seconds from orchestrators and scrapers: debug, not info.
+        if route.starts_with("/health/") || route == "/metrics" {
+            tracing::debug!(request_id = %id_text, service, method, route, status, latency_ms, "request");
+        } else {
+            tracing::info!(request_id = %id_text, service, method, route, status, latency_ms, "request");
+        }
+    });
     response
 }
 
 /// A 503 without a body (the timeout layer's) becomes [`ApiError::Unavailable`], so a client
 /// sees the same JSON error and `Retry-After` as from any other 503.
-async fn json_error_body(response: Response) -> Response {
+fn json_error_body(response: Response) -> Response {
     if response.status() == StatusCode::SERVICE_UNAVAILABLE
         && !response.headers().contains_key(header::CONTENT_TYPE)
     {
@@ -232,6 +322,28 @@ mod tests {
         set_log_sample(1);
         let all = (0..40).filter(|_| logged(200)).count();
         assert_eq!((routine, not_found, errors, all), (10, 10, 40, 40));
+    }
+
+    #[test]
+    fn generated_request_ids_are_distinct_v4_uuids() {
+        let request = axum::http::Request::new(());
+        let ids: Vec<String> = (0..3)
+            .map(|_| {
+                let id = MakeRequestUuidV4
+                    .make_request_id(&request)
+                    .expect("an id")
+                    .into_header_value();
+                id.to_str().expect("ascii").to_owned()
+            })
+            .collect();
+        for id in &ids {
+            let uuid = uuid::Uuid::parse_str(id).expect("a UUID");
+            assert_eq!(uuid.get_version_num(), 4, "{id}");
+        }
+        assert!(
+            ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
+            "{ids:?}"
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ impl EmbeddedGenerations {
     /// Opens (or creates) the catalog in `dir`; a data directory from before generations
     /// has generation 0 active, which is the file it already has. Blocking.
     pub fn open(dir: &Path) -> Result<EmbeddedGenerations, EmbeddedError> {
-        let (db, file) = open_database(dir, GENERATIONS_FILE)?;
+        let (db, file) = open_database(dir, GENERATIONS_FILE, CATALOG_CACHE_BYTES)?;
         let storage = |e: redb::Error| EmbeddedError::storage(&file, e);
         let txn = begin_durable(&db).map_err(storage)?;
         {
@@ -49,7 +49,7 @@ impl EmbeddedGenerations {
         txn.commit().map_err(|e| storage(e.into()))?;
         Ok(EmbeddedGenerations {
             dir: Arc::new(dir.to_path_buf()),
-            catalog: Arc::new(Reopenable::new(file, db)),
+            catalog: Arc::new(Reopenable::new(file, CATALOG_CACHE_BYTES, db)),
             opened: Arc::default(),
         })
     }

@@ -69,7 +69,7 @@ impl EmbeddedLog {
         #[cfg_attr(not(test), allow(unused_variables))] setup: impl FnOnce(&mut Writer),
     ) -> Result<EmbeddedLog, EmbeddedError> {
         let partitions = count.get();
-        let (db, file) = open_database(dir, LOG_FILE)?;
+        let (db, file) = open_database(dir, LOG_FILE, LOG_CACHE_BYTES)?;
         let storage = |e: redb::Error| EmbeddedError::storage(&file, e);
 
         let txn = begin_durable(&db).map_err(storage)?;
@@ -103,7 +103,7 @@ impl EmbeddedLog {
         };
         txn.commit().map_err(|e| storage(e.into()))?;
 
-        let store = Arc::new(Reopenable::new(file, db));
+        let store = Arc::new(Reopenable::new(file, LOG_CACHE_BYTES, db));
         let (ends_tx, ends_rx) = watch::channel(ends.clone());
         let (requests, queue) = mpsc::channel();
         let transactions = Arc::new(AtomicU64::new(0));
@@ -367,43 +367,74 @@ fn fair_quotas(next: &[u64], ends: &[u64], max: usize, start: usize) -> Vec<usiz
 }
 
 impl EmbeddedSubscription {
-    async fn read(&self, quotas: Vec<usize>) -> Result<Vec<LogRecord>, LogError> {
+    /// Reads up to `quotas[p]` records of each partition `p` from its next position,
+    /// partitions in turn from `start` (as the quotas were shared), but stops (after at
+    /// least one record) once the records hold [`MAX_READ_BYTES`], so a batch of large
+    /// messages stays bounded in memory and the partition read first changes from call to
+    /// call. Returns the records and how many of each partition were read.
+    async fn read(
+        &self,
+        quotas: Vec<usize>,
+        start: usize,
+    ) -> Result<(Vec<LogRecord>, Vec<usize>), LogError> {
         let inner = self.inner.clone();
         let from = self.next.clone();
         tokio::task::spawn_blocking(move || {
             let db = inner.store.get().map_err(storage_unavailable)?;
             let txn = db.begin_read().map_err(storage_unavailable)?;
             let table = txn.open_table(RECORDS).map_err(storage_unavailable)?;
-            let mut batch = Vec::with_capacity(quotas.iter().sum());
-            for (p, (&first, &quota)) in (0u32..).zip(from.iter().zip(&quotas)) {
-                if quota == 0 {
+            let n = quotas.len();
+            let mut batch = Vec::with_capacity(quotas.iter().sum::<usize>().min(64 * 1024));
+            let mut counts = vec![0; n];
+            let mut bytes = 0usize;
+            for i in (0..n).map(|i| (start + i) % n) {
+                let (first, quota) = (from[i], quotas[i]);
+                if quota == 0 || bytes >= MAX_READ_BYTES {
                     continue;
                 }
-                let before = batch.len();
+                let p = u32::try_from(i).map_err(|_| {
+                    LogError::Unavailable(format!("embedded event log: partition {i} overflows"))
+                })?;
                 let last = first + quota as u64 - 1;
+                let mut read = 0u64;
                 for entry in table
                     .range((p, first)..=(p, last))
                     .map_err(storage_unavailable)?
                 {
+                    if bytes >= MAX_READ_BYTES {
+                        break;
+                    }
                     let (key, value) = entry.map_err(storage_unavailable)?;
                     let (_, offset) = key.value();
+                    // Committed offsets are contiguous from 0: anything else is a damaged
+                    // file, never a record to skip.
+                    if offset != first + read {
+                        return Err(LogError::Unavailable(format!(
+                            "embedded event log: partition {p} is missing offset {} (found {offset})",
+                            first + read
+                        )));
+                    }
                     let (k, v) = value.value();
+                    bytes += k.len() + v.len();
                     batch.push(LogRecord {
                         partition: p,
                         offset: to_offset(offset)?,
                         key: Some(k.to_vec()),
                         value: Some(v.to_vec()),
                     });
+                    read += 1;
                 }
-                // Committed offsets are contiguous and keys unique, so fewer records than
-                // asked for means a damaged file.
-                if batch.len() - before != quota {
+                counts[i] = usize::try_from(read).unwrap_or(usize::MAX);
+                // Fewer records than asked for (short of the byte bound) means the end of
+                // the partition is missing: a damaged file too.
+                if counts[i] != quota && bytes < MAX_READ_BYTES {
                     return Err(LogError::Unavailable(format!(
-                        "embedded event log: partition {p} is missing records in {first}..={last}"
+                        "embedded event log: partition {p} is missing records in {}..={last}",
+                        first + read
                     )));
                 }
             }
-            Ok(batch)
+            Ok((batch, counts))
         })
         .await
         .map_err(|e| LogError::Unavailable(format!("read task: {e}")))?
@@ -430,9 +461,9 @@ impl Subscription for EmbeddedSubscription {
             if quotas.iter().any(|&q| q > 0) {
                 // Positions advance only once the records are in hand, so a cancelled call
                 // loses nothing.
-                let batch = self.read(quotas.clone()).await?;
-                for (next, quota) in self.next.iter_mut().zip(&quotas) {
-                    *next += *quota as u64;
+                let (batch, counts) = self.read(quotas, self.start).await?;
+                for (next, count) in self.next.iter_mut().zip(&counts) {
+                    *next += *count as u64;
                 }
                 self.start = (self.start + 1) % self.next.len().max(1);
                 return Ok(batch);

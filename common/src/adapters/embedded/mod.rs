@@ -31,8 +31,16 @@
 //!   position or an applied offset never points past data that a crash could take back.
 //!   `apply` writes rows and offsets in one transaction: both or neither survive.
 //!
-//! Transactions also set redb's quick-repair (two-phase commit plus the allocator state), so
-//! reopening after a kill is instant instead of a walk over the whole file.
+//! Commits do NOT set redb's quick-repair: it serialises the allocator's state into every
+//! commit, which was 40 % of the instructions of a POST (callgrind: 440k → 263k per POST
+//! without it). The price is paid once, after a crash: the first open walks the file to
+//! rebuild the allocator state (measured: a 300 MB log and a 164 MB read model opened in
+//! 0.63 s after a kill -9, against 0.14 s with quick-repair; it grows with the files).
+//! The same walk happens when a handle closed by a storage failure (a full disk) is
+//! reopened ([`Reopenable`]): that reopen holds the handle's lock, so requests of that
+//! database wait for it. Without quick-repair redb
+//! commits in one phase with checksums (1PC+C), which is as crash-safe: a torn commit fails
+//! its checksum and the previous one is used.
 //!
 //! # Group commit
 //!
@@ -131,13 +139,24 @@ const LAYOUT_VERSION: u64 = 1;
 pub const MAX_GROUP_REQUESTS: usize = 4096;
 /// Most record bytes the writer puts in one transaction (one request always fits).
 pub const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
+/// Most record bytes one subscription read returns (one record always fits), whatever
+/// the number of records asked for: a projector's batch of large messages stays bounded.
+pub const MAX_READ_BYTES: usize = 32 * 1024 * 1024;
 /// Most appends waiting for the writer, by default: one full group behind the one being
 /// committed. Past the bound an append is shed at once ([`LogError::Shed`]).
 pub const DEFAULT_WRITE_QUEUE: usize = MAX_GROUP_REQUESTS;
 
-/// redb's page cache per database. Its default is 1 GiB each; msghash reads the log
-/// sequentially and the read model by key, so a smaller cache serves both.
-const CACHE_BYTES: usize = 256 * 1024 * 1024;
+/// redb's page cache of the event log. Its default is 1 GiB; the log is appended at its
+/// end and read once, in order, by the projector soon after, so a small cache holding the
+/// recent pages serves it. A larger one only grows the resident memory (docs/performance.md).
+const LOG_CACHE_BYTES: usize = 16 * 1024 * 1024;
+/// redb's page cache of a read-model generation: digests are random, so inserts and reads
+/// touch any leaf; the cache keeps the branch pages and the hottest leaves (found messages
+/// are also in the query's own cache, `MSGHASH_CACHE_BYTES`). Measured with a 1M-event
+/// replay: 256 MiB was 5-10 % faster and held about 460 MiB more (docs/performance.md).
+const MODEL_CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// redb's page cache of the generations catalog, a handful of rows.
+const CATALOG_CACHE_BYTES: usize = 1024 * 1024;
 
 /// `(partition, offset)`.
 type RecordKey = (u32, u64);
@@ -211,7 +230,11 @@ impl EmbeddedError {
 
 /// Creates `dir` if needed and opens (or creates) `dir/name`, failing fast when another
 /// handle holds it.
-fn open_database(dir: &Path, name: &str) -> Result<(Database, PathBuf), EmbeddedError> {
+fn open_database(
+    dir: &Path,
+    name: &str,
+    cache_bytes: usize,
+) -> Result<(Database, PathBuf), EmbeddedError> {
     std::fs::create_dir_all(dir).map_err(|source| EmbeddedError::CreateDir {
         dir: dir.to_path_buf(),
         source,
@@ -219,7 +242,7 @@ fn open_database(dir: &Path, name: &str) -> Result<(Database, PathBuf), Embedded
     let file = dir.join(name);
     let created = !file.exists();
     let db = Database::builder()
-        .set_cache_size(CACHE_BYTES)
+        .set_cache_size(cache_bytes)
         .create(&file)
         .map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => EmbeddedError::InUse {
@@ -245,11 +268,11 @@ fn sync_dir(dir: &Path) {
     let _ = dir;
 }
 
-/// A durable write transaction with quick repair (instant reopen after a kill).
+/// A durable write transaction (fsynced before `commit` returns; no quick-repair: see the
+/// module doc).
 fn begin_durable(db: &Database) -> Result<WriteTransaction, redb::Error> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
-    txn.set_quick_repair(true);
     Ok(txn)
 }
 
@@ -283,13 +306,15 @@ fn check_layout(meta: &mut redb::Table<'_, &str, u64>, file: &Path) -> Result<()
 /// flight, or while the disk still refuses the repair's writes.
 pub(super) struct Reopenable {
     file: PathBuf,
+    cache_bytes: usize,
     db: std::sync::RwLock<Option<Arc<Database>>>,
 }
 
 impl Reopenable {
-    pub(super) fn new(file: PathBuf, db: Database) -> Reopenable {
+    pub(super) fn new(file: PathBuf, cache_bytes: usize, db: Database) -> Reopenable {
         Reopenable {
             file,
+            cache_bytes,
             db: std::sync::RwLock::new(Some(Arc::new(db))),
         }
     }
@@ -318,7 +343,7 @@ impl Reopenable {
         // `open`, never `create`: a file deleted meanwhile (a dropped generation) stays gone.
         let db = Arc::new(
             Database::builder()
-                .set_cache_size(CACHE_BYTES)
+                .set_cache_size(self.cache_bytes)
                 .open(&self.file)?,
         );
         tracing::info!(file = %self.file.display(), "reopened after a storage failure");

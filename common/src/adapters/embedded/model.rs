@@ -37,7 +37,7 @@ impl EmbeddedModel {
         dir: &Path,
         generation: Generation,
     ) -> Result<EmbeddedModel, EmbeddedError> {
-        let (db, file) = open_database(dir, &model_file(generation))?;
+        let (db, file) = open_database(dir, &model_file(generation), MODEL_CACHE_BYTES)?;
         let storage = |e: redb::Error| EmbeddedError::storage(&file, e);
         let txn = begin_durable(&db).map_err(storage)?;
         {
@@ -49,7 +49,7 @@ impl EmbeddedModel {
         }
         txn.commit().map_err(|e| storage(e.into()))?;
         Ok(EmbeddedModel {
-            store: Arc::new(Reopenable::new(file, db)),
+            store: Arc::new(Reopenable::new(file, MODEL_CACHE_BYTES, db)),
             generation,
         })
     }
@@ -76,7 +76,12 @@ impl ReadModel for EmbeddedModel {
         if batch.is_empty() {
             return Ok(());
         }
-        let batch = batch.clone();
+        let mut batch = batch.clone();
+        // In key order, each insert descends next to the previous one: the pages it
+        // reads and dirties are the ones just used (docs/performance.md).
+        batch
+            .messages
+            .sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         self.blocking(move |db| {
             // Rows and offsets in one durable transaction: both or neither.
             let txn = begin_durable(db).map_err(model_unavailable)?;
