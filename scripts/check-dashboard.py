@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Checks a Grafana dashboard against the metrics the msghash services export.
 
-usage: check-dashboard.py DASHBOARD.json METRICS.txt [--datasources DIR] [--rules-out FILE]
+usage: check-dashboard.py DASHBOARD.json METRICS.txt [METRICS.txt ...] [--datasources DIR]
+                          [--rules-out FILE]
 
   * the dashboard is valid JSON with panels, unique panel ids and a query in every graph;
   * every metric name in every PromQL expression (panel targets and template variables) is
-    listed in METRICS.txt: lines `name [type]`, `#` comments; a histogram's name stands for
+    listed in one of the METRICS.txt files (the services' own, the exporters'): lines `name [type]`, `#` comments; a histogram's name stands for
     its `_bucket`, `_sum` and `_count` series, and only those (the bare name is no series);
   * every listed metric is shown somewhere (the dashboard covers the whole list);
   * with --datasources, every datasource uid the dashboard names is provisioned there;
@@ -155,7 +156,7 @@ def datasource_uids(dash):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("dashboard")
-    ap.add_argument("metrics")
+    ap.add_argument("metrics", nargs="+")
     ap.add_argument("--datasources", help="Grafana datasource provisioning directory")
     ap.add_argument("--rules-out", help="write the expressions as a Prometheus rules file")
     args = ap.parse_args()
@@ -167,7 +168,12 @@ def main():
     except (OSError, ValueError) as e:
         print(f"check-dashboard: {args.dashboard}: not valid JSON: {e}")
         return 1
-    allowed, listed = load_allowed(args.metrics)
+    allowed, listed = {}, []
+    for path in args.metrics:
+        a, l = load_allowed(path)
+        allowed.update(a)
+        listed += l
+    args.metrics = " or ".join(args.metrics)
 
     panels = list(walk_panels(dash.get("panels")))
     if not panels:

@@ -7,7 +7,13 @@ to query); GET /openapi.json reaches query as /openapi/edge.json (the whole API'
 document); a 405 on /messages says `Allow: GET,HEAD,POST`; the edge's own answers (the
 /metrics 404, the 503 with no replica in rotation) are JSON with the headers of every answer.
 
-Usage: check-edge-routes.py HAPROXY_CFG   (needs haproxy and openssl; exit 0 on success)
+With MSGHASH_EDGE_METRICS_BIND set, HAProxy's own exporter answers GET /metrics on that
+port with every haproxy_* metric that EXPORTER_METRICS (deploy/metrics-exporters.txt:
+what the dashboard and the alert rules use) lists, of the listed type, while the public
+port still answers /metrics 404.
+
+Usage: check-edge-routes.py HAPROXY_CFG [EXPORTER_METRICS]
+       (needs haproxy and openssl; exit 0 on success)
 """
 
 import http.client
@@ -62,10 +68,12 @@ def backend(name, cert, key):
     return port
 
 
-def edge(cfg, work, cert, ingest, query):
+def edge(cfg, work, cert, ingest, query, metrics_port=None):
     port = free_port()
+    extra = {"MSGHASH_EDGE_METRICS_BIND": f"127.0.0.1:{metrics_port}"} if metrics_port else {}
     env = dict(
         os.environ,
+        **extra,
         MSGHASH_EDGE_BIND=f"127.0.0.1:{port}",
         MSGHASH_EDGE_PEM=os.path.join(work, "edge.pem"),
         MSGHASH_BACKEND_CA=cert,
@@ -93,6 +101,26 @@ def edge(cfg, work, cert, ingest, query):
     return proc, call
 
 
+def haproxy_types(port):
+    """{name: type} of the `# TYPE` lines HAProxy's exporter serves."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/metrics")
+    r = c.getresponse()
+    text = r.read().decode()
+    return {p[2]: p[3] for p in (line.split() for line in text.splitlines())
+            if len(p) == 4 and p[:2] == ["#", "TYPE"]} if r.status == 200 else {}
+
+
+def listed_haproxy(path):
+    out = {}
+    with open(path) as f:
+        for line in f:
+            parts = line.split("#", 1)[0].split()
+            if parts and parts[0].startswith("haproxy_"):
+                out[parts[0]] = parts[1] if len(parts) > 1 else "untyped"
+    return out
+
+
 def main():
     cfg = os.path.abspath(sys.argv[1])
     failures = []
@@ -111,7 +139,8 @@ def main():
             pem.write(open(cert).read() + open(key).read())
         ingest, query = backend("ingest", cert, key), backend("query", cert, key)
 
-        proc, call = edge(cfg, work, cert, ingest, query)
+        metrics_port = free_port()
+        proc, call = edge(cfg, work, cert, ingest, query, metrics_port)
         try:
             for method, path, want_backend, want_path in [
                 ("POST", "/messages", "ingest", "/messages"),
@@ -131,6 +160,13 @@ def main():
             status, headers, body = call("GET", "/metrics")
             check("GET /metrics: the edge's JSON 404 with the common headers",
                   status == 404 and "err_msg" in body and all(h in headers for h in COMMON))
+            if len(sys.argv) > 2:
+                exported = haproxy_types(metrics_port)
+                listed = listed_haproxy(sys.argv[2])
+                wrong = {n: (t, exported.get(n)) for n, t in listed.items() if exported.get(n) != t}
+                check(f"the exporter port serves the {len(listed)} haproxy_* metrics of "
+                      f"{sys.argv[2]} with their types" + (f": not so {wrong}" if wrong else ""),
+                      bool(listed) and not wrong)
         finally:
             proc.terminate()
             proc.wait()
