@@ -152,13 +152,17 @@ pub const DEFAULT_WRITE_QUEUE: usize = MAX_GROUP_REQUESTS;
 
 /// redb's page cache of the event log. Its default is 1 GiB; the log is appended at its
 /// end and read once, in order, by the projector soon after, so a small cache holding the
-/// recent pages serves it. A larger one only grows the resident memory (docs/performance.md).
-const LOG_CACHE_BYTES: usize = 16 * 1024 * 1024;
+/// recent pages serves it. A larger one only grows the resident memory: 16 MiB held 8 MiB
+/// more after a POST load for the same rate; 4 MiB cost about a tenth of the POST rate
+/// (docs/performance.md).
+const LOG_CACHE_BYTES: usize = 8 * 1024 * 1024;
 /// redb's page cache of a read-model generation: digests are random, so inserts and reads
 /// touch any leaf; the cache keeps the branch pages and the hottest leaves (found messages
 /// are also in the query's own cache, `MSGHASH_CACHE_BYTES`). Measured with a 1M-event
-/// replay: 256 MiB was 5-10 % faster and held about 460 MiB more (docs/performance.md).
-const MODEL_CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// replay: 256 MiB was 5-10 % faster and held about 460 MiB more; 32 MiB projected at the
+/// same rate as 24 MiB in the same conditions and held 15 MiB more after a POST load
+/// (docs/performance.md).
+const MODEL_CACHE_BYTES: usize = 24 * 1024 * 1024;
 /// redb's page cache of the generations catalog, a handful of rows.
 const CATALOG_CACHE_BYTES: usize = 1024 * 1024;
 
