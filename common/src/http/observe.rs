@@ -268,9 +268,9 @@ async fn record(State(service): State<&'static str>, mut request: Request, next:
     span.in_scope(|| {
         // Probes come every few seconds from orchestrators and scrapers: debug, not info.
         if route.starts_with("/health/") || route == "/metrics" {
-            tracing::debug!(request_id = %id_text, service, method, route, status, latency_ms, "request");
+            tracing::debug!(request_id = %id_text, service = %service, method = %method, route = %route, status, latency_ms, "request");
         } else {
-            tracing::info!(request_id = %id_text, service, method, route, status, latency_ms, "request");
+            tracing::info!(request_id = %id_text, service = %service, method = %method, route = %route, status, latency_ms, "request");
         }
     });
     response
