@@ -160,12 +160,18 @@ impl Server {
             None => None,
         };
         tokio::spawn(upkeep(self.guards.clone(), hangups, shutdown_upkeep));
-        let router = self
-            .router
+        // Around the whole router, not through `Router::layer`: that wraps every route in
+        // one more boxed service, which axum clones for every request (docs/performance.md).
+        let app = tower::ServiceBuilder::new()
             .layer(Extension(BodyTimeout(limits.body_timeout)))
-            .layer(Extension(self.guards));
+            .layer(Extension(self.guards))
+            .service(self.router);
         server
-            .serve(router.into_make_service_with_connect_info::<SocketAddr>())
+            .serve(
+                axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+                    SocketAddr,
+                >(app),
+            )
             .await
     }
 }
