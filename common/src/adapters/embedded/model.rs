@@ -12,8 +12,7 @@ pub struct EmbeddedModel {
     generation: Generation,
     /// The applied offsets as of the last commit that returned, per partition: the
     /// read-your-writes barrier asks for them on every miss, so they are answered from
-    /// memory while the file is open (after a failure closed it, from the file, which
-    /// opens it again or fails). Read from the file at open, raised after each successful commit (never
+    /// memory. Read from the file at open, raised after each successful commit (never
     /// lowered), so they are never ahead of the file: a commit that failed after reaching
     /// the disk only leaves them behind it until the projector's retry commits again.
     applied: Arc<std::sync::RwLock<HashMap<u32, Offset>>>,
@@ -185,23 +184,6 @@ impl ReadModel for EmbeddedModel {
     }
 
     async fn applied_offset(&self, partition: u32) -> Result<Option<Offset>, ModelError> {
-        if self.store.open_now().is_none() {
-            // A failure closed the file: read the offset from it, which opens it again or
-            // says why it cannot (readiness and the barrier must hear of that).
-            return self
-                .blocking(move |db| {
-                    let txn = db.begin_read().map_err(model_unavailable)?;
-                    let offsets = txn
-                        .open_table(PROJECTION_OFFSETS)
-                        .map_err(model_unavailable)?;
-                    let offset = offsets
-                        .get(partition)
-                        .map_err(model_unavailable)?
-                        .map(|v| v.value());
-                    Ok(offset)
-                })
-                .await;
-        }
         Ok(self
             .applied
             .read()
@@ -240,34 +222,5 @@ impl ReadModel for EmbeddedModel {
 
     fn generation(&self) -> Generation {
         self.generation
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_model_whose_file_cannot_be_opened_again_answers_no_applied_offset() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let model = EmbeddedModel::open(dir.path()).expect("open model");
-        let batch = ProjectionBatch {
-            messages: vec![(Digest::of("foo"), "foo".to_owned())],
-            applied: vec![(0, 3)],
-        };
-        model.apply(&batch).await.expect("apply");
-        assert_eq!(model.applied_offset(0).await.expect("applied"), Some(3));
-
-        // A failed operation closed the handle (as after an I/O error), and the file can no
-        // longer be opened: readiness and the barrier must hear of it, not read memory.
-        let db = model.store.open_now().expect("the file is open");
-        model.store.discard(&db);
-        drop(db);
-        std::fs::write(model.path(), b"not a redb file").expect("overwrite the file");
-        assert!(
-            model.applied_offset(0).await.is_err(),
-            "an applied offset answered from memory while the file cannot be opened"
-        );
-        assert!(model.get(&Digest::of("foo")).await.is_err());
     }
 }
