@@ -5,17 +5,11 @@
 
 use super::*;
 
-/// The embedded read model. Cloning is cheap (two `Arc`s).
+/// The embedded read model. Cloning is cheap (one `Arc`).
 #[derive(Clone)]
 pub struct EmbeddedModel {
     store: Arc<Reopenable>,
     generation: Generation,
-    /// The applied offsets as of the last commit that returned, per partition: the
-    /// read-your-writes barrier asks for them on every miss, so they are answered from
-    /// memory. Read from the file at open, raised after each successful commit (never
-    /// lowered), so they are never ahead of the file: a commit that failed after reaching
-    /// the disk only leaves them behind it until the projector's retry commits again.
-    applied: Arc<std::sync::RwLock<HashMap<u32, Offset>>>,
 }
 
 pub(super) fn model_unavailable(e: impl Into<redb::Error>) -> ModelError {
@@ -54,11 +48,9 @@ impl EmbeddedModel {
                 .map_err(|e| storage(e.into()))?;
         }
         txn.commit().map_err(|e| storage(e.into()))?;
-        let applied = stored_applied(&db).map_err(storage)?;
         Ok(EmbeddedModel {
             store: Arc::new(Reopenable::new(file, MODEL_CACHE_BYTES, db)),
             generation,
-            applied: Arc::new(std::sync::RwLock::new(applied)),
         })
     }
 
@@ -76,51 +68,6 @@ impl EmbeddedModel {
             .await
             .map_err(|e| ModelError::unavailable("embedded read model task", e))?
     }
-
-    /// A point read: on the calling thread while the file is open, since it takes a few
-    /// microseconds (the pages are in redb's cache or the OS's) and handing it to the
-    /// blocking pool costs more than that and a context switch each way
-    /// (docs/performance.md); on the blocking pool when the file must be opened again
-    /// first, which walks the whole file.
-    async fn point_read<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Database) -> Result<T, ModelError> + Send + 'static,
-    ) -> Result<T, ModelError> {
-        match self.store.open_now() {
-            Some(db) => {
-                let result = f(&db);
-                if result.is_err() {
-                    self.store.discard(&db);
-                }
-                result
-            }
-            None => self.blocking(f).await,
-        }
-    }
-
-    /// Raises the remembered applied offsets to those of a batch just committed.
-    fn remember_applied(&self, applied: &[(u32, Offset)]) {
-        let mut known = self
-            .applied
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for &(partition, offset) in applied {
-            let current = known.entry(partition).or_insert(offset);
-            *current = (*current).max(offset);
-        }
-    }
-}
-
-/// Every partition's applied offset stored in `db`.
-fn stored_applied(db: &Database) -> Result<HashMap<u32, Offset>, redb::Error> {
-    let txn = db.begin_read()?;
-    let offsets = txn.open_table(PROJECTION_OFFSETS)?;
-    let mut applied = HashMap::new();
-    for entry in offsets.iter()? {
-        let (partition, offset) = entry?;
-        applied.insert(partition.value(), offset.value());
-    }
-    Ok(applied)
 }
 
 #[async_trait]
@@ -129,7 +76,6 @@ impl ReadModel for EmbeddedModel {
         if batch.is_empty() {
             return Ok(());
         }
-        let applied = batch.applied.clone();
         let mut batch = batch.clone();
         // In key order, each insert descends next to the previous one: the pages it
         // reads and dirties are the ones just used (docs/performance.md).
@@ -164,14 +110,12 @@ impl ReadModel for EmbeddedModel {
             }
             txn.commit().map_err(model_unavailable)
         })
-        .await?;
-        self.remember_applied(&applied);
-        Ok(())
+        .await
     }
 
     async fn get(&self, digest: &Digest) -> Result<Option<String>, ModelError> {
         let digest = *digest;
-        self.point_read(move |db| {
+        self.blocking(move |db| {
             let txn = db.begin_read().map_err(model_unavailable)?;
             let messages = txn.open_table(MESSAGES).map_err(model_unavailable)?;
             let message = messages
@@ -184,12 +128,18 @@ impl ReadModel for EmbeddedModel {
     }
 
     async fn applied_offset(&self, partition: u32) -> Result<Option<Offset>, ModelError> {
-        Ok(self
-            .applied
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&partition)
-            .copied())
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(model_unavailable)?;
+            let offsets = txn
+                .open_table(PROJECTION_OFFSETS)
+                .map_err(model_unavailable)?;
+            let offset = offsets
+                .get(partition)
+                .map_err(model_unavailable)?
+                .map(|v| v.value());
+            Ok(offset)
+        })
+        .await
     }
 
     async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<Digest>, ModelError> {
