@@ -134,6 +134,11 @@ impl Hammer {
                         let mut f = failures.lock().expect("lock");
                         f.push(format!("GET {digest}: {status} {body}"));
                     }
+                    // A client over a socket waits for every answer; an in-process router
+                    // may answer a hit without ever waiting, and a loop that never waits
+                    // would keep its worker for ever: the replay or switch under test, and
+                    // the timers, would never run.
+                    tokio::task::yield_now().await;
                 }
             }));
         }
@@ -150,6 +155,8 @@ impl Hammer {
                 let message = format!("{label} {i}");
                 i += 1;
                 let (status, body) = target.post(&message).await;
+                // As the readers do: a refusal may come back without any wait.
+                tokio::task::yield_now().await;
                 if status != StatusCode::CREATED {
                     errors
                         .lock()

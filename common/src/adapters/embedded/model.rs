@@ -5,11 +5,18 @@
 
 use super::*;
 
-/// The embedded read model. Cloning is cheap (one `Arc`).
+/// The embedded read model. Cloning is cheap (two `Arc`s).
 #[derive(Clone)]
 pub struct EmbeddedModel {
     store: Arc<Reopenable>,
     generation: Generation,
+    /// The applied offsets as of the last commit that returned, per partition: the
+    /// read-your-writes barrier asks for them on every miss, so they are answered from
+    /// memory while the file is open (after a failure closed it, from the file, which
+    /// opens it again or fails). Read from the file at open, raised after each successful commit (never
+    /// lowered), so they are never ahead of the file: a commit that failed after reaching
+    /// the disk only leaves them behind it until the projector's retry commits again.
+    applied: Arc<std::sync::RwLock<HashMap<u32, Offset>>>,
 }
 
 pub(super) fn model_unavailable(e: impl Into<redb::Error>) -> ModelError {
@@ -48,9 +55,11 @@ impl EmbeddedModel {
                 .map_err(|e| storage(e.into()))?;
         }
         txn.commit().map_err(|e| storage(e.into()))?;
+        let applied = stored_applied(&db).map_err(storage)?;
         Ok(EmbeddedModel {
             store: Arc::new(Reopenable::new(file, MODEL_CACHE_BYTES, db)),
             generation,
+            applied: Arc::new(std::sync::RwLock::new(applied)),
         })
     }
 
@@ -68,6 +77,51 @@ impl EmbeddedModel {
             .await
             .map_err(|e| ModelError::unavailable("embedded read model task", e))?
     }
+
+    /// A point read: on the calling thread while the file is open, since it takes a few
+    /// microseconds (the pages are in redb's cache or the OS's) and handing it to the
+    /// blocking pool costs more than that and a context switch each way
+    /// (docs/performance.md); on the blocking pool when the file must be opened again
+    /// first, which walks the whole file.
+    async fn point_read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, ModelError> + Send + 'static,
+    ) -> Result<T, ModelError> {
+        match self.store.open_now() {
+            Some(db) => {
+                let result = f(&db);
+                if result.is_err() {
+                    self.store.discard(&db);
+                }
+                result
+            }
+            None => self.blocking(f).await,
+        }
+    }
+
+    /// Raises the remembered applied offsets to those of a batch just committed.
+    fn remember_applied(&self, applied: &[(u32, Offset)]) {
+        let mut known = self
+            .applied
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for &(partition, offset) in applied {
+            let current = known.entry(partition).or_insert(offset);
+            *current = (*current).max(offset);
+        }
+    }
+}
+
+/// Every partition's applied offset stored in `db`.
+fn stored_applied(db: &Database) -> Result<HashMap<u32, Offset>, redb::Error> {
+    let txn = db.begin_read()?;
+    let offsets = txn.open_table(PROJECTION_OFFSETS)?;
+    let mut applied = HashMap::new();
+    for entry in offsets.iter()? {
+        let (partition, offset) = entry?;
+        applied.insert(partition.value(), offset.value());
+    }
+    Ok(applied)
 }
 
 #[async_trait]
@@ -76,6 +130,7 @@ impl ReadModel for EmbeddedModel {
         if batch.is_empty() {
             return Ok(());
         }
+        let applied = batch.applied.clone();
         let mut batch = batch.clone();
         // In key order, each insert descends next to the previous one: the pages it
         // reads and dirties are the ones just used (docs/performance.md).
@@ -110,12 +165,14 @@ impl ReadModel for EmbeddedModel {
             }
             txn.commit().map_err(model_unavailable)
         })
-        .await
+        .await?;
+        self.remember_applied(&applied);
+        Ok(())
     }
 
     async fn get(&self, digest: &Digest) -> Result<Option<String>, ModelError> {
         let digest = *digest;
-        self.blocking(move |db| {
+        self.point_read(move |db| {
             let txn = db.begin_read().map_err(model_unavailable)?;
             let messages = txn.open_table(MESSAGES).map_err(model_unavailable)?;
             let message = messages
@@ -128,18 +185,29 @@ impl ReadModel for EmbeddedModel {
     }
 
     async fn applied_offset(&self, partition: u32) -> Result<Option<Offset>, ModelError> {
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(model_unavailable)?;
-            let offsets = txn
-                .open_table(PROJECTION_OFFSETS)
-                .map_err(model_unavailable)?;
-            let offset = offsets
-                .get(partition)
-                .map_err(model_unavailable)?
-                .map(|v| v.value());
-            Ok(offset)
-        })
-        .await
+        if self.store.open_now().is_none() {
+            // A failure closed the file: read the offset from it, which opens it again or
+            // says why it cannot (readiness and the barrier must hear of that).
+            return self
+                .blocking(move |db| {
+                    let txn = db.begin_read().map_err(model_unavailable)?;
+                    let offsets = txn
+                        .open_table(PROJECTION_OFFSETS)
+                        .map_err(model_unavailable)?;
+                    let offset = offsets
+                        .get(partition)
+                        .map_err(model_unavailable)?
+                        .map(|v| v.value());
+                    Ok(offset)
+                })
+                .await;
+        }
+        Ok(self
+            .applied
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&partition)
+            .copied())
     }
 
     async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<Digest>, ModelError> {
@@ -172,5 +240,34 @@ impl ReadModel for EmbeddedModel {
 
     fn generation(&self) -> Generation {
         self.generation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_model_whose_file_cannot_be_opened_again_answers_no_applied_offset() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = EmbeddedModel::open(dir.path()).expect("open model");
+        let batch = ProjectionBatch {
+            messages: vec![(Digest::of("foo"), "foo".to_owned())],
+            applied: vec![(0, 3)],
+        };
+        model.apply(&batch).await.expect("apply");
+        assert_eq!(model.applied_offset(0).await.expect("applied"), Some(3));
+
+        // A failed operation closed the handle (as after an I/O error), and the file can no
+        // longer be opened: readiness and the barrier must hear of it, not read memory.
+        let db = model.store.open_now().expect("the file is open");
+        model.store.discard(&db);
+        drop(db);
+        std::fs::write(model.path(), b"not a redb file").expect("overwrite the file");
+        assert!(
+            model.applied_offset(0).await.is_err(),
+            "an applied offset answered from memory while the file cannot be opened"
+        );
+        assert!(model.get(&Digest::of("foo")).await.is_err());
     }
 }
