@@ -46,7 +46,8 @@ pub trait Application: Sized + Send {
 pub async fn main<A: Application>() -> ExitCode {
     let cli = <A::Cli as clap::Parser>::parse();
     let log = A::log_args(&cli);
-    crate::telemetry::init(log.log_format, &log.log);
+    // Kept to the end: dropping it flushes the log lines still queued.
+    let _log_guard = crate::telemetry::init(log.log_format, &log.log);
     crate::http::observe::set_log_sample(log.log_sample);
     run::<A>(cli).await
 }

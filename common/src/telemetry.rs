@@ -18,10 +18,15 @@ pub enum LogFormat {
 }
 
 /// Installs the global subscriber, logging to stdout; `filter` uses EnvFilter syntax.
-/// Calling it twice is harmless (the second call does nothing).
-pub fn init(format: LogFormat, filter: &str) {
-    // Without files there is no writer thread to keep, and nothing can fail.
-    let _ = init_with_files(format, filter, None);
+/// Calling it twice is harmless (the second call does nothing). Keep the returned guard
+/// until the process ends: stdout is written by a background thread, which dropping the
+/// guard flushes and stops.
+pub fn init(format: LogFormat, filter: &str) -> LogGuard {
+    // Without files nothing can fail.
+    init_with_files(format, filter, None).unwrap_or(LogGuard {
+        _stdout: None,
+        _file: None,
+    })
 }
 
 /// Log files beside stdout: `<dir>/<prefix>.<YYYY-MM-DD>.log`, a new one each day, the
@@ -33,12 +38,16 @@ pub struct LogFiles {
     pub retention: usize,
 }
 
-/// Keeps the log-file writer alive. Dropping it flushes what is still buffered, so keep it
-/// until the process ends (in `main`).
-#[must_use = "dropping the guard stops writing log files"]
+/// Keeps the log writers (stdout's and the files') alive. Dropping it flushes what is still
+/// buffered, so keep it until the process ends (in `main`).
+#[must_use = "dropping the guard stops writing the logs"]
 pub struct LogGuard {
+    _stdout: Option<tracing_appender::non_blocking::WorkerGuard>,
     _file: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
+
+/// How many lines stdout's writer may have queued before a request that logs waits for it.
+const STDOUT_QUEUED_LINES: usize = 16_384;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -75,13 +84,47 @@ pub fn init_with_files(
     filter: &str,
     files: Option<&LogFiles>,
 ) -> Result<LogGuard, TelemetryError> {
+    install(format, filter, files, Stdout::Background)
+}
+
+/// How lines reach stdout.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stdout {
+    /// Queued to a background thread that writes them in batches (one `write` for many
+    /// lines): a synchronous `write` per line on the request's thread cost about a sixth of
+    /// a GET hit (docs/performance.md). Never lossy: when the queue is full, the logging
+    /// thread waits, as it would on a slow stdout anyway.
+    Background,
+    /// Written by the thread that logs, line by line (tests, which want their lines at once).
+    Direct,
+}
+
+fn install(
+    format: LogFormat,
+    filter: &str,
+    files: Option<&LogFiles>,
+    stdout: Stdout,
+) -> Result<LogGuard, TelemetryError> {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let json = format == LogFormat::Json;
-    let mut layers: Vec<BoxedLayer> = vec![fmt_layer(
-        json,
-        std::io::stdout,
-        std::io::stdout().is_terminal(),
-    )];
+    let ansi = std::io::stdout().is_terminal();
+    let mut stdout_guard = None;
+    let mut layers: Vec<BoxedLayer> = vec![match stdout {
+        Stdout::Direct => fmt_layer(json, std::io::stdout, ansi),
+        Stdout::Background => {
+            let (writer, worker) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .lossy(false)
+                .buffered_lines_limit(STDOUT_QUEUED_LINES)
+                .thread_name("msghash-stdout-log")
+                // Batches: the writer thread flushes whenever its queue is empty.
+                .finish(std::io::BufWriter::with_capacity(
+                    64 * 1024,
+                    std::io::stdout(),
+                ));
+            stdout_guard = Some(worker);
+            fmt_layer(json, writer, ansi)
+        }
+    }];
     let mut guard = None;
     if let Some(files) = files {
         let err = |reason: String| TelemetryError::LogDir {
@@ -100,16 +143,27 @@ pub fn init_with_files(
         layers.push(fmt_layer(json, writer, false));
         guard = Some(worker);
     }
-    let _ = tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(filter)
         .with(layers)
-        .try_init();
-    Ok(LogGuard { _file: guard })
+        .try_init()
+        .is_ok();
+    if !installed {
+        // Another subscriber was there first: these writers have nothing to write.
+        return Ok(LogGuard {
+            _stdout: None,
+            _file: None,
+        });
+    }
+    Ok(LogGuard {
+        _stdout: stdout_guard,
+        _file: guard,
+    })
 }
 
 /// For tests: logs only when `TEST_LOG` is set, so test output stays readable.
 pub fn init_for_tests() {
     if std::env::var_os("TEST_LOG").is_some() {
-        init(LogFormat::Text, "debug");
+        let _ = install(LogFormat::Text, "debug", None, Stdout::Direct);
     }
 }

@@ -10,7 +10,8 @@ fn main() -> ExitCode {
 
 async fn projector_main() -> ExitCode {
     let cli = projector::Cli::parse();
-    msghash_common::telemetry::init(cli.log.log_format, &cli.log.log);
+    // Kept to the end: dropping it flushes the log lines still queued.
+    let _log_guard = msghash_common::telemetry::init(cli.log.log_format, &cli.log.log);
     msghash_common::http::observe::set_log_sample(cli.log.log_sample);
     let result = match cli.command {
         Some(projector::Command::Status) => projector::print_status(&cli).await.map(|_| ()),

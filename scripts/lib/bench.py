@@ -315,7 +315,9 @@ def wait_ready(url, ca, server, timeout=60):
 def start_msghash(binary, work, data_dir=None, extra_env=None):
     port = free_port()
     data_dir = data_dir or os.path.join(work, "data")
-    env = dict(os.environ, MSGHASH_LOG="warn", **(extra_env or {}))
+    # msghash's own defaults (every request line logged, to msghash.log here), as a user
+    # runs it; MSGHASH_LOG, MSGHASH_LOG_SAMPLE etc. in the caller's environment still apply.
+    env = dict(os.environ, **(extra_env or {}))
     cmd = [binary, "--listen", f"127.0.0.1:{port}", "--data-dir", data_dir,
            "--cert-dir", os.path.join(work, "certs")]
     server = Server("msghash", cmd, env=env, log=os.path.join(work, "msghash.log"))

@@ -36,6 +36,8 @@ struct Msghash {
     child: Child,
     port: u16,
     base: String,
+    /// The thread reading stdout; it returns everything msghash printed once stdout closes.
+    stdout: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Msghash {
@@ -59,8 +61,9 @@ impl Msghash {
         let mut child = c.spawn().expect("msghash starts");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             use std::io::BufRead;
+            let mut all = String::new();
             for line in std::io::BufReader::new(stdout)
                 .lines()
                 .map_while(Result::ok)
@@ -69,7 +72,10 @@ impl Msghash {
                 {
                     let _ = tx.send(rest.split(' ').next().and_then(|p| p.parse::<u16>().ok()));
                 }
+                all.push_str(&line);
+                all.push('\n');
             }
+            all
         });
         let port = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
             .await
@@ -80,6 +86,7 @@ impl Msghash {
             child,
             port,
             base: format!("https://localhost:{port}"),
+            stdout: Some(reader),
         };
         let client = m.wait_ready(dir).await;
         (m, client)
@@ -119,6 +126,17 @@ impl Msghash {
             .args([format!("-{sig}"), self.child.id().to_string()])
             .status()
             .expect("kill runs");
+    }
+}
+
+impl Msghash {
+    /// Everything msghash printed on stdout, once it has exited.
+    fn stdout_to_end(&mut self) -> String {
+        self.stdout
+            .take()
+            .expect("stdout read once")
+            .join()
+            .expect("stdout reader")
     }
 }
 
@@ -530,6 +548,15 @@ async fn cert_command_adds_names_and_log_dir_gets_the_logs() {
     );
     assert!(text.contains("stopped"), "flushed on graceful exit: {text}");
     assert!(!text.contains('\u{1b}'), "no colour codes in files");
+    // stdout, which a background thread writes in batches, has the same lines, the last
+    // ones included.
+    let stdout = m.stdout_to_end();
+    assert!(stdout.contains("latency_ms"), "request events: {stdout}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("stopped"),
+        "stdout flushed on graceful exit, last line: {last}"
+    );
 }
 
 /// `msghash replay` or `msghash status` beside the server in `dir`.
