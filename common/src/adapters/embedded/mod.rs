@@ -354,18 +354,22 @@ impl Reopenable {
                 .set_cache_size(self.cache_bytes)
                 .open(&self.file)?,
         );
-        tracing::info!(file = %self.file.display(), "reopened after a storage failure");
         *slot = Some(db.clone());
+        drop(slot);
+        tracing::info!(file = %self.file.display(), "reopened after a storage failure");
         Ok(db)
     }
 
-    /// The open handle, or `None` when it must be opened again first. Never blocks on
-    /// the file.
+    /// The open handle, or `None` when it must be opened again first or is being opened
+    /// again right now. Never waits, neither on the file nor on a reopen in progress
+    /// (which holds the lock while it walks the file): callers run on the async workers
+    /// and go to the blocking pool on `None`, where a deadline can end their wait.
     pub(super) fn open_now(&self) -> Option<Arc<Database>> {
-        self.db
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        match self.db.try_read() {
+            Ok(slot) => slot.clone(),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner().clone(),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     /// Closes `failed`, the handle an operation just failed on (if it is still the open

@@ -270,4 +270,38 @@ mod tests {
         );
         assert!(model.get(&Digest::of("foo")).await.is_err());
     }
+
+    /// While the file is being opened again (which walks all of it, holding the handle's
+    /// lock), a read must wait where a deadline can end the wait, never on the worker
+    /// thread: that would stall every request of the server, `/health/live` included.
+    #[tokio::test]
+    async fn a_read_during_a_reopen_waits_off_the_worker_thread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = EmbeddedModel::open(dir.path()).expect("open model");
+        let store = model.store.clone();
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = released.clone();
+        // Stands for a reopen in progress: the handle's lock, held until told (or 20 s).
+        let holder = std::thread::spawn(move || {
+            let _reopening = store.db.write().expect("lock");
+            held_tx.send(()).expect("held");
+            let _ = release_rx.recv_timeout(Duration::from_secs(20));
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        held_rx.recv().expect("the lock is held");
+
+        let digest = Digest::of("x");
+        let get = tokio::time::timeout(Duration::from_millis(100), model.get(&digest)).await;
+        let offset =
+            tokio::time::timeout(Duration::from_millis(100), model.applied_offset(0)).await;
+        let released_meanwhile = released.load(std::sync::atomic::Ordering::SeqCst);
+        let _ = release_tx.send(());
+        holder.join().expect("holder");
+        assert!(
+            !released_meanwhile && get.is_err() && offset.is_err(),
+            "the reads blocked their thread until the reopen ended: get {get:?}, offset {offset:?}"
+        );
+    }
 }
