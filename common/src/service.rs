@@ -42,14 +42,16 @@ pub trait Application: Sized + Send {
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
 
-/// The whole `main` of a service binary: flags, logging, [`run`].
-pub async fn main<A: Application>() -> ExitCode {
+/// The whole `main` of a service binary called `service`: flags, logging, then [`run`] on
+/// a new runtime ([`block_on`]).
+pub fn main<A: Application>(service: &str) -> ExitCode {
     let cli = <A::Cli as clap::Parser>::parse();
     let log = A::log_args(&cli);
-    // Kept to the end: dropping it flushes the log lines still queued.
+    // Kept until the runtime is gone, so the lines logged while it shuts down are written
+    // too: dropping it flushes the lines still queued.
     let _log_guard = crate::telemetry::init(log.log_format, &log.log);
     crate::http::observe::set_log_sample(log.log_sample);
-    run::<A>(cli).await
+    block_on(service, run::<A>(cli))
 }
 
 /// Runs `main` (a service's async main) on a new multi-threaded runtime, after

@@ -1,7 +1,4 @@
 //! The `ingest` binary: flags, logging and [`ingest::Application`] (see `msghash_common::service`).
 fn main() -> std::process::ExitCode {
-    msghash_common::service::block_on(
-        "ingest",
-        msghash_common::service::main::<ingest::Application>(),
-    )
+    msghash_common::service::main::<ingest::Application>("ingest")
 }

@@ -5,14 +5,15 @@ use msghash_common::shutdown::on_signals;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    msghash_common::service::block_on("projector", projector_main())
-}
-
-async fn projector_main() -> ExitCode {
     let cli = projector::Cli::parse();
-    // Kept to the end: dropping it flushes the log lines still queued.
+    // Kept until the runtime is gone, so the lines logged while it shuts down are written
+    // too: dropping it flushes the lines still queued.
     let _log_guard = msghash_common::telemetry::init(cli.log.log_format, &cli.log.log);
     msghash_common::http::observe::set_log_sample(cli.log.log_sample);
+    msghash_common::service::block_on("projector", projector_main(cli))
+}
+
+async fn projector_main(cli: projector::Cli) -> ExitCode {
     let result = match cli.command {
         Some(projector::Command::Status) => projector::print_status(&cli).await.map(|_| ()),
         Some(projector::Command::Replay(ref args)) => {

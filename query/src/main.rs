@@ -1,7 +1,4 @@
 //! The `query` binary: flags, logging and [`query::Application`] (see `msghash_common::service`).
 fn main() -> std::process::ExitCode {
-    msghash_common::service::block_on(
-        "query",
-        msghash_common::service::main::<query::Application>(),
-    )
+    msghash_common::service::main::<query::Application>("query")
 }
