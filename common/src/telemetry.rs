@@ -26,10 +26,7 @@ pub enum LogFormat {
 /// guard flushes and stops.
 pub fn init(format: LogFormat, filter: &str) -> LogGuard {
     // Without files nothing can fail.
-    init_with_files(format, filter, None).unwrap_or(LogGuard {
-        _stdout: None,
-        _file: None,
-    })
+    init_with_files(format, filter, None).unwrap_or_default()
 }
 
 /// Log files beside stdout: `<dir>/<prefix>.<YYYY-MM-DD>.log`, a new one each day, the
@@ -44,6 +41,7 @@ pub struct LogFiles {
 /// Keeps the log writers (stdout's and the files') alive. Dropping it flushes what is still
 /// buffered, so keep it until the process ends (in `main`).
 #[must_use = "dropping the guard stops writing the logs"]
+#[derive(Default)]
 pub struct LogGuard {
     _stdout: Option<tracing_appender::non_blocking::WorkerGuard>,
     _file: Option<tracing_appender::non_blocking::WorkerGuard>,
@@ -250,10 +248,7 @@ fn install(
         .is_ok();
     if !installed {
         // Another subscriber was there first: these writers have nothing to write.
-        return Ok(LogGuard {
-            _stdout: None,
-            _file: None,
-        });
+        return Ok(LogGuard::default());
     }
     Ok(LogGuard {
         _stdout: stdout_guard,

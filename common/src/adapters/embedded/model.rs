@@ -190,15 +190,8 @@ impl ReadModel for EmbeddedModel {
             // says why it cannot (readiness and the barrier must hear of that).
             return self
                 .blocking(move |db| {
-                    let txn = db.begin_read().map_err(model_unavailable)?;
-                    let offsets = txn
-                        .open_table(PROJECTION_OFFSETS)
-                        .map_err(model_unavailable)?;
-                    let offset = offsets
-                        .get(partition)
-                        .map_err(model_unavailable)?
-                        .map(|v| v.value());
-                    Ok(offset)
+                    let applied = stored_applied(db).map_err(model_unavailable)?;
+                    Ok(applied.get(&partition).copied())
                 })
                 .await;
         }
