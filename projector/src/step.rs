@@ -7,6 +7,7 @@ use crate::ProjectorStats;
 use backon::{ExponentialBuilder, Retryable};
 use msghash_common::metrics::names;
 use msghash_common::ports::{LogRecord, Offset, Subscription};
+use msghash_common::service::release_free_memory;
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{EventLog, MessageHashed, ProjectionBatch, ReadModel};
 use std::collections::BTreeMap;
@@ -48,7 +49,13 @@ pub(crate) struct Reader {
     continuity: Continuity,
     max: usize,
     wait: Duration,
+    /// Whether a large batch was projected since the freed memory was last given back.
+    trim: bool,
 }
+
+/// A batch of at least this many records leaves enough freed memory behind (its records,
+/// rows and the store's buffers) to give back once the projection has caught up.
+const TRIM_AFTER: usize = 4096;
 
 impl Reader {
     /// Reads batches of up to `max` records, waiting up to `wait` for the first.
@@ -58,6 +65,7 @@ impl Reader {
             continuity: Continuity::default(),
             max,
             wait,
+            trim: false,
         }
     }
 
@@ -71,6 +79,19 @@ impl Reader {
     ) -> anyhow::Result<Vec<LogRecord>> {
         let subscription = self.subscription.as_mut();
         let records = poll(subscription, self.max, self.wait).await;
+        if records.len() >= TRIM_AFTER {
+            self.trim = true;
+        } else if self.trim {
+            // Caught up after large batches (a start, a backlog, a replay): glibc keeps
+            // what they freed, about twice the batch; give it back once, not per batch
+            // (trimming per batch made the next ones fault their pages in again).
+            self.trim = false;
+            let started = Instant::now();
+            if let Err(e) = tokio::task::spawn_blocking(release_free_memory).await {
+                tracing::warn!(error = %e, "giving freed memory back failed");
+            }
+            tracing::debug!(took = ?started.elapsed(), "freed memory given back");
+        }
         self.continuity
             .guard(records, log, model, subscription)
             .await

@@ -731,7 +731,9 @@ def replay_mode(a):
             applied = metric_sum(text, "msghash_projector_events_applied_total") or 0
             lag = metric_sum(text, "msghash_projector_lag")
             samples.append((time.monotonic(), applied))
-            if lag == 0 and (not seeded or applied >= seeded["events"]):
+            # The applied counter moves with every batch; the lag gauge is refreshed only
+            # every 2 s, so it ends the wait only when the count is unknown.
+            if (applied >= seeded["events"]) if seeded else lag == 0:
                 break
             time.sleep(0.1)
         if samples and samples[-1][1] > 0:
@@ -741,15 +743,22 @@ def replay_mode(a):
                 span = samples[-1][0] - samples[0][0]
                 projection = {"events": int(samples[-1][1]), "seconds": round(span, 2),
                               "events_per_s": round(samples[-1][1] / max(span, 1e-9), 1),
-                              "note": "from msghash start (metrics polled every 0.1 s) "
-                                      "until msghash_projector_lag is 0"}
+                              "note": "from msghash start (metrics polled every 0.1 s) until "
+                                      "it applied every seeded event (or, without a "
+                                      "seed, until msghash_projector_lag is 0)"}
         proc_projection = Procs.delta(before, procs.snapshot())
+        # Resident memory once idle: a caught-up projector gives back what its large
+        # batches freed (its next poll finds little or nothing).
+        time.sleep(2)
+        rss_idle = {name: round(v[1] / 1024, 1)
+                    for name, v in procs.snapshot().items() if name != "t"}
         before = procs.snapshot()
         replay = run_replay(a.msghash_bin, data_dir)
         proc_replay = Procs.delta(before, procs.snapshot())
         doc = {"kind": "replay", "version": 1, "started": started, "machine": machine(),
                "data_dir": data_dir, "seeded": seeded, "projection": projection,
-               "projection_processes": proc_projection, "replay": replay,
+               "projection_processes": proc_projection,
+               "rss_mib_idle_after_projection": rss_idle, "replay": replay,
                "replay_processes": proc_replay}
         rows = []
         if seeded:
@@ -763,6 +772,8 @@ def replay_mode(a):
             m = p.get("msghash")
             if m:
                 rows.append(f"msghash {label}: RSS {m['rss_mib']} MiB, CPU {m['cpu_pct']}%")
+            if label == "during projection" and "msghash" in rss_idle:
+                rows.append(f"msghash idle 2 s after the projection: RSS {rss_idle['msghash']} MiB")
         table = "\n".join(rows)
         print(table)
         files = save(doc, a.out, table)

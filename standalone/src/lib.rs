@@ -45,7 +45,7 @@ pub struct Cli {
     /// it catches up or replays, where each commit rewrites the read model's pages that
     /// the batch's (random) digests touch, so fewer, larger commits go faster
     /// (docs/performance.md). Each pending event holds its message in memory.
-    #[arg(long, global = true, env = "MSGHASH_BATCH_SIZE", default_value_t = 32_768,
+    #[arg(long, global = true, env = "MSGHASH_BATCH_SIZE", default_value_t = 65_536,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch_size: u64,
     /// Most appends waiting for the event log's writer; past it a POST is answered 503
