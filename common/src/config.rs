@@ -351,7 +351,18 @@ pub struct LogArgs {
     #[arg(long, global = true, env = "MSGHASH_LOG_SAMPLE", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub log_sample: u32,
+    /// Most routine `request` lines logged per second, process-wide, after the sampling;
+    /// past it they are skipped, and the next line logged counts them (`skipped`). Every
+    /// other 4xx and every 5xx line is always logged. 0: no cap.
+    #[arg(long, global = true, env = "MSGHASH_LOG_RATE", default_value_t = DEFAULT_LOG_RATE,
+          value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub log_rate: u32,
 }
+
+/// The default of `MSGHASH_LOG_RATE`: every request line of a service answering up to a
+/// thousand requests per second; above that, a thousand a second, and the metrics for the
+/// rest (docs/observability.md).
+pub const DEFAULT_LOG_RATE: u32 = 1000;
 
 #[cfg(all(test, feature = "kafka", feature = "scylla"))]
 mod tests {

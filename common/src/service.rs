@@ -51,6 +51,7 @@ pub fn main<A: Application>(service: &str) -> ExitCode {
     // too: dropping it flushes the lines still queued.
     let _log_guard = crate::telemetry::init(log.log_format, &log.log);
     crate::http::observe::set_log_sample(log.log_sample);
+    crate::http::observe::set_log_rate(log.log_rate);
     block_on(service, run::<A>(cli))
 }
 

@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     // too: dropping it flushes the lines still queued.
     let _log_guard = msghash_common::telemetry::init(cli.log.log_format, &cli.log.log);
     msghash_common::http::observe::set_log_sample(cli.log.log_sample);
+    msghash_common::http::observe::set_log_rate(cli.log.log_rate);
     msghash_common::service::block_on("projector", projector_main(cli))
 }
 

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         }
     };
     msghash_common::http::observe::set_log_sample(cli.log.log_sample);
+    msghash_common::http::observe::set_log_rate(cli.log.log_rate);
     msghash_common::service::block_on("msghash", async {
         let result = match msghash::Application::build(cli).await {
             Ok(app) => {

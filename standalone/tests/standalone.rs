@@ -559,6 +559,78 @@ async fn cert_command_adds_names_and_log_dir_gets_the_logs() {
     );
 }
 
+/// Over `MSGHASH_LOG_RATE`, routine request lines are skipped and counted on the next
+/// line logged; error lines are all logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_lines_over_the_rate_are_counted_and_error_lines_all_logged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (m, client) =
+        Msghash::start_with(dir.path(), &[("MSGHASH_LOG_RATE", Path::new("3"))]).await;
+    let base = m.base.clone();
+    let digest = post(&client, &base, "counted").await.expect("201");
+    let get = |path: String| {
+        let client = client.clone();
+        async move { client.get(path).send().await.expect("answered").status() }
+    };
+    // A burst well over 3 lines a second, then one GET every 100 ms for a second and a
+    // half: the cap lets at least 3 more lines through meanwhile, each after skipped ones.
+    for _ in 0..30 {
+        assert_eq!(
+            get(format!("{base}/messages/{digest}")).await,
+            StatusCode::OK
+        );
+    }
+    for _ in 0..15 {
+        assert_eq!(
+            get(format!("{base}/messages/{digest}")).await,
+            StatusCode::OK
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..20 {
+        let malformed = client
+            .post(format!("{base}/messages"))
+            .header("content-type", "application/json")
+            .body("{")
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
+    }
+    m.signal("INT");
+    let mut m = m;
+    assert!(m.child.wait().expect("exits").success());
+    let stdout = m.stdout_to_end();
+    let lines = |route: &str, status: &str| {
+        stdout
+            .lines()
+            .filter(|l| l.contains(&format!("route={route} status={status} ")))
+            .collect::<Vec<_>>()
+    };
+    let (ok, bad) = (
+        lines("/messages/{digest}", "200"),
+        lines("/messages", "400"),
+    );
+    assert_eq!(bad.len(), 20, "every error line: {stdout}");
+    assert!(
+        (3..45).contains(&ok.len()),
+        "the burst is capped, not every line logged: {} lines of 45",
+        ok.len()
+    );
+    let skipped: u64 = ok
+        .iter()
+        .filter_map(|l| l.split("skipped=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    // Every GET is either logged or counted on a later line, but for the few skipped after
+    // the last line logged (a token comes every 333 ms; a GET every 100 ms).
+    let counted = skipped + ok.len() as u64;
+    assert!(
+        skipped > 0 && (40..=45).contains(&counted),
+        "the lines logged and the skipped ones they count: {counted} of 45: {ok:#?}"
+    );
+}
+
 /// `msghash replay` or `msghash status` beside the server in `dir`.
 fn admin_command(dir: &Path, args: &[&str]) -> Command {
     let mut c = command(dir);

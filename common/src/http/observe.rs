@@ -14,7 +14,8 @@
 //! - every answer carries `Strict-Transport-Security` and `X-Content-Type-Options: nosniff`,
 //!   and `Cache-Control: no-store` unless the handler said otherwise (a found message is
 //!   immutable);
-//! - one `request` event is logged (sampled: [`set_log_sample`]) and the request is counted
+//! - one `request` event is logged (sampled: [`set_log_sample`]; at most so many per
+//!   second: [`set_log_rate`]) and the request is counted
 //!   in the two HTTP metrics, under the route template (never the raw path).
 //!
 //! It used to be ten layers (tower-http's request-id, trace and set-header layers and four
@@ -32,8 +33,9 @@ use axum::Router;
 use metrics::{Counter, Histogram};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tower_http::request_id::{MakeRequestId, RequestId};
 use tower_http::timeout::TimeoutLayer;
@@ -65,21 +67,70 @@ pub fn set_log_sample(n: u32) {
     LOG_SAMPLE.store(n.max(1), Ordering::Relaxed);
 }
 
-/// Whether the `request` line of an answer with `status` is logged.
-fn logged(status: u16) -> bool {
+/// The cap on routine `request` lines per second (see [`set_log_rate`]); `None`: no cap.
+static LOG_RATE: RwLock<Option<RateLimiter>> = RwLock::new(None);
+/// Routine `request` lines not logged because of that cap since the last one logged.
+static OVER_RATE: AtomicU64 = AtomicU64::new(0);
+
+type RateLimiter = governor::DefaultDirectRateLimiter;
+
+/// Logs at most `per_second` routine `request` lines (2xx, 3xx, 404) per second, process-wide
+/// (`MSGHASH_LOG_RATE`), after [`set_log_sample`]'s sampling; 0: no cap. Past the cap a
+/// line is skipped and counted, and the next routine line logged says how many were
+/// skipped before it (`skipped`). Every other 4xx and every 5xx is always logged, and the
+/// HTTP metrics always count every request.
+pub fn set_log_rate(per_second: u32) {
+    let limiter = NonZeroU32::new(per_second)
+        .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
+    *LOG_RATE.write().unwrap_or_else(PoisonError::into_inner) = limiter;
+    OVER_RATE.store(0, Ordering::Relaxed);
+}
+
+/// What to do with the `request` line of an answer with `status`.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// Not logged (sampled out, or over the rate).
+    Skip,
+    /// Logged; `skipped` routine lines before it were over the rate.
+    Log { skipped: u64 },
+}
+
+/// Whether the `request` line of an answer with `status` is logged. A `probe`'s line (a
+/// health check or a scrape, logged at debug) is sampled but not capped: it would spend
+/// the cap, and count as skipped, while the default filter does not even show it.
+fn logged(status: u16, probe: bool) -> Line {
+    if !(status < 400 || status == 404) {
+        return Line::Log { skipped: 0 };
+    }
     let n = LOG_SAMPLE.load(Ordering::Relaxed);
-    if n <= 1 || !(status < 400 || status == 404) {
-        return true;
+    if n > 1 {
+        thread_local! {
+            // Per thread, so the workers do not contend on one counter.
+            static ROUTINE: Cell<u32> = const { Cell::new(0) };
+        }
+        let sampled = ROUTINE.with(|seen| {
+            let next = seen.get().wrapping_add(1) % n;
+            seen.set(next);
+            next == 0
+        });
+        if !sampled {
+            return Line::Skip;
+        }
     }
-    thread_local! {
-        // Per thread, so the workers do not contend on one counter.
-        static ROUTINE: Cell<u32> = const { Cell::new(0) };
+    if probe {
+        return Line::Log { skipped: 0 };
     }
-    ROUTINE.with(|seen| {
-        let next = seen.get().wrapping_add(1) % n;
-        seen.set(next);
-        next == 0
-    })
+    let rate = LOG_RATE.read().unwrap_or_else(PoisonError::into_inner);
+    match rate.as_ref() {
+        None => Line::Log { skipped: 0 },
+        Some(limiter) if limiter.check().is_ok() => Line::Log {
+            skipped: OVER_RATE.swap(0, Ordering::Relaxed),
+        },
+        Some(_) => {
+            OVER_RATE.fetch_add(1, Ordering::Relaxed);
+            Line::Skip
+        }
+    }
 }
 
 /// Wraps every route of `router` (and its fallbacks: add them first) as the module doc
@@ -261,17 +312,20 @@ async fn record(State(service): State<&'static str>, mut request: Request, next:
         .as_ref()
         .map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
     count(service, route, method, status, elapsed.as_secs_f64());
-    if !logged(status) {
+    // Probes come every few seconds from orchestrators and scrapers: debug, not info.
+    let probe = route.starts_with("/health/") || route == "/metrics";
+    let Line::Log { skipped } = logged(status, probe) else {
         return response;
-    }
+    };
     let latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
     // Outside the span: the line carries the request id itself, and formatting the span's
     // context again for every line cost about a tenth of a GET hit (docs/performance.md).
-    // Probes come every few seconds from orchestrators and scrapers: debug, not info.
-    if route.starts_with("/health/") || route == "/metrics" {
+    if probe {
         tracing::debug!(request_id = %id_text, service = %service, method = %method, route = %route, status, latency_ms, "request");
-    } else {
+    } else if skipped == 0 {
         tracing::info!(request_id = %id_text, service = %service, method = %method, route = %route, status, latency_ms, "request");
+    } else {
+        tracing::info!(request_id = %id_text, service = %service, method = %method, route = %route, status, latency_ms, skipped, "request");
     }
     response
 }
@@ -311,17 +365,64 @@ fn method_label(method: &Method) -> &'static str {
 mod tests {
     use super::*;
 
+    fn is_logged(status: u16) -> bool {
+        logged(status, false) != Line::Skip
+    }
+
+    /// Sampling and the rate cap are process-wide: one test sets both, in turn.
     #[test]
-    fn sampling_keeps_every_error_line_and_one_in_n_routine_lines() {
+    fn sampling_and_the_rate_cap_keep_every_error_line_and_count_what_they_skip() {
+        set_log_rate(0);
         set_log_sample(4);
-        let routine = (0..40).filter(|_| logged(200)).count();
-        let not_found = (0..40).filter(|_| logged(404)).count();
+        let routine = (0..40).filter(|_| is_logged(200)).count();
+        let not_found = (0..40).filter(|_| is_logged(404)).count();
         let errors = (0..40)
-            .filter(|_| logged(503) && logged(400) && logged(429))
+            .filter(|_| is_logged(503) && is_logged(400) && is_logged(429))
             .count();
         set_log_sample(1);
-        let all = (0..40).filter(|_| logged(200)).count();
+        let all = (0..40).filter(|_| is_logged(200)).count();
         assert_eq!((routine, not_found, errors, all), (10, 10, 40, 40));
+
+        // A cap of 5 per second: the first 5 routine lines of a burst (governor's quota
+        // allows a burst of the rate), then none, but every error line.
+        set_log_rate(5);
+        let burst: Vec<Line> = (0..5).map(|_| logged(200, false)).collect();
+        assert_eq!(
+            burst,
+            (0..5).map(|_| Line::Log { skipped: 0 }).collect::<Vec<_>>()
+        );
+        let over = (0..100)
+            .filter(|_| is_logged(200) || is_logged(404))
+            .count();
+        let errors = (0..100).filter(|_| is_logged(500)).count();
+        let probes = (0..100).filter(|_| logged(200, true) != Line::Skip).count();
+        assert_eq!(probes, 100, "probe lines are not capped");
+        assert_eq!(
+            (over, errors),
+            (0, 100),
+            "over the cap: routine lines skipped"
+        );
+        // The next routine line logged says how many were skipped before it. A token
+        // comes back every 200 ms; wait for it (bounded), not for a fixed time.
+        let until = Instant::now() + Duration::from_secs(5);
+        let next = loop {
+            match logged(200, false) {
+                Line::Log { skipped } => break skipped,
+                Line::Skip => {
+                    assert!(Instant::now() < until, "the cap never let a line through");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        assert!(
+            next >= 200,
+            "the 200 skipped lines (and those while waiting) are counted: {next}"
+        );
+        set_log_rate(0);
+        assert!(
+            (0..1000).all(|_| logged(200, false) == Line::Log { skipped: 0 }),
+            "0: no cap"
+        );
     }
 
     #[test]
