@@ -322,9 +322,9 @@ async fn record(State(service): State<&'static str>, mut request: Request, next:
     // context again for every line cost about a tenth of a GET hit (docs/performance.md).
     if probe {
         tracing::debug!(request_id = %id_text, service = %service, method = %method, route = %route, status, latency_ms, "request");
-    } else if skipped == 0 {
-        tracing::info!(request_id = %id_text, service = %service, method = %method, route = %route, status, latency_ms, "request");
     } else {
+        // `None` is not written: the field appears only after skipped lines.
+        let skipped = (skipped > 0).then_some(skipped);
         tracing::info!(request_id = %id_text, service = %service, method = %method, route = %route, status, latency_ms, skipped, "request");
     }
     response
