@@ -5,21 +5,25 @@
 //! found"}`; a malformed digest names no message and gets the 404 at once.
 //!
 //! [`router`] is what the standalone binary composes; [`app`] adds health, `/metrics` and
-//! request observation; [`Application`] is the service on its own.
+//! request observation; [`Application`] is the service on its own. A found message that
+//! the hit cache holds is answered before routing, by the router's [`Front`]
+//! ([`router_and_front`]), with the same answer the route gives.
 
 pub mod barrier;
 mod cache;
 
 use axum::body::Bytes;
+use axum::extract::Request;
 use axum::extract::{FromRequestParts, Path, Query, State};
-use axum::http::header;
 use axum::http::request::Parts;
+use axum::http::{header, Method};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use barrier::{BarrierError, ReadBarrier};
 use cache::HitCache;
 use msghash_common::http::openapi::DigestHex;
-use msghash_common::http::{self, ApiError, ErrorBody};
+use msghash_common::http::{self, ApiError, ErrorBody, Front};
 use msghash_common::{partition_for, Digest, EventLog, ReadModel};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -60,12 +64,28 @@ struct AppState {
     hits: Option<Arc<HitCache>>,
 }
 
+/// The route of a message, and its older singular alias.
+const MESSAGE_ROUTE: &str = "/messages/{digest}";
+const MESSAGE_ALIAS_ROUTE: &str = "/message/{digest}";
+
 /// The read-path routes: `GET /messages/{digest}`.
 pub fn router(
     log: Arc<dyn EventLog>,
     model: Arc<dyn ReadModel>,
     settings: QuerySettings,
 ) -> Router {
+    router_and_front(log, model, settings, "query").0
+}
+
+/// [`router`], and its [`Front`] (counted under `service`): a `GET` of a found message that
+/// the hit cache holds, answered before routing with the same answer as the route's. No
+/// front when the cache is off (`cache_bytes` 0).
+pub fn router_and_front(
+    log: Arc<dyn EventLog>,
+    model: Arc<dyn ReadModel>,
+    settings: QuerySettings,
+    service: &'static str,
+) -> (Router, Option<Front>) {
     let state = AppState {
         partitions: log.partitions(),
         barrier: Arc::new(ReadBarrier::new(
@@ -76,13 +96,34 @@ pub fn router(
         model,
         hits: HitCache::new(settings.cache_bytes).map(Arc::new),
     };
-    Router::new()
-        .route("/messages/{digest}", get(get_message))
+    let front = state
+        .hits
+        .clone()
+        .map(|hits| Front::new(service, move |request| cached(&hits, request)));
+    let router = Router::new()
+        .route(MESSAGE_ROUTE, get(get_message))
         // Older clients look messages up in the singular.
-        .route("/message/{digest}", get(get_message))
+        .route(MESSAGE_ALIAS_ROUTE, get(get_message))
         .route("/messages", get(list_messages))
         .route("/all-messages", get(list_messages))
-        .with_state(state)
+        .with_state(state);
+    (router, front)
+}
+
+/// The front's answer to `request`: a `GET` of a digest that `hits` holds (64 hex
+/// characters as they came, either case). Anything else, however unusual (a HEAD, a
+/// percent-encoded or malformed digest, a digest not in the cache), is routed.
+fn cached(hits: &HitCache, request: &Request) -> Option<http::FrontAnswer> {
+    if request.method() != Method::GET {
+        return None;
+    }
+    let path = request.uri().path();
+    let (route, digest) = match path.strip_prefix("/messages/") {
+        Some(digest) => (MESSAGE_ROUTE, digest),
+        None => (MESSAGE_ALIAS_ROUTE, path.strip_prefix("/message/")?),
+    };
+    let body = hits.get(&Digest::parse(digest)?)?;
+    Some((route, found(body)))
 }
 
 /// The OpenAPI description of [`router`]'s routes alone (no health, no headers).
@@ -137,17 +178,28 @@ pub fn full_openapi() -> serde_json::Value {
 /// API's at [`EDGE_OPENAPI_PATH`]), health (ready when the log and the read model answer),
 /// `/metrics`, JSON fallbacks, request observation.
 pub fn app(log: Arc<dyn EventLog>, model: Arc<dyn ReadModel>, settings: QuerySettings) -> Router {
+    app_and_front(log, model, settings).0
+}
+
+/// [`app`], and the front of its router ([`router_and_front`]) for the server.
+pub fn app_and_front(
+    log: Arc<dyn EventLog>,
+    model: Arc<dyn ReadModel>,
+    settings: QuerySettings,
+) -> (Router, Option<Front>) {
     msghash_common::metrics::install();
-    http::service_app(
+    let (routes, front) = router_and_front(log.clone(), model.clone(), settings, "query");
+    let app = http::service_app(
         "query",
-        router(log.clone(), model.clone(), settings)
+        routes
             .merge(http::openapi_route(&openapi()))
             .merge(http::openapi::openapi_route_at(
                 EDGE_OPENAPI_PATH,
                 &full_openapi(),
             )),
         http::log_and_model_ready(log, model),
-    )
+    );
+    (app, front)
 }
 
 /// The `{digest}` of a path. Text that is not 64 hex characters names no message: 404.
@@ -199,13 +251,9 @@ const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 async fn get_message(
     State(state): State<AppState>,
     DigestPath(digest): DigestPath,
-) -> Result<([(header::HeaderName, &'static str); 2], Bytes), ApiError> {
-    let headers = [
-        (header::CONTENT_TYPE, "application/json"),
-        (header::CACHE_CONTROL, IMMUTABLE),
-    ];
+) -> Result<Response, ApiError> {
     if let Some(body) = state.hits.as_ref().and_then(|hits| hits.get(&digest)) {
-        return Ok((headers, body));
+        return Ok(found(body));
     }
     let message = lookup_across_switch(&state, &digest).await?;
     let body = found_body(message)?;
@@ -213,7 +261,17 @@ async fn get_message(
     if let Some(hits) = &state.hits {
         hits.insert(digest, body.clone());
     }
-    Ok((headers, body))
+    Ok(found(body))
+}
+
+/// The 200 of a found message, whether routed or from the [`Front`]: one function, so the
+/// two cannot differ.
+fn found(body: Bytes) -> Response {
+    let headers = [
+        (header::CONTENT_TYPE, "application/json"),
+        (header::CACHE_CONTROL, IMMUTABLE),
+    ];
+    (headers, body).into_response()
 }
 
 /// The JSON body of a 200: `{"message": ...}`, written once into a buffer of about its size.
@@ -412,3 +470,55 @@ impl ReadArgs {
 mod service;
 #[cfg(feature = "service")]
 pub use service::{Application, Cli};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+
+    fn request(method: Method, path: &str) -> Request {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .expect("request")
+    }
+
+    #[test]
+    fn the_front_answers_only_a_get_of_a_cached_digest_as_the_route_would() {
+        let hits = HitCache::new(1024 * 1024).expect("a cache");
+        let kept = Digest::of("kept");
+        let body = found_body("kept".to_owned()).expect("body");
+        hits.insert(kept, body.clone());
+        let hex = kept.to_hex();
+        for (path, route) in [
+            (format!("/messages/{hex}"), MESSAGE_ROUTE),
+            (format!("/messages/{}", hex.to_uppercase()), MESSAGE_ROUTE),
+            (format!("/messages/{hex}?pretty=1"), MESSAGE_ROUTE),
+            (format!("/message/{hex}"), MESSAGE_ALIAS_ROUTE),
+        ] {
+            let (answered, response) = cached(&hits, &request(Method::GET, &path)).expect(&path);
+            assert_eq!(answered, route, "{path}");
+            let expected = found(body.clone());
+            assert_eq!(response.status(), expected.status(), "{path}");
+            assert_eq!(response.headers(), expected.headers(), "{path}");
+        }
+        let not_cached = Digest::of("not kept").to_hex();
+        for (method, path) in [
+            (Method::HEAD, format!("/messages/{hex}")),
+            (Method::POST, format!("/messages/{hex}")),
+            (Method::GET, format!("/messages/{not_cached}")),
+            (Method::GET, format!("/messages/{hex}/")),
+            (Method::GET, format!("/messages//{hex}")),
+            (Method::GET, format!("/messages/%{}", &hex[1..])),
+            (Method::GET, format!("/messages/{}", &hex[..63])),
+            (Method::GET, format!("/other/{hex}")),
+            (Method::GET, "/messages".to_owned()),
+        ] {
+            assert!(
+                cached(&hits, &request(method.clone(), &path)).is_none(),
+                "{method} {path} goes to the router"
+            );
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! The `query` binary's flags and wiring: the read path on the Kafka and ScyllaDB adapters.
 
-use crate::{app, ReadArgs};
+use crate::{app_and_front, ReadArgs};
 use clap::Parser;
 use msghash_common::adapters::scylla::ScyllaGenerations;
 use msghash_common::config::{
@@ -62,13 +62,10 @@ impl service::Application for Application {
         let generations = Arc::new(ScyllaGenerations::connect(&cli.scylla.settings()).await?);
         // Reads go to the active generation and move when a replay switches it.
         let live = LiveModel::open(generations).await?;
-        let server = Server::bind(
-            cli.listen,
-            tls,
-            app(log, live.clone(), cli.read.settings()),
-            cli.http.limits(),
-        )?
-        .guarded(guards);
+        let (app, front) = app_and_front(log, live.clone(), cli.read.settings());
+        let server = Server::bind(cli.listen, tls, app, cli.http.limits())?
+            .guarded(guards)
+            .fronted(front);
         tracing::info!(listen = %server.address(), "query listening");
         Ok(Application { server, live })
     }

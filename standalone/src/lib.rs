@@ -180,14 +180,26 @@ pub fn app(
     write: ingest::IngestSettings,
     read: query::QuerySettings,
 ) -> axum::Router {
+    app_and_front(log, model, write, read).0
+}
+
+/// [`app`], and the front of query's router ([`query::router_and_front`]) for the server.
+pub fn app_and_front(
+    log: Arc<dyn EventLog>,
+    model: Arc<dyn ReadModel>,
+    write: ingest::IngestSettings,
+    read: query::QuerySettings,
+) -> (axum::Router, Option<http::Front>) {
     msghash_common::metrics::install();
-    http::service_app(
+    let (reads, front) = query::router_and_front(log.clone(), model.clone(), read, SERVICE);
+    let app = http::service_app(
         SERVICE,
         ingest::router(log.clone(), write)
-            .merge(query::router(log.clone(), model.clone(), read))
+            .merge(reads)
             .merge(http::openapi_route(&query::full_openapi())),
         http::log_and_model_ready(log, model),
-    )
+    );
+    (app, front)
 }
 
 /// Why `msghash` could not start or stopped early.
@@ -248,7 +260,7 @@ impl Application {
             .map_err(|e| config(&e))?;
         let model: Arc<dyn ReadModel> = live.clone();
 
-        let app = app(
+        let (app, front) = app_and_front(
             log.clone(),
             model,
             cli.write.settings(),
@@ -260,7 +272,8 @@ impl Application {
             .map_err(|e| RunError::Config(e.to_string()))?;
         let server = http::Server::bind(cli.listen, tls, app, cli.http.limits())
             .map_err(|e| RunError::Config(format!("MSGHASH_LISTEN {}: {e}", cli.listen)))?
-            .guarded(guards);
+            .guarded(guards)
+            .fronted(front);
 
         let batch_size = usize::try_from(cli.batch_size).map_err(anyhow::Error::from)?;
         let projector_settings = projector::ProjectorSettings {

@@ -480,6 +480,127 @@ async fn metrics_show_every_family_after_a_post_and_a_get() {
     assert_eq!(ready.status(), StatusCode::OK);
 }
 
+/// After its first read a found message is answered from memory, before routing (query's
+/// front, docs/performance.md item 16). A client must not tell the difference: every later
+/// answer is the first one's, headers included; the guards still refuse; the metrics count
+/// each read under its route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_read_again_is_answered_guarded_and_counted_like_its_first_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys");
+    std::fs::write(
+        &keys,
+        format!(
+            "{}\n",
+            msghash_common::http::guard::key_file_line("reader-key")
+        ),
+    )
+    .expect("keys file");
+    let (m, client) = Msghash::start_with(
+        dir.path(),
+        &[
+            ("MSGHASH_API_KEYS_FILE", &keys),
+            ("MSGHASH_API_KEYS_SCOPE", Path::new("all")),
+        ],
+    )
+    .await;
+    let base = m.base.clone();
+    let created = client
+        .post(format!("{base}/messages"))
+        .bearer_auth("reader-key")
+        .json(&serde_json::json!({ "message": "read again" }))
+        .send()
+        .await
+        .expect("POST answered");
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let digest = Digest::of("read again").to_hex();
+    let read = |path: String, key: Option<&'static str>, id: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            let mut request = client.get(path);
+            if let Some(key) = key {
+                request = request.bearer_auth(key);
+            }
+            if let Some(id) = id {
+                request = request.header("x-request-id", id);
+            }
+            let r = request.send().await.expect("GET answered");
+            let status = r.status();
+            let headers = r.headers().clone();
+            (status, headers, r.bytes().await.expect("body"))
+        }
+    };
+    let path = format!("{base}/messages/{digest}");
+    let (status, first, body) = read(path.clone(), Some("reader-key"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], br#"{"message":"read again"}"#);
+    // What every answer carries, beside the date and its own request id.
+    let same = |h: &reqwest::header::HeaderMap| {
+        [
+            "content-type",
+            "content-length",
+            "cache-control",
+            "strict-transport-security",
+            "x-content-type-options",
+        ]
+        .map(|name| h.get(name).cloned())
+    };
+    for (n, upper) in [(0, false), (1, false), (2, true)] {
+        let path = if upper {
+            format!("{base}/messages/{}", digest.to_uppercase())
+        } else {
+            path.clone()
+        };
+        let (status, again, body_again) = read(path, Some("reader-key"), Some("again-1")).await;
+        assert_eq!(status, StatusCode::OK, "read {n}");
+        assert_eq!(same(&again), same(&first), "read {n}");
+        assert!(
+            same(&again).iter().all(Option::is_some),
+            "read {n}: {again:?}"
+        );
+        assert_eq!(again["x-request-id"], "again-1", "read {n}");
+        assert_eq!(body_again, body, "read {n}");
+    }
+    let (status, generated, _) =
+        read(format!("{base}/message/{digest}"), Some("reader-key"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(generated["x-request-id"], first["x-request-id"]);
+    for key in [None, Some("wrong-key")] {
+        let (status, refused, body) = read(path.clone(), key, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{key:?}");
+        assert_eq!(refused["www-authenticate"], "Bearer");
+        assert!(refused.contains_key("x-request-id"));
+        assert_eq!(&body[..], br#"{"err_msg":"Missing or invalid API key"}"#);
+    }
+
+    let e = scrape(&client, &base).await;
+    let counted = |route: &str, status: &str| {
+        e.sum(
+            names::HTTP_REQUESTS_TOTAL,
+            &[
+                ("service", "msghash"),
+                ("route", route),
+                ("method", "GET"),
+                ("status", status),
+            ],
+        )
+    };
+    assert_eq!(counted("/messages/{digest}", "200"), 4.0);
+    assert_eq!(counted("/message/{digest}", "200"), 1.0);
+    assert_eq!(counted("/messages/{digest}", "401"), 2.0);
+    assert_eq!(
+        e.sum(
+            &format!("{}_count", names::HTTP_REQUEST_DURATION_SECONDS),
+            &[
+                ("service", "msghash"),
+                ("route", "/messages/{digest}"),
+                ("method", "GET")
+            ]
+        ),
+        6.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cert_command_adds_names_and_log_dir_gets_the_logs() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -18,6 +18,11 @@
 //!   second: [`set_log_rate`]) and the request is counted
 //!   in the two HTTP metrics, under the route template (never the raw path).
 //!
+//! A [`Front`] may answer a request before routing (the query's cached found messages): the
+//! request still gets its id, the guards, the headers, the metrics and the `request` line
+//! ([`finish`] is the same for both), but neither the routing, nor a span (nothing is
+//! logged while answering it but the line, which carries the id), nor the timeout.
+//!
 //! It used to be ten layers (tower-http's request-id, trace and set-header layers and four
 //! axum middlewares). axum clones a route's whole layered service for every request, and
 //! every axum middleware clones and boxes the stack below it again: about a third of the
@@ -30,12 +35,16 @@ use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use futures::future::Either;
 use metrics::{Counter, Histogram};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::{ready, Ready};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 use tower_http::request_id::{MakeRequestId, RequestId};
 use tower_http::timeout::TimeoutLayer;
@@ -277,19 +286,42 @@ fn count(service: &'static str, route: &str, method: &'static str, status: u16, 
     });
 }
 
+/// What [`finish`] needs of a request, taken when it came in.
+struct Started {
+    at: Instant,
+    id: HeaderValue,
+    method: &'static str,
+}
+
+/// Sets the request's id (see [`assign_request_id`]) and notes its method and start.
+fn start(request: &mut Request) -> Started {
+    Started {
+        at: Instant::now(),
+        id: assign_request_id(request),
+        method: method_label(request.method()),
+    }
+}
+
 /// The one middleware of every route (see the module doc).
 async fn record(State(service): State<&'static str>, mut request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let id = assign_request_id(&mut request);
-    let id_text = id.to_str().unwrap_or_default();
-    let span = tracing::info_span!("request", request_id = %id_text);
-    let method = method_label(request.method());
+    let started = start(&mut request);
+    let span =
+        tracing::info_span!("request", request_id = %started.id.to_str().unwrap_or_default());
     // A reference count, not a copy of the template.
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let response = match super::guard::refusal(&request) {
         Some(refused) => refused,
         None => next.run(request).instrument(span.clone()).await,
     };
+    let route = matched
+        .as_ref()
+        .map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
+    finish(service, route, started, response)
+}
+
+/// What every answer gets, routed or given by a [`Front`]: the headers, the count in the
+/// HTTP metrics, the `request` line.
+fn finish(service: &'static str, route: &str, started: Started, response: Response) -> Response {
     let mut response = json_error_body(response);
     let headers = response.headers_mut();
     if !headers.contains_key(header::CACHE_CONTROL) {
@@ -303,20 +335,19 @@ async fn record(State(service): State<&'static str>, mut request: Request, next:
         header::STRICT_TRANSPORT_SECURITY,
         HeaderValue::from_static("max-age=31536000"),
     );
+    let Started { at, id, method } = started;
     if !headers.contains_key(&REQUEST_ID) && !id.is_empty() {
         headers.insert(REQUEST_ID, id.clone());
     }
-    let elapsed = started.elapsed();
+    let elapsed = at.elapsed();
     let status = response.status().as_u16();
-    let route = matched
-        .as_ref()
-        .map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
     count(service, route, method, status, elapsed.as_secs_f64());
     // Probes come every few seconds from orchestrators and scrapers: debug, not info.
     let probe = route.starts_with("/health/") || route == "/metrics";
     let Line::Log { skipped } = logged(status, probe) else {
         return response;
     };
+    let id_text = id.to_str().unwrap_or_default();
     let latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
     // Outside the span: the line carries the request id itself, and formatting the span's
     // context again for every line cost about a tenth of a GET hit (docs/performance.md).
@@ -329,6 +360,83 @@ async fn record(State(service): State<&'static str>, mut request: Request, next:
     }
     response
 }
+
+/// What a [`Front`] answers with: the route template the router would have matched (the
+/// `route` of the metrics and the `request` line), and the answer.
+pub type FrontAnswer = (&'static str, Response);
+
+/// Answers that a service can give before routing, from memory and at once: the query's
+/// cached found messages (docs/performance.md, item 16). Routing, the `request` span and
+/// the timeout cost about two fifths of such a hit, and none of them is needed for it:
+/// nothing is logged while answering it but its `request` line, which carries the id.
+///
+/// A front's answer must be exactly the one the routed handler would give (same status,
+/// headers and body). Everything else of [`observe`] still applies: the request id, the
+/// guards (a refused request gets their 401 or 429, not the answer), the headers, the
+/// metrics and the `request` line. When the front has no answer the request is routed as
+/// usual.
+#[derive(Clone)]
+pub struct Front {
+    service: &'static str,
+    answer: Arc<AnswerFn>,
+}
+
+type AnswerFn = dyn Fn(&Request) -> Option<FrontAnswer> + Send + Sync;
+
+impl Front {
+    /// A front of `service` (the metrics' label); `answer` must be cheap and must not
+    /// block: it runs on the connection's task before anything else.
+    pub fn new(
+        service: &'static str,
+        answer: impl Fn(&Request) -> Option<FrontAnswer> + Send + Sync + 'static,
+    ) -> Front {
+        Front {
+            service,
+            answer: Arc::new(answer),
+        }
+    }
+}
+
+/// `router` behind an optional [`Front`]: the service the server runs.
+pub fn fronted(front: Option<Front>, router: Router) -> Fronted {
+    Fronted { front, router }
+}
+
+/// See [`fronted`].
+#[derive(Clone)]
+pub struct Fronted {
+    front: Option<Front>,
+    router: Router,
+}
+
+impl<B> tower::Service<axum::http::Request<B>> for Fronted
+where
+    B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, RouterFuture>;
+
+    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
+        // A router is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let mut request = request.map(axum::body::Body::new);
+        if let Some(front) = &self.front {
+            if let Some((route, answer)) = (front.answer)(&request) {
+                let started = start(&mut request);
+                let response = super::guard::refusal(&request).unwrap_or(answer);
+                return Either::Left(ready(Ok(finish(front.service, route, started, response))));
+            }
+        }
+        Either::Right(tower::Service::call(&mut self.router, request))
+    }
+}
+
+type RouterFuture = <Router as tower::Service<Request>>::Future;
 
 /// A 503 without a body (the timeout layer's) becomes [`ApiError::Unavailable`], so a client
 /// sees the same JSON error and `Retry-After` as from any other 503.

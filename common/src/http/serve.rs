@@ -16,6 +16,7 @@
 //!   they would keep an idle connection busy; a dead peer is found by the idle timeout.
 
 use super::guard::Guards;
+use super::observe::{fronted, Front};
 use axum::{Extension, Router};
 use axum_server::accept::Accept;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
@@ -77,6 +78,7 @@ pub struct Server {
     router: Router,
     limits: ConnectionLimits,
     guards: Arc<Guards>,
+    front: Option<Front>,
 }
 
 impl Server {
@@ -97,12 +99,20 @@ impl Server {
             router,
             limits,
             guards: Arc::new(Guards::default()),
+            front: None,
         })
     }
 
     /// Puts `guards` (rate limit, API keys) on every request; see [`super::guard`].
     pub fn guarded(mut self, guards: Guards) -> Server {
         self.guards = Arc::new(guards);
+        self
+    }
+
+    /// Answers what `front` can before routing (see [`Front`]); `None`: every request is
+    /// routed.
+    pub fn fronted(mut self, front: Option<Front>) -> Server {
+        self.front = front;
         self
     }
 
@@ -165,7 +175,7 @@ impl Server {
         let app = tower::ServiceBuilder::new()
             .layer(Extension(BodyTimeout(limits.body_timeout)))
             .layer(Extension(self.guards))
-            .service(self.router);
+            .service(fronted(self.front, self.router));
         server
             .serve(
                 axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
