@@ -117,6 +117,12 @@ async fn http_contract(stack: &Stack) {
 
     let found = stack.get(FOO).await;
     assert_eq!(
+        found.status(),
+        StatusCode::OK,
+        "read-your-writes through the edge: {:?}",
+        found.headers()
+    );
+    assert_eq!(
         found.headers()["cache-control"],
         "public, max-age=31536000, immutable",
         "a message never changes under its digest"
