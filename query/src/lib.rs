@@ -96,10 +96,13 @@ pub fn router_and_front(
         model,
         hits: HitCache::new(settings.cache_bytes).map(Arc::new),
     };
-    let front = state
-        .hits
-        .clone()
-        .map(|hits| Front::new(service, move |request| cached(&hits, request)));
+    let front = state.hits.clone().map(|hits| {
+        Front::new(
+            service,
+            |request| front_route(request).map(|(route, _)| route),
+            move |request| cached(&hits, request),
+        )
+    });
     let router = Router::new()
         .route(MESSAGE_ROUTE, get(get_message))
         // Older clients look messages up in the singular.
@@ -110,10 +113,10 @@ pub fn router_and_front(
     (router, front)
 }
 
-/// The front's answer to `request`: a `GET` of a digest that `hits` holds (64 hex
-/// characters as they came, either case). Anything else, however unusual (a HEAD, a
-/// percent-encoded or malformed digest, a digest not in the cache), is routed.
-fn cached(hits: &HitCache, request: &Request) -> Option<http::FrontAnswer> {
+/// Whether the front may answer `request`, and under which route: a `GET` of a digest, 64
+/// hex characters as they came (either case). Anything else, however unusual (a HEAD, a
+/// percent-encoded or malformed digest), is routed. Reads nothing but the request.
+fn front_route(request: &Request) -> Option<(&'static str, Digest)> {
     if request.method() != Method::GET {
         return None;
     }
@@ -122,8 +125,14 @@ fn cached(hits: &HitCache, request: &Request) -> Option<http::FrontAnswer> {
         Some(digest) => (MESSAGE_ROUTE, digest),
         None => (MESSAGE_ALIAS_ROUTE, path.strip_prefix("/message/")?),
     };
-    let body = hits.get(&Digest::parse(digest)?)?;
-    Some((route, found(body)))
+    Some((route, Digest::parse(digest)?))
+}
+
+/// The front's answer to `request`, once the guards let it through: the message when
+/// `hits` holds it; else the request is routed (and read from the model).
+fn cached(hits: &HitCache, request: &Request) -> Option<Response> {
+    let (_, digest) = front_route(request)?;
+    hits.get(&digest).map(found)
 }
 
 /// The OpenAPI description of [`router`]'s routes alone (no health, no headers).
@@ -497,17 +506,21 @@ mod tests {
             (format!("/messages/{hex}?pretty=1"), MESSAGE_ROUTE),
             (format!("/message/{hex}"), MESSAGE_ALIAS_ROUTE),
         ] {
-            let (answered, response) = cached(&hits, &request(Method::GET, &path)).expect(&path);
-            assert_eq!(answered, route, "{path}");
+            let request = request(Method::GET, &path);
+            assert_eq!(front_route(&request), Some((route, kept)), "{path}");
+            let response = cached(&hits, &request).expect(&path);
             let expected = found(body.clone());
             assert_eq!(response.status(), expected.status(), "{path}");
             assert_eq!(response.headers(), expected.headers(), "{path}");
         }
-        let not_cached = Digest::of("not kept").to_hex();
+        // The front's, but not cached: the guards are asked, then the router answers.
+        let not_cached = Digest::of("not kept");
+        let uncached = request(Method::GET, &format!("/messages/{}", not_cached.to_hex()));
+        assert_eq!(front_route(&uncached), Some((MESSAGE_ROUTE, not_cached)));
+        assert!(cached(&hits, &uncached).is_none());
         for (method, path) in [
             (Method::HEAD, format!("/messages/{hex}")),
             (Method::POST, format!("/messages/{hex}")),
-            (Method::GET, format!("/messages/{not_cached}")),
             (Method::GET, format!("/messages/{hex}/")),
             (Method::GET, format!("/messages//{hex}")),
             (Method::GET, format!("/messages/%{}", &hex[1..])),
@@ -515,10 +528,12 @@ mod tests {
             (Method::GET, format!("/other/{hex}")),
             (Method::GET, "/messages".to_owned()),
         ] {
+            let request = request(method.clone(), &path);
             assert!(
-                cached(&hits, &request(method.clone(), &path)).is_none(),
+                front_route(&request).is_none(),
                 "{method} {path} goes to the router"
             );
+            assert!(cached(&hits, &request).is_none(), "{method} {path}");
         }
     }
 }

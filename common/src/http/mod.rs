@@ -22,7 +22,7 @@ pub use body::{decode_json, read_json, BodyLimit, JsonBody, RequestBody, DRAIN_L
 pub use error::{method_not_allowed, route_not_found, with_error_fallbacks, ApiError};
 pub use guard::{ApiKeys, Guards, KeyScope, RateLimit};
 pub use health::{health_routes, log_and_model_ready, log_ready};
-pub use observe::{fronted, observe, Front, FrontAnswer, Fronted, REQUEST_ID, UNMATCHED_ROUTE};
+pub use observe::{fronted, observe, Front, Fronted, REQUEST_ID, UNMATCHED_ROUTE};
 pub use openapi::{openapi_route, ErrorBody};
 pub use serve::{BodyTimeout, ConnectionLimits, Server, GRACE};
 

@@ -19,9 +19,10 @@
 //!   in the two HTTP metrics, under the route template (never the raw path).
 //!
 //! A [`Front`] may answer a request before routing (the query's cached found messages): the
-//! request still gets its id, the guards, the headers, the metrics and the `request` line
-//! ([`finish`] is the same for both), but neither the routing, nor a span (nothing is
-//! logged while answering it but the line, which carries the id), nor the timeout.
+//! request still gets its id, the guards (before the front looks anything up), the headers,
+//! the metrics and the `request` line ([`finish`] is the same for both), but neither the
+//! routing, nor a span (nothing is logged while answering it but the line, which carries
+//! the id), nor the timeout.
 //!
 //! It used to be ten layers (tower-http's request-id, trace and set-header layers and four
 //! axum middlewares). axum clones a route's whole layered service for every request, and
@@ -361,37 +362,44 @@ fn finish(service: &'static str, route: &str, started: Started, response: Respon
     response
 }
 
-/// What a [`Front`] answers with: the route template the router would have matched (the
-/// `route` of the metrics and the `request` line), and the answer.
-pub type FrontAnswer = (&'static str, Response);
-
 /// Answers that a service can give before routing, from memory and at once: the query's
 /// cached found messages (docs/performance.md, item 16). Routing, the `request` span and
 /// the timeout cost about two fifths of such a hit, and none of them is needed for it:
 /// nothing is logged while answering it but its `request` line, which carries the id.
 ///
-/// A front's answer must be exactly the one the routed handler would give (same status,
-/// headers and body). Everything else of [`observe`] still applies: the request id, the
-/// guards (a refused request gets their 401 or 429, not the answer), the headers, the
-/// metrics and the `request` line. When the front has no answer the request is routed as
-/// usual.
+/// Two steps, with the guards between them, as for a routed request: `route` says, from
+/// the request alone, whether the front may answer it and under which route template (the
+/// one the router would match: the `route` of the metrics and of the `request` line); the
+/// guards then refuse it (401, 429) or let it through, and only then does `answer` look it
+/// up. A refused client never reaches what `answer` reads (no timing tells it what is
+/// cached). When `answer` has nothing the request is routed, and the guards, having let it
+/// through once, are not asked again (a request takes one rate-limit token, not two).
+///
+/// An answer must be exactly the one the routed handler would give (same status, headers
+/// and body). Everything else of [`observe`] still applies: the request id, the headers,
+/// the metrics and the `request` line ([`finish`]).
 #[derive(Clone)]
 pub struct Front {
     service: &'static str,
+    route: Arc<RouteFn>,
     answer: Arc<AnswerFn>,
 }
 
-type AnswerFn = dyn Fn(&Request) -> Option<FrontAnswer> + Send + Sync;
+type RouteFn = dyn Fn(&Request) -> Option<&'static str> + Send + Sync;
+type AnswerFn = dyn Fn(&Request) -> Option<Response> + Send + Sync;
 
 impl Front {
-    /// A front of `service` (the metrics' label); `answer` must be cheap and must not
-    /// block: it runs on the connection's task before anything else.
+    /// A front of `service` (the metrics' label). Both functions run on the connection's
+    /// task before anything else: they must be cheap and must not block; `route` must not
+    /// read what the guards protect.
     pub fn new(
         service: &'static str,
-        answer: impl Fn(&Request) -> Option<FrontAnswer> + Send + Sync + 'static,
+        route: impl Fn(&Request) -> Option<&'static str> + Send + Sync + 'static,
+        answer: impl Fn(&Request) -> Option<Response> + Send + Sync + 'static,
     ) -> Front {
         Front {
             service,
+            route: Arc::new(route),
             answer: Arc::new(answer),
         }
     }
@@ -418,18 +426,24 @@ where
     type Error = Infallible;
     type Future = Either<Ready<Result<Response, Infallible>>, RouterFuture>;
 
-    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
-        // A router is always ready.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
+        tower::Service::<Request>::poll_ready(&mut self.router, cx)
     }
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
         let mut request = request.map(axum::body::Body::new);
         if let Some(front) = &self.front {
-            if let Some((route, answer)) = (front.answer)(&request) {
-                let started = start(&mut request);
-                let response = super::guard::refusal(&request).unwrap_or(answer);
-                return Either::Left(ready(Ok(finish(front.service, route, started, response))));
+            if let Some(route) = (front.route)(&request) {
+                let answer = match super::guard::refusal(&request) {
+                    Some(refused) => Some(refused),
+                    None => (front.answer)(&request),
+                };
+                if let Some(answer) = answer {
+                    let started = start(&mut request);
+                    return Either::Left(ready(Ok(finish(front.service, route, started, answer))));
+                }
+                // Let through by the guards already (see `Front`).
+                request.extensions_mut().remove::<Arc<super::Guards>>();
             }
         }
         Either::Right(tower::Service::call(&mut self.router, request))
@@ -472,6 +486,119 @@ fn method_label(method: &Method) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::guard::key_file_line;
+    use crate::http::{ApiKeys, Guards, KeyScope, RateLimit};
+    use axum::body::Body;
+    use axum::extract::ConnectInfo;
+    use axum::routing::get;
+    use std::net::SocketAddr;
+    use tower::ServiceExt;
+
+    /// A front that may answer `GET /front` and answers when `cached`, counting the
+    /// answers it was asked for, around a router whose `/front` says "routed".
+    fn front_and_router(cached: bool, asked: Arc<AtomicU32>) -> Fronted {
+        let front = Front::new(
+            "unit",
+            |request| (request.uri().path() == "/front").then_some("/front"),
+            move |_| {
+                asked.fetch_add(1, Ordering::Relaxed);
+                cached.then(|| "from the front".into_response())
+            },
+        );
+        let router = observe(
+            Router::new().route("/front", get(|| async { "routed" })),
+            "unit",
+        );
+        fronted(Some(front), router)
+    }
+
+    fn guarded_get(guards: &Arc<Guards>, key: Option<&str>) -> Request {
+        let mut request = Request::builder().uri("/front");
+        if let Some(key) = key {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let mut request = request.body(Body::empty()).expect("request");
+        request.extensions_mut().insert(guards.clone());
+        let peer: SocketAddr = "192.0.2.7:5000".parse().expect("addr");
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request
+    }
+
+    async fn body_of(response: Response) -> String {
+        let bytes = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .expect("body");
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_refused_request_never_reaches_the_front_and_an_admitted_one_is_answered() {
+        let dir = tempfile::tempdir().expect("dir");
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, format!("{}\n", key_file_line("the-key"))).expect("keys");
+        let guards = Arc::new(Guards {
+            api_keys: Some(ApiKeys::load(&keys, KeyScope::All).expect("keys")),
+            ..Guards::default()
+        });
+        let asked = Arc::new(AtomicU32::new(0));
+        let service = front_and_router(true, asked.clone());
+        for key in [None, Some("wrong")] {
+            let refused = service
+                .clone()
+                .oneshot(guarded_get(&guards, key))
+                .await
+                .expect("answer");
+            assert_eq!(refused.status(), StatusCode::UNAUTHORIZED, "{key:?}");
+            assert!(refused.headers().contains_key(&REQUEST_ID));
+        }
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            0,
+            "the front was asked for a refused request"
+        );
+        let admitted = service
+            .oneshot(guarded_get(&guards, Some("the-key")))
+            .await
+            .expect("answer");
+        assert_eq!(admitted.status(), StatusCode::OK);
+        assert_eq!(
+            admitted.headers()[header::STRICT_TRANSPORT_SECURITY],
+            "max-age=31536000"
+        );
+        assert_eq!(body_of(admitted).await, "from the front");
+        assert_eq!(asked.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_the_front_has_no_answer_for_is_routed_and_takes_one_rate_token() {
+        let one = NonZeroU32::new(1).expect("1");
+        let three = NonZeroU32::new(3).expect("3");
+        let guards = Arc::new(Guards {
+            rate_limit: Some(RateLimit::new(one, three)),
+            ..Guards::default()
+        });
+        let asked = Arc::new(AtomicU32::new(0));
+        let service = front_and_router(false, asked.clone());
+        for n in 0..3 {
+            let routed = service
+                .clone()
+                .oneshot(guarded_get(&guards, None))
+                .await
+                .expect("answer");
+            assert_eq!(
+                routed.status(),
+                StatusCode::OK,
+                "request {n} of a burst of 3"
+            );
+            assert_eq!(body_of(routed).await, "routed");
+        }
+        let limited = service
+            .oneshot(guarded_get(&guards, None))
+            .await
+            .expect("answer");
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(asked.load(Ordering::Relaxed), 3);
+    }
 
     fn is_logged(status: u16) -> bool {
         logged(status, false) != Line::Skip
