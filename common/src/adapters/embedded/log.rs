@@ -15,6 +15,7 @@ pub struct EmbeddedLog {
 
 struct LogInner {
     store: Arc<Reopenable>,
+    segment: Arc<Segment>,
     partitions: NonZeroU32,
     /// Most appends waiting for the writer; past it an append is shed at once.
     bound: usize,
@@ -45,8 +46,10 @@ impl Drop for LogInner {
 }
 
 impl EmbeddedLog {
-    /// Opens (or creates) `dir/events.redb` with `partitions` partitions. The count is
-    /// recorded on first open; any later open must ask for the same count. At most
+    /// Opens (or creates) the log in `dir` (`events.log` and `events.redb`) with
+    /// `partitions` partitions. The count is recorded on first open; any later open must
+    /// ask for the same count. A log of the earlier layout (records in `events.redb`) has
+    /// its records moved to `events.log` first. At most
     /// [`DEFAULT_WRITE_QUEUE`] appends wait for the writer. Blocking.
     pub fn open(dir: &Path, count: NonZeroU32) -> Result<EmbeddedLog, EmbeddedError> {
         EmbeddedLog::open_with_queue(dir, count, DEFAULT_WRITE_QUEUE)
@@ -69,39 +72,81 @@ impl EmbeddedLog {
         #[cfg_attr(not(test), allow(unused_variables))] setup: impl FnOnce(&mut Writer),
     ) -> Result<EmbeddedLog, EmbeddedError> {
         let partitions = count.get();
-        let (db, file) = open_database(dir, LOG_FILE, LOG_CACHE_BYTES)?;
+        let (mut db, file) = open_database(dir, LOG_FILE, LOG_CACHE_BYTES)?;
         let storage = |e: redb::Error| EmbeddedError::storage(&file, e);
 
         let txn = begin_durable(&db).map_err(storage)?;
-        let ends = {
-            let mut meta = txn.open_table(LOG_META).map_err(|e| storage(e.into()))?;
-            check_layout(&mut meta, &file)?;
-            let stored = meta
-                .get(META_PARTITIONS)
-                .map_err(|e| storage(e.into()))?
-                .map(|v| v.value());
-            match stored {
-                Some(stored) if stored != u64::from(partitions) => {
-                    return Err(EmbeddedError::PartitionMismatch {
-                        dir: dir.to_path_buf(),
-                        stored,
-                        requested: partitions,
-                    });
-                }
-                Some(_) => {}
-                None => {
-                    meta.insert(META_PARTITIONS, u64::from(partitions))
-                        .map_err(|e| storage(e.into()))?;
-                }
-            }
-            txn.open_table(GROUP_POSITIONS)
-                .map_err(|e| storage(e.into()))?;
-            txn.open_table(DEAD_LETTERS)
-                .map_err(|e| storage(e.into()))?;
-            let records = txn.open_table(RECORDS).map_err(|e| storage(e.into()))?;
-            stored_ends(&records, partitions).map_err(|e| storage(e.into()))?
+        let (layout, stored, synced) = {
+            let meta = txn.open_table(LOG_META).map_err(|e| storage(e.into()))?;
+            let get = |key| -> Result<Option<u64>, EmbeddedError> {
+                Ok(meta
+                    .get(key)
+                    .map_err(|e| storage(e.into()))?
+                    .map(|v| v.value()))
+            };
+            (
+                get(META_LAYOUT)?,
+                get(META_PARTITIONS)?,
+                get(META_SYNCED_END)?,
+            )
         };
+        if let Some(found) = layout.filter(|&v| v != LOG_LAYOUT_VERSION && v != LEGACY_LOG_LAYOUT) {
+            return Err(EmbeddedError::UnsupportedLayout { file, found });
+        }
+        if let Some(stored) = stored.filter(|&stored| stored != u64::from(partitions)) {
+            return Err(EmbeddedError::PartitionMismatch {
+                dir: dir.to_path_buf(),
+                stored,
+                requested: partitions,
+            });
+        }
+        let migrated = match layout {
+            Some(LEGACY_LOG_LAYOUT) => Some(migrate(&txn, dir, &file)?),
+            _ => None,
+        };
+        // A log without a layout is new: its records file may not exist yet. Once the
+        // layout is committed, the file must be there.
+        let fresh = layout.is_none() || migrated.is_some();
+        let synced = if migrated.is_some() {
+            0
+        } else {
+            synced.unwrap_or(0)
+        };
+        let (segment, ends) = Segment::open(dir, partitions, fresh, synced)?;
+        if layout.is_none() {
+            sync_dir(dir);
+        }
+        {
+            let mut meta = txn.open_table(LOG_META).map_err(|e| storage(e.into()))?;
+            meta.insert(META_LAYOUT, LOG_LAYOUT_VERSION)
+                .map_err(|e| storage(e.into()))?;
+            meta.insert(META_PARTITIONS, u64::from(partitions))
+                .map_err(|e| storage(e.into()))?;
+            let end = segment.durable_end().map_err(|e| EmbeddedError::Storage {
+                file: segment.path().to_path_buf(),
+                detail: e.to_string(),
+            })?;
+            meta.insert(META_SYNCED_END, end)
+                .map_err(|e| storage(e.into()))?;
+        }
+        txn.open_table(GROUP_POSITIONS)
+            .map_err(|e| storage(e.into()))?;
+        txn.open_table(DEAD_LETTERS)
+            .map_err(|e| storage(e.into()))?;
         txn.commit().map_err(|e| storage(e.into()))?;
+        if let Some(moved) = migrated {
+            // The records' pages are free now; give them back to the file system.
+            db.compact().map_err(|e| storage(e.into()))?;
+            tracing::info!(
+                records = moved, from = %file.display(), to = %segment.path().display(),
+                "moved the event log's records to their own file (layout 1 to 2)"
+            );
+        }
+        let segment = Arc::new(segment);
+        let end = segment.durable_end().map_err(|e| EmbeddedError::Storage {
+            file: segment.path().to_path_buf(),
+            detail: e.to_string(),
+        })?;
 
         let store = Arc::new(Reopenable::new(file, LOG_CACHE_BYTES, db));
         let (ends_tx, ends_rx) = watch::channel(ends.clone());
@@ -112,7 +157,9 @@ impl EmbeddedLog {
         #[cfg_attr(not(test), allow(unused_mut))]
         let mut writer = Writer {
             store: store.clone(),
-            partitions,
+            segment: segment.clone(),
+            end,
+            frames: Vec::new(),
             next: ends,
             queue,
             ends: ends_tx,
@@ -133,6 +180,7 @@ impl EmbeddedLog {
         Ok(EmbeddedLog {
             inner: Arc::new(LogInner {
                 store,
+                segment,
                 partitions: count,
                 bound: write_queue.max(1),
                 queued,
@@ -145,9 +193,15 @@ impl EmbeddedLog {
         })
     }
 
-    /// The database file.
+    /// The database file (group positions, dead letters; the records are in
+    /// [`records_path`](EmbeddedLog::records_path)).
     pub fn path(&self) -> &Path {
         self.inner.store.file()
+    }
+
+    /// The records file, `events.log`.
+    pub fn records_path(&self) -> &Path {
+        self.inner.segment.path()
     }
 
     /// Whether the log can write: false from a failed commit (disk full, I/O error) until
@@ -380,9 +434,6 @@ impl EmbeddedSubscription {
         let inner = self.inner.clone();
         let from = self.next.clone();
         tokio::task::spawn_blocking(move || {
-            let db = inner.store.get().map_err(storage_unavailable)?;
-            let txn = db.begin_read().map_err(storage_unavailable)?;
-            let table = txn.open_table(RECORDS).map_err(storage_unavailable)?;
             let n = quotas.len();
             let mut batch = Vec::with_capacity(quotas.iter().sum::<usize>().min(64 * 1024));
             let mut counts = vec![0; n];
@@ -395,42 +446,30 @@ impl EmbeddedSubscription {
                 let p = u32::try_from(i).map_err(|_| {
                     LogError::Unavailable(format!("embedded event log: partition {i} overflows"))
                 })?;
-                let last = first + quota as u64 - 1;
-                let mut read = 0u64;
-                for entry in table
-                    .range((p, first)..=(p, last))
-                    .map_err(storage_unavailable)?
-                {
-                    if bytes >= MAX_READ_BYTES {
-                        break;
-                    }
-                    let (key, value) = entry.map_err(storage_unavailable)?;
-                    let (_, offset) = key.value();
-                    // Committed offsets are contiguous from 0: anything else is a damaged
-                    // file, never a record to skip.
-                    if offset != first + read {
-                        return Err(LogError::Unavailable(format!(
-                            "embedded event log: partition {p} is missing offset {} (found {offset})",
-                            first + read
-                        )));
-                    }
-                    let (k, v) = value.value();
-                    bytes += k.len() + v.len();
+                // Each read returns at least one record, so the batch has one even if that
+                // one alone is past the byte bound.
+                let records = inner
+                    .segment
+                    .read(p, first, quota, MAX_READ_BYTES - bytes)
+                    .map_err(|e| LogError::Unavailable(format!("embedded event log: {e}")))?;
+                // Published offsets are in the index: fewer records than asked for, short
+                // of the byte bound, means a damaged log, never records to skip.
+                let read: usize = records.len();
+                for record in records {
+                    bytes += record.key.len() + record.value.len();
                     batch.push(LogRecord {
                         partition: p,
-                        offset: to_offset(offset)?,
-                        key: Some(k.to_vec()),
-                        value: Some(v.to_vec()),
+                        offset: to_offset(record.offset)?,
+                        key: Some(record.key),
+                        value: Some(record.value),
                     });
-                    read += 1;
                 }
-                counts[i] = usize::try_from(read).unwrap_or(usize::MAX);
-                // Fewer records than asked for (short of the byte bound) means the end of
-                // the partition is missing: a damaged file too.
-                if counts[i] != quota && bytes < MAX_READ_BYTES {
+                counts[i] = read;
+                if read != quota && bytes < MAX_READ_BYTES {
                     return Err(LogError::Unavailable(format!(
-                        "embedded event log: partition {p} is missing records in {}..={last}",
-                        first + read
+                        "embedded event log: partition {p} is missing records in {}..{}",
+                        first + read as u64,
+                        first + quota as u64
                     )));
                 }
             }
@@ -626,6 +665,180 @@ mod tests {
         assert_eq!(offsets, vec![0, 1]);
         assert_eq!(log.append(0, &event(3)).await.expect("room again"), 2);
         assert!(log.ready().await.is_ok());
+    }
+
+    fn two_partitions() -> NonZeroU32 {
+        NonZeroU32::new(2).expect("two")
+    }
+
+    /// Every record of `log`, by partition, decoded back to its message.
+    async fn messages(log: &EmbeddedLog) -> Vec<Vec<String>> {
+        let mut sub = log.subscribe("check").await.expect("subscribe");
+        let ends: Vec<u64> = log.inner.ends.borrow().clone();
+        let total: u64 = ends.iter().sum();
+        let mut out = vec![Vec::new(); ends.len()];
+        let mut seen = 0;
+        while seen < total {
+            let batch = sub
+                .next_batch(1000, Duration::from_secs(5))
+                .await
+                .expect("batch");
+            assert!(!batch.is_empty(), "a committed record could not be read");
+            for record in batch {
+                let event = MessageHashed::decode(record.key.as_deref(), record.value.as_deref())
+                    .expect("decodes");
+                let list = &mut out[record.partition as usize];
+                assert_eq!(record.offset as usize, list.len(), "offsets in order");
+                list.push(event.message);
+                seen += 1;
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_write_at_the_end_is_cut_and_appends_go_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = EmbeddedLog::open(dir.path(), two_partitions()).expect("open");
+        for i in 0..5 {
+            log.append((i % 2) as u32, &event(i)).await.expect("append");
+        }
+        let records = log.records_path().to_path_buf();
+        drop(log);
+        let good = std::fs::metadata(&records).expect("file").len();
+        // What a crash in the middle of the next group's write leaves: one whole frame and
+        // the start of another, neither acknowledged.
+        let (whole, cut) = (event(100), event(101));
+        let mut torn = Vec::new();
+        segment::encode(&mut torn, 1, 2, whole.key(), &whole.encode());
+        let kept = good + torn.len() as u64;
+        segment::encode(&mut torn, 0, 3, cut.key(), &cut.encode());
+        torn.truncate(torn.len() - 7);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&records)
+            .expect("open records");
+        std::io::Write::write_all(&mut file, &torn).expect("write");
+        drop(file);
+
+        let log = EmbeddedLog::open(dir.path(), two_partitions()).expect("reopen cuts the end");
+        // The whole frame is a record (as with Kafka, a write whose caller got no answer may
+        // survive); the cut one is gone.
+        assert_eq!(std::fs::metadata(&records).expect("file").len(), kept);
+        assert_eq!(
+            messages(&log).await,
+            vec![
+                vec![
+                    "message 0".to_owned(),
+                    "message 2".into(),
+                    "message 4".into()
+                ],
+                vec![
+                    "message 1".to_owned(),
+                    "message 3".into(),
+                    "message 100".into()
+                ],
+            ]
+        );
+        assert_eq!(log.append(0, &event(5)).await.expect("append"), 3);
+        drop(log);
+        let log = EmbeddedLog::open(dir.path(), two_partitions()).expect("reopen");
+        assert_eq!(messages(&log).await[0].len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_record_before_the_durable_end_is_refused_not_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = EmbeddedLog::open(dir.path(), two_partitions()).expect("open");
+        for i in 0..4 {
+            log.append(0, &event(i)).await.expect("append");
+        }
+        // A position commit records how far the file was durable.
+        let mut sub = log.subscribe("g").await.expect("subscribe");
+        sub.commit(&[(0, 0)]).await.expect("commit");
+        drop(sub);
+        let records = log.records_path().to_path_buf();
+        drop(log);
+        let mut bytes = std::fs::read(&records).expect("read");
+        let len = bytes.len();
+        // A byte of the second record's message.
+        bytes[len / 4 + len / 8] ^= 0x55;
+        std::fs::write(&records, &bytes).expect("write");
+
+        match EmbeddedLog::open(dir.path(), two_partitions()) {
+            Err(EmbeddedError::Storage { file, detail }) => {
+                assert_eq!(file, records);
+                assert!(detail.contains("damaged"), "{detail}");
+            }
+            Err(other) => panic!("expected a storage error, got {other}"),
+            Ok(_) => panic!("a damaged log opened"),
+        }
+        assert_eq!(
+            std::fs::read(&records).expect("read").len(),
+            len,
+            "nothing was cut"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_log_of_the_first_layout_has_its_records_moved_to_their_own_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            // A layout-1 log as earlier builds wrote it: records in `events.redb`.
+            let (db, _) = open_database(dir.path(), LOG_FILE, LOG_CACHE_BYTES).expect("create");
+            let txn = begin_durable(&db).expect("txn");
+            {
+                let mut meta = txn.open_table(LOG_META).expect("meta");
+                meta.insert(META_LAYOUT, LEGACY_LOG_LAYOUT).expect("layout");
+                meta.insert(META_PARTITIONS, 2).expect("partitions");
+                let mut records = txn.open_table(RECORDS).expect("records");
+                for (i, (p, o)) in [(0u32, 0u64), (1, 0), (0, 1)].into_iter().enumerate() {
+                    let e = event(i);
+                    records
+                        .insert((p, o), (e.key(), e.encode().as_slice()))
+                        .expect("record");
+                }
+                let mut positions = txn.open_table(GROUP_POSITIONS).expect("positions");
+                positions.insert(("g", 0), 1).expect("position");
+            }
+            txn.commit().expect("commit");
+        }
+        // An earlier move that a crash interrupted left a partial file: it is redone.
+        std::fs::write(dir.path().join(SEGMENT_FILE), b"half a move").expect("write");
+
+        let log = EmbeddedLog::open(dir.path(), two_partitions()).expect("open moves");
+        assert_eq!(
+            messages(&log).await,
+            vec![
+                vec!["message 0".to_owned(), "message 2".into()],
+                vec!["message 1".to_owned()],
+            ]
+        );
+        let mut sub = log.subscribe("g").await.expect("subscribe");
+        let resumed = sub
+            .next_batch(10, Duration::from_secs(5))
+            .await
+            .expect("batch");
+        let at: Vec<(u32, Offset)> = resumed.iter().map(|r| (r.partition, r.offset)).collect();
+        assert_eq!(at, vec![(0, 1), (1, 0)], "the group resumes where it was");
+        drop(sub);
+        assert_eq!(log.append(0, &event(3)).await.expect("append"), 2);
+        drop(log);
+
+        let (db, _) = open_database(dir.path(), LOG_FILE, LOG_CACHE_BYTES).expect("open");
+        let txn = db.begin_read().expect("read");
+        let meta = txn.open_table(LOG_META).expect("meta");
+        assert_eq!(
+            meta.get(META_LAYOUT).expect("get").map(|v| v.value()),
+            Some(LOG_LAYOUT_VERSION)
+        );
+        assert!(
+            txn.open_table(RECORDS).is_err(),
+            "the old records table is gone"
+        );
+        drop((meta, txn, db));
+        let log = EmbeddedLog::open(dir.path(), two_partitions()).expect("reopen");
+        assert_eq!(messages(&log).await[0].len(), 3);
     }
 
     #[test]

@@ -1,17 +1,20 @@
-//! `EventLog` and `ReadModel` in the process itself, on [redb]: msghash with nothing to
-//! install. The standalone binary uses these by default.
+//! `EventLog` and `ReadModel` in the process itself, on [redb] and one append-only file:
+//! msghash with nothing to install. The standalone binary uses these by default.
 //!
 //! # Layout
 //!
-//! Two database files in the data directory, each held by one process at a time:
+//! In the data directory, each held by one process at a time:
 //!
-//! - `events.redb`, the event log ([`EmbeddedLog`]):
-//!   - `records`: `(partition u32, offset u64)` → `(key bytes, value bytes)`, the
-//!     `MessageHashed` envelope exactly as the Kafka adapter writes it; offsets of a
-//!     partition are contiguous from 0;
+//! - `events.log`, the event log's records ([`segment`]): one frame per record, the key and
+//!   the `MessageHashed` envelope exactly as the Kafka adapter writes them; offsets of a
+//!   partition are contiguous from 0;
+//! - `events.redb`, the rest of the event log ([`EmbeddedLog`]):
 //!   - `group_positions`: `(group name, partition u32)` → the next offset the group reads;
-//!   - `meta`: the layout version and the partition count, fixed at the first open because
-//!     the digest → partition map depends on it.
+//!   - `dead_letters`: sequence → the record and the reason;
+//!   - `meta`: the layout version (2; layout 1 also held the records, which the first
+//!     open moves to `events.log`), the partition count, fixed at the first open because
+//!     the digest → partition map depends on it, and how long `events.log` was durable
+//!     at the last commit.
 //! - `readmodel.redb`, the projection ([`EmbeddedModel`]):
 //!   - `messages`: digest (32 raw bytes) → message;
 //!   - `projection_offsets`: partition u32 → highest applied offset (i64);
@@ -24,8 +27,9 @@
 //! process killed at any instant (kill -9, OOM; power loss too, as far as the disk honours
 //! fsync) reopens at the last committed transaction, never at a torn one. What msghash acknowledges is therefore on disk:
 //!
-//! - `append` answers with an offset only after the transaction holding the record
-//!   committed, so a 201 is never lost;
+//! - `append` answers with an offset only after the write holding the record was
+//!   fsynced (`events.log` has its own crash recovery: [`segment`]), so a 201 is never
+//!   lost;
 //! - `end_offset` and subscribers only see committed records, so nothing read can vanish;
 //! - `Subscription::commit` and `ReadModel::apply` return after their commit, so a group
 //!   position or an applied offset never points past data that a crash could take back.
@@ -44,14 +48,15 @@
 //!
 //! # Group commit
 //!
-//! One writer thread owns every write to `events.redb`. `append` and `commit` send their
-//! request over a channel and wait for the answer. The writer takes the first request, then
-//! everything already queued behind it (up to [`MAX_GROUP_REQUESTS`] requests or
-//! [`MAX_GROUP_BYTES`] bytes), writes all of it in ONE transaction, commits (one fsync
-//! round), publishes the new end offsets, and only then answers every waiter. While one
-//! group is being fsynced the next one queues up, so N concurrent appends cost a handful of
-//! fsyncs, not N. A failed commit fails every request of its group with
-//! [`LogError::Unavailable`] and assigns no offsets.
+//! One writer thread owns every write to `events.log` and `events.redb`. `append` and
+//! `commit` send their request over a channel and wait for the answer. The writer takes the
+//! first request, then everything already queued behind it (up to [`MAX_GROUP_REQUESTS`]
+//! requests or [`MAX_GROUP_BYTES`] bytes), appends all its records in ONE write and one
+//! `fdatasync`, writes its position commits and dead letters (if any) in ONE transaction,
+//! publishes the new end offsets, and only then answers every waiter. While one group is
+//! being fsynced the next one queues up, so N concurrent appends cost a handful of fsyncs,
+//! not N. A failed append fails every request of its group with [`LogError::Unavailable`]
+//! and assigns no offsets.
 //!
 //! # Overload and disk errors
 //!
@@ -81,9 +86,10 @@
 //! Pure Rust (no C toolchain), ACID transactions with fsync-on-commit, one file per
 //! database, file-locked against a second process, and a stable, versioned file format.
 //! fjall (an LSM tree) would add a write-ahead journal, background compaction threads and a
-//! directory of segment files for a workload that is append-only and small; hand-written
-//! files would mean re-deriving torn-write detection, atomic multi-key commits and crash
-//! recovery that redb already has tested.
+//! directory of segment files for a workload that is append-only and small. The one
+//! exception is the log's records: appended in order and read in order, they cost a B-tree
+//! copy-on-write per group commit for nothing, so they are in a plain file with its own
+//! torn-write check ([`segment`]; docs/embedded-storage.md says why and what it does).
 //!
 //! Opening is blocking (it may repair after a crash); call it at startup. Every other
 //! blocking redb call runs on `tokio::task::spawn_blocking` or the writer thread, except
@@ -96,6 +102,7 @@
 //!
 //! - [`log`]: [`EmbeddedLog`] and its subscriptions (reading, group positions);
 //! - [`writer`]: the single writer thread and its group commit;
+//! - [`segment`]: `events.log`, the records' file: its frames, crash recovery and reads;
 //! - [`model`]: [`EmbeddedModel`], one file per read-model generation;
 //! - [`generations`]: [`EmbeddedGenerations`], the catalog of generations.
 //!
@@ -105,11 +112,14 @@
 mod generations;
 mod log;
 mod model;
+mod segment;
 mod writer;
 
 pub use generations::{EmbeddedGenerations, GENERATIONS_FILE};
 pub use log::EmbeddedLog;
 pub use model::{model_file, EmbeddedModel};
+use segment::Segment;
+pub use segment::SEGMENT_FILE;
 
 use crate::ports::{
     EventLog, Generation, GenerationState, LogError, LogRecord, ModelError, ModelGenerations,
@@ -136,8 +146,13 @@ pub const LOG_FILE: &str = "events.redb";
 /// The file of the read model inside the data directory.
 pub const MODEL_FILE: &str = "readmodel.redb";
 
-/// The layout this build writes; a file with another one is refused rather than misread.
+/// The layout this build writes (read models, the catalog); a file with another one is
+/// refused rather than misread.
 const LAYOUT_VERSION: u64 = 1;
+/// The event log's layout: 2 = records in `events.log`, the rest in `events.redb`.
+const LOG_LAYOUT_VERSION: u64 = 2;
+/// The event log's first layout, records in `events.redb` too: moved on open.
+const LEGACY_LOG_LAYOUT: u64 = 1;
 
 /// Most requests the writer puts in one transaction.
 pub const MAX_GROUP_REQUESTS: usize = 4096;
@@ -170,6 +185,7 @@ const CATALOG_CACHE_BYTES: usize = 1024 * 1024;
 type RecordKey = (u32, u64);
 /// `(key bytes, value bytes)`.
 type RecordValue = (&'static [u8], &'static [u8]);
+/// Layout 1 only: the records, moved to `events.log` on open.
 const RECORDS: TableDefinition<RecordKey, RecordValue> = TableDefinition::new("records");
 const GROUP_POSITIONS: TableDefinition<(&str, u32), u64> = TableDefinition::new("group_positions");
 const LOG_META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -183,6 +199,9 @@ const MODEL_META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const META_LAYOUT: &str = "layout_version";
 const META_PARTITIONS: &str = "partitions";
+/// The length of `events.log` that was durable when this transaction committed: a damaged
+/// frame before it is never an unfinished write.
+const META_SYNCED_END: &str = "records_synced_end";
 /// How many probe transactions the writer committed while recovering from failed commits.
 const META_PROBES: &str = "write_probes";
 
@@ -401,21 +420,40 @@ impl Reopenable {
     }
 }
 
-/// Per partition, the offset after its last stored record.
-fn stored_ends(
-    records: &impl ReadableTable<RecordKey, RecordValue>,
-    partitions: u32,
-) -> Result<Vec<u64>, redb::StorageError> {
-    let mut ends = Vec::with_capacity(partitions as usize);
-    for p in 0..partitions {
-        let last = records
-            .range((p, 0)..=(p, u64::MAX))?
-            .next_back()
-            .transpose()?
-            .map(|(k, _)| k.value().1);
-        ends.push(last.map_or(0, |o| o + 1));
+/// Moves the records of a layout-1 log (the `records` table) to a new `events.log`, made
+/// durable, and deletes the table in `txn`, which the caller commits with the new layout.
+/// Until that commit the old layout stands, so a crash in between only means doing it
+/// again: `events.log` is written from scratch each time. Returns how many were moved.
+fn migrate(txn: &WriteTransaction, dir: &Path, file: &Path) -> Result<u64, EmbeddedError> {
+    use std::io::Write;
+    let storage = |e: redb::Error| EmbeddedError::storage(file, e);
+    let target = dir.join(SEGMENT_FILE);
+    let io = |e: std::io::Error| EmbeddedError::Storage {
+        file: target.clone(),
+        detail: e.to_string(),
+    };
+    let mut moved = 0u64;
+    {
+        let records = txn.open_table(RECORDS).map_err(|e| storage(e.into()))?;
+        let out = std::fs::File::create(&target).map_err(io)?;
+        let mut writer = std::io::BufWriter::with_capacity(1024 * 1024, &out);
+        let mut frame = Vec::new();
+        for entry in records.iter().map_err(|e| storage(e.into()))? {
+            let (key, value) = entry.map_err(|e| storage(e.into()))?;
+            let (partition, offset) = key.value();
+            let (k, v) = value.value();
+            frame.clear();
+            segment::encode(&mut frame, partition, offset, k, v);
+            writer.write_all(&frame).map_err(io)?;
+            moved += 1;
+        }
+        writer.flush().map_err(io)?;
+        drop(writer);
+        out.sync_all().map_err(io)?;
     }
-    Ok(ends)
+    sync_dir(dir);
+    txn.delete_table(RECORDS).map_err(|e| storage(e.into()))?;
+    Ok(moved)
 }
 
 fn to_offset(offset: u64) -> Result<Offset, LogError> {

@@ -1,13 +1,16 @@
-//! The single writer of `events.redb` and its group commit: it takes the first request,
-//! everything already queued behind it (up to [`MAX_GROUP_REQUESTS`] requests or
-//! [`MAX_GROUP_BYTES`] bytes), writes all of it in one transaction, commits (one fsync),
-//! publishes the new end offsets, and only then answers every waiter.
+//! The single writer of the event log (`events.log` and `events.redb`) and its group
+//! commit: it takes the first request, everything already queued behind it (up to
+//! [`MAX_GROUP_REQUESTS`] requests or [`MAX_GROUP_BYTES`] bytes), appends the group's
+//! records to `events.log` in one write and one `fdatasync`, then writes the group's
+//! position commits and dead letters (if any) in one redb transaction, publishes the new
+//! end offsets, and only then answers every waiter.
 //!
 //! An append whose caller stopped waiting before the writer took it is skipped. A failed
-//! commit fails its whole group (nothing of it is written or acknowledged), closes the
-//! database handle and marks the log not writable: from then on requests are turned away
-//! at once, and a probe with backoff waits for the storage to take writes again (see
-//! [`Writer::probe`]); once one commits, the log is writable again, without a restart.
+//! append fails its whole group (nothing of it is acknowledged, and the file is cut back
+//! before the next write); a failed transaction fails its commits and dead letters and
+//! closes the database handle. Either marks the log not writable: from then on requests are
+//! turned away at once, and a probe with backoff waits for the storage to take writes again
+//! (see [`Writer::probe`]); once one works, the log is writable again, without a restart.
 
 use super::*;
 
@@ -65,12 +68,18 @@ pub(super) enum Outcome {
     Appended(u64),
     Committed,
     Rejected(String),
+    /// The storage failed: worth a retry once it recovers.
+    Failed(String),
 }
 
-/// The single writer of `events.redb`.
+/// The single writer of the event log.
 pub(super) struct Writer {
     pub(super) store: Arc<Reopenable>,
-    pub(super) partitions: u32,
+    pub(super) segment: Arc<Segment>,
+    /// The durable end of `events.log`: where the next group is written.
+    pub(super) end: u64,
+    /// The frames of the group being written (kept between groups unless large).
+    pub(super) frames: Vec<u8>,
     /// Per partition, the next offset, as durably committed.
     pub(super) next: Vec<u64>,
     pub(super) queue: mpsc::Receiver<Request>,
@@ -119,8 +128,9 @@ impl Writer {
         }
     }
 
-    /// Takes `first` and what is queued behind it, writes it all in one transaction, and
-    /// answers every request. An append whose caller has gone is skipped, not written.
+    /// Takes `first` and what is queued behind it, appends its records in one write and
+    /// one `fdatasync`, writes its commits and dead letters in one transaction, and answers
+    /// every request. An append whose caller has gone is skipped, not written.
     fn commit_group(&mut self, first: Request) {
         let mut group = Vec::new();
         let mut bytes = 0;
@@ -137,37 +147,103 @@ impl Writer {
         if group.is_empty() {
             return;
         }
-        let written = self.store.get().and_then(|db| {
-            self.write(&db, &group)
-                .inspect_err(|_| self.store.discard(&db))
-        });
-        match written {
-            Ok((next, outcomes)) => {
-                self.transactions.fetch_add(1, Ordering::Relaxed);
-                // Publish before answering: once `append` returns, `end_offset` and the
-                // subscribers already see the record.
-                self.next = next;
-                self.ends.send_replace(self.next.clone());
-                for (request, outcome) in group.into_iter().zip(outcomes) {
-                    answer(request, outcome);
-                }
-            }
+        let (next, mut outcomes) = match self.append(&group) {
+            Ok(appended) => appended,
             Err(e) => {
-                // The transaction is aborted: none of the group is written, no offset is
-                // assigned, nothing was acknowledged. The handle is closed; `recover`
-                // opens the file again once it can write.
+                // Nothing of the group is acknowledged and no offset is assigned; the file
+                // is cut back to its durable end before anything is written again.
+                self.writable.store(false, Ordering::Release);
+                tracing::error!(
+                    file = %self.segment.path().display(), error = %e,
+                    "embedded event log append failed; refusing writes until a probe commits"
+                );
+                for request in group {
+                    request.fail(LogError::Unavailable(format!(
+                        "embedded event log append failed: {e}"
+                    )));
+                }
+                return;
+            }
+        };
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        // Publish before answering: once `append` returns, `end_offset` and the subscribers
+        // already see the record.
+        if next != self.next {
+            self.next = next;
+            self.ends.send_replace(self.next.clone());
+        }
+        if outcomes.iter().any(Option::is_none) {
+            let written = self.store.get().and_then(|db| {
+                self.write(&db, &group, &mut outcomes)
+                    .inspect_err(|_| self.store.discard(&db))
+            });
+            if let Err(e) = written {
+                // The transaction is aborted: no commit or dead letter of the group is
+                // written (its appends are, and are answered). The handle is closed;
+                // `recover` opens the file again once it can write.
                 self.writable.store(false, Ordering::Release);
                 tracing::error!(
                     file = %self.store.file().display(), error = %e,
                     "embedded event log commit failed; refusing writes until a probe commits"
                 );
-                for request in group {
-                    request.fail(LogError::Unavailable(format!(
+                for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
+                    *outcome = Some(Outcome::Failed(format!(
                         "embedded event log commit failed: {e}"
                     )));
                 }
             }
         }
+        for (request, outcome) in group.into_iter().zip(outcomes) {
+            answer(request, outcome);
+        }
+    }
+
+    /// Appends the group's records to `events.log` (one write, one `fdatasync`). Returns the
+    /// new end offsets and, per request, the outcome of an append (`None` for the others).
+    /// On error nothing is indexed or published and the file's end is left to `probe`.
+    fn append(&mut self, group: &[Request]) -> std::io::Result<(Vec<u64>, Vec<Option<Outcome>>)> {
+        let mut next = self.next.clone();
+        let mut outcomes = Vec::with_capacity(group.len());
+        let mut placed = Vec::new();
+        self.frames.clear();
+        for request in group {
+            let Request::Append {
+                partition,
+                key,
+                value,
+                ..
+            } = request
+            else {
+                outcomes.push(None);
+                continue;
+            };
+            // `append` checked the partition against the same count.
+            let Some(slot) = next.get_mut(*partition as usize) else {
+                outcomes.push(Some(Outcome::Rejected(format!(
+                    "partition {partition} out of range"
+                ))));
+                continue;
+            };
+            if !segment::fits(key, value) {
+                outcomes.push(Some(Outcome::Rejected(format!(
+                    "a record of {} bytes is larger than the event log takes",
+                    key.len() + value.len()
+                ))));
+                continue;
+            }
+            segment::encode(&mut self.frames, *partition, *slot, key, value);
+            placed.push((*partition, *slot));
+            outcomes.push(Some(Outcome::Appended(*slot)));
+            *slot += 1;
+        }
+        if !placed.is_empty() {
+            self.end = self.segment.append(self.end, &self.frames, &placed)?;
+        }
+        // A large group's buffer is not kept: it would stay resident.
+        if self.frames.capacity() > KEEP_FRAMES_BYTES {
+            self.frames = Vec::new();
+        }
+        Ok((next, outcomes))
     }
 
     /// Whether `request`, just taken off the queue, is to be written: not an append whose
@@ -219,9 +295,10 @@ impl Writer {
         }
     }
 
-    /// Whether the log can write again: the disk takes [`PROBE_BYTES`] of scratch data, the
-    /// file opens (recovering from the failed commit), and a durable transaction commits.
-    /// The end offsets are read back from the file, the only truth after a failure.
+    /// Whether the log can write again: the disk takes [`PROBE_BYTES`] of scratch data,
+    /// `events.log` is cut back to its durable end (whatever a failed append left past it
+    /// goes), and `events.redb` opens (recovering from a failed commit) and commits a
+    /// durable transaction.
     fn probe(&mut self) -> Result<(), String> {
         let dir = self.store.file().parent().unwrap_or(Path::new("."));
         let scratch = dir.join(PROBE_FILE);
@@ -233,80 +310,56 @@ impl Writer {
         let _ = std::fs::remove_file(&scratch);
         room.map_err(|e| format!("{}: {e}", scratch.display()))?;
 
+        self.segment
+            .truncate(self.end)
+            .map_err(|e| format!("{}: {e}", self.segment.path().display()))?;
+
         let db = self.store.get().map_err(|e| e.to_string())?;
-        let probed = (|| -> Result<Vec<u64>, redb::Error> {
+        let probed = (|| -> Result<(), redb::Error> {
             let txn = begin_durable(&db)?;
-            let ends = {
-                let records = txn.open_table(RECORDS)?;
-                let ends = stored_ends(&records, self.partitions)?;
+            {
                 let mut meta = txn.open_table(LOG_META)?;
                 let probes = meta.get(META_PROBES)?.map_or(0, |v| v.value());
                 meta.insert(META_PROBES, probes.wrapping_add(1))?;
-                ends
-            };
-            txn.commit()?;
-            Ok(ends)
-        })();
-        let ends = probed
-            .inspect_err(|_| self.store.discard(&db))
-            .map_err(|e| e.to_string())?;
-        // A commit whose error came after its data reached the disk may have survived: its
-        // records are in the file, unacknowledged, and count (a client's retry only adds a
-        // duplicate, which the projection absorbs).
-        for (next, stored) in self.next.iter_mut().zip(ends) {
-            if stored < *next {
-                tracing::error!(
-                    stored,
-                    expected = *next,
-                    "the event log file ends before its acknowledged records"
-                );
+                meta.insert(META_SYNCED_END, self.end)?;
             }
-            *next = (*next).max(stored);
-        }
-        self.ends.send_replace(self.next.clone());
-        Ok(())
+            txn.commit()?;
+            Ok(())
+        })();
+        probed
+            .inspect_err(|_| self.store.discard(&db))
+            .map_err(|e| e.to_string())
     }
 
-    /// Writes one group in one durable transaction; returns the new end offsets and one
-    /// outcome per request, in order. Nothing is visible unless this returns `Ok`.
+    /// Writes the group's commits and dead letters (the requests whose outcome is still
+    /// `None`) in one durable transaction and fills in their outcomes. Nothing of it is
+    /// visible unless this returns `Ok`.
     fn write(
         &self,
         db: &Database,
         group: &[Request],
-    ) -> Result<(Vec<u64>, Vec<Outcome>), redb::Error> {
+        outcomes: &mut [Option<Outcome>],
+    ) -> Result<(), redb::Error> {
         let txn = begin_durable(db)?;
-        let mut next = self.next.clone();
-        let mut outcomes = Vec::with_capacity(group.len());
+        let mut done = Vec::new();
         {
-            let mut records = txn.open_table(RECORDS)?;
+            // Every append before this one is durable: mark how far (see `segment::open`).
+            txn.open_table(LOG_META)?
+                .insert(META_SYNCED_END, self.end)?;
             let mut positions = txn.open_table(GROUP_POSITIONS)?;
             let mut dead = txn.open_table(DEAD_LETTERS)?;
-            for request in group {
+            for (i, request) in group.iter().enumerate() {
+                if outcomes[i].is_some() {
+                    continue;
+                }
                 match request {
-                    Request::Append {
-                        partition,
-                        key,
-                        value,
-                        ..
-                    } => {
-                        // `append` checked the partition against the same count.
-                        let Some(slot) = next.get_mut(*partition as usize) else {
-                            outcomes.push(Outcome::Rejected(format!(
-                                "partition {partition} out of range"
-                            )));
-                            continue;
-                        };
-                        let offset = *slot;
-                        records.insert((*partition, offset), (key.as_slice(), value.as_slice()))?;
-                        *slot += 1;
-                        outcomes.push(Outcome::Appended(offset));
-                    }
+                    Request::Append { .. } => {}
                     Request::Commit {
                         group: name,
                         positions: wanted,
                         ..
                     } => {
-                        // Validate against what is durably committed, all or nothing.
+                        // Validate against what is durably appended, all or nothing.
                         let invalid = wanted.iter().find_map(|&(p, pos)| {
                             match self.next.get(p as usize) {
                                 None => Some(format!("partition {p} out of range")),
@@ -318,7 +371,7 @@ impl Writer {
                             }
                         });
                         if let Some(reason) = invalid {
-                            outcomes.push(Outcome::Rejected(reason));
+                            done.push((i, Outcome::Rejected(reason)));
                             continue;
                         }
                         for &(p, pos) in wanted {
@@ -328,7 +381,7 @@ impl Writer {
                                 positions.insert((name.as_str(), p), pos)?;
                             }
                         }
-                        outcomes.push(Outcome::Committed);
+                        done.push((i, Outcome::Committed));
                     }
                     Request::DeadLetter {
                         partition,
@@ -349,26 +402,36 @@ impl Writer {
                                 reason.as_str(),
                             ),
                         )?;
-                        outcomes.push(Outcome::Committed);
+                        done.push((i, Outcome::Committed));
                     }
                 }
             }
         }
         txn.commit()?;
-        Ok((next, outcomes))
+        for (i, outcome) in done {
+            outcomes[i] = Some(outcome);
+        }
+        Ok(())
     }
 }
 
-fn answer(request: Request, outcome: Outcome) {
+/// A group buffer larger than this is freed after its write.
+const KEEP_FRAMES_BYTES: usize = 1024 * 1024;
+
+fn answer(request: Request, outcome: Option<Outcome>) {
     // A waiter that went away does not need the answer.
     match (request, outcome) {
-        (Request::Append { reply, .. }, Outcome::Appended(offset)) => {
+        (Request::Append { reply, .. }, Some(Outcome::Appended(offset))) => {
             let _ = reply.send(Ok(offset));
         }
-        (Request::Commit { reply, .. } | Request::DeadLetter { reply, .. }, Outcome::Committed) => {
+        (
+            Request::Commit { reply, .. } | Request::DeadLetter { reply, .. },
+            Some(Outcome::Committed),
+        ) => {
             let _ = reply.send(Ok(()));
         }
-        (request, Outcome::Rejected(reason)) => request.fail(LogError::Rejected(reason)),
+        (request, Some(Outcome::Rejected(reason))) => request.fail(LogError::Rejected(reason)),
+        (request, Some(Outcome::Failed(reason))) => request.fail(LogError::Unavailable(reason)),
         (request, _) => request.fail(LogError::Unavailable(
             "embedded event log: mismatched writer outcome".into(),
         )),
