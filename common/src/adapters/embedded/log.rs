@@ -2,6 +2,7 @@
 //! (end offsets, subscriptions, dead-letter counts) run on blocking tasks against committed
 //! state only.
 
+use super::segment::{self, Opening};
 use super::writer::{Request, Writer};
 use super::*;
 use std::num::NonZeroU32;
@@ -21,7 +22,7 @@ struct LogInner {
     bound: usize,
     /// Appends sent to the writer and not yet taken off the queue.
     queued: Arc<AtomicUsize>,
-    /// False from a failed commit until the writer commits again.
+    /// False from a failed append or commit until a probe of the writer works.
     writable: Arc<AtomicBool>,
     /// `None` only while dropping, so that the writer sees the channel close.
     requests: Option<mpsc::Sender<Request>>,
@@ -91,7 +92,11 @@ impl EmbeddedLog {
             )
         };
         if let Some(found) = layout.filter(|&v| v != LOG_LAYOUT_VERSION && v != LEGACY_LOG_LAYOUT) {
-            return Err(EmbeddedError::UnsupportedLayout { file, found });
+            return Err(EmbeddedError::UnsupportedLayout {
+                file,
+                found,
+                expected: LOG_LAYOUT_VERSION,
+            });
         }
         if let Some(stored) = stored.filter(|&stored| stored != u64::from(partitions)) {
             return Err(EmbeddedError::PartitionMismatch {
@@ -104,15 +109,29 @@ impl EmbeddedLog {
             Some(LEGACY_LOG_LAYOUT) => Some(migrate(&txn, dir, &file)?),
             _ => None,
         };
-        // A log without a layout is new: its records file may not exist yet. Once the
-        // layout is committed, the file must be there.
-        let fresh = layout.is_none() || migrated.is_some();
-        let synced = if migrated.is_some() {
-            0
-        } else {
-            synced.unwrap_or(0)
+        // A log without a layout is new: its records file may not exist yet (and must not
+        // hold records). Once the layout is committed, the file must be there.
+        let opening = match (layout, migrated) {
+            (None, _) => Opening::New,
+            (_, Some(_)) => Opening::Moved,
+            _ => Opening::Existing,
         };
-        let (segment, ends) = Segment::open(dir, partitions, fresh, synced)?;
+        let (segment, ends) = Segment::open(dir, partitions, opening, synced.unwrap_or(0))?;
+        if let Some(moved) = migrated {
+            // Every record read is in the file, contiguous per partition, or nothing moves.
+            let found: u64 = ends.iter().sum();
+            if found != moved {
+                return Err(EmbeddedError::Storage {
+                    file: file.clone(),
+                    detail: format!(
+                        "moving the records to {}: {moved} records, but only {found} of them \
+                         continue their partition's offsets; nothing was moved",
+                        segment.path().display()
+                    ),
+                });
+            }
+            txn.delete_table(RECORDS).map_err(|e| storage(e.into()))?;
+        }
         if layout.is_none() {
             sync_dir(dir);
         }
@@ -135,8 +154,11 @@ impl EmbeddedLog {
             .map_err(|e| storage(e.into()))?;
         txn.commit().map_err(|e| storage(e.into()))?;
         if let Some(moved) = migrated {
-            // The records' pages are free now; give them back to the file system.
-            db.compact().map_err(|e| storage(e.into()))?;
+            // The records' pages are free now; give them back to the file system. The move
+            // is committed either way: a failure here only leaves the file larger.
+            if let Err(e) = db.compact() {
+                tracing::warn!(file = %file.display(), error = %e, "could not compact after moving the records");
+            }
             tracing::info!(
                 records = moved, from = %file.display(), to = %segment.path().display(),
                 "moved the event log's records to their own file (layout 1 to 2)"
@@ -149,6 +171,7 @@ impl EmbeddedLog {
         })?;
 
         let store = Arc::new(Reopenable::new(file, LOG_CACHE_BYTES, db));
+        let marked = end;
         let (ends_tx, ends_rx) = watch::channel(ends.clone());
         let (requests, queue) = mpsc::channel();
         let transactions = Arc::new(AtomicU64::new(0));
@@ -159,6 +182,7 @@ impl EmbeddedLog {
             store: store.clone(),
             segment: segment.clone(),
             end,
+            marked,
             frames: Vec::new(),
             next: ends,
             queue,
@@ -210,8 +234,9 @@ impl EmbeddedLog {
         self.inner.writable.load(Ordering::Acquire)
     }
 
-    /// How many write transactions the writer committed since open: with group commit,
-    /// usually far fewer than the appends.
+    /// How many groups the writer wrote since open (each one write and one `fdatasync` of
+    /// `events.log`, plus a transaction of `events.redb` if it held position commits or
+    /// dead letters): with group commit, usually far fewer than the appends.
     pub fn committed_transactions(&self) -> u64 {
         self.inner.transactions.load(Ordering::Relaxed)
     }
@@ -268,11 +293,19 @@ impl EventLog for EmbeddedLog {
 
     async fn append(&self, partition: u32, event: &MessageHashed) -> Result<Offset, LogError> {
         self.check_partition(partition)?;
+        let (key, value) = (event.key().to_vec(), event.encode());
+        if !segment::fits(&key, &value) {
+            return Err(LogError::TooLarge(format!(
+                "an event of {} bytes is larger than the embedded event log takes ({} bytes)",
+                key.len() + value.len(),
+                segment::MAX_FRAME
+            )));
+        }
         let (reply, answer) = oneshot::channel();
         self.inner.send_append(Request::Append {
             partition,
-            key: event.key().to_vec(),
-            value: event.encode(),
+            key,
+            value,
             reply,
         })?;
         let offset = answer.await.map_err(|_| {
@@ -671,6 +704,40 @@ mod tests {
         NonZeroU32::new(2).expect("two")
     }
 
+    /// A layout-1 log as earlier builds wrote it, records in `events.redb`: `event(i)` at
+    /// the i-th (partition, offset), and the given (group, partition, next) positions.
+    fn write_first_layout(dir: &Path, at: &[(u32, u64)], positions: &[(&str, u32, u64)]) {
+        let (db, _) = open_database(dir, LOG_FILE, LOG_CACHE_BYTES).expect("create");
+        let txn = begin_durable(&db).expect("txn");
+        {
+            let mut meta = txn.open_table(LOG_META).expect("meta");
+            meta.insert(META_LAYOUT, LEGACY_LOG_LAYOUT).expect("layout");
+            meta.insert(META_PARTITIONS, 2).expect("partitions");
+            let mut records = txn.open_table(RECORDS).expect("records");
+            for (i, &(p, o)) in at.iter().enumerate() {
+                let e = event(i);
+                records
+                    .insert((p, o), (e.key(), e.encode().as_slice()))
+                    .expect("record");
+            }
+            let mut table = txn.open_table(GROUP_POSITIONS).expect("positions");
+            for &(group, p, next) in positions {
+                table.insert((group, p), next).expect("position");
+            }
+        }
+        txn.commit().expect("commit");
+    }
+
+    /// The storage error that opening the log in `dir` fails with; `opened` says what
+    /// went wrong if it opens.
+    fn refused(dir: &Path, opened: &str) -> (PathBuf, String) {
+        match EmbeddedLog::open(dir, two_partitions()) {
+            Err(EmbeddedError::Storage { file, detail }) => (file, detail),
+            Err(other) => panic!("expected a storage error, got {other}"),
+            Ok(_) => panic!("{opened}"),
+        }
+    }
+
     /// Every record of `log`, by partition, decoded back to its message.
     async fn messages(log: &EmbeddedLog) -> Vec<Vec<String>> {
         let mut sub = log.subscribe("check").await.expect("subscribe");
@@ -765,14 +832,9 @@ mod tests {
         bytes[len / 4 + len / 8] ^= 0x55;
         std::fs::write(&records, &bytes).expect("write");
 
-        match EmbeddedLog::open(dir.path(), two_partitions()) {
-            Err(EmbeddedError::Storage { file, detail }) => {
-                assert_eq!(file, records);
-                assert!(detail.contains("damaged"), "{detail}");
-            }
-            Err(other) => panic!("expected a storage error, got {other}"),
-            Ok(_) => panic!("a damaged log opened"),
-        }
+        let (file, detail) = refused(dir.path(), "a damaged log opened");
+        assert_eq!(file, records);
+        assert!(detail.contains("damaged"), "{detail}");
         assert_eq!(
             std::fs::read(&records).expect("read").len(),
             len,
@@ -783,26 +845,7 @@ mod tests {
     #[tokio::test]
     async fn a_log_of_the_first_layout_has_its_records_moved_to_their_own_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        {
-            // A layout-1 log as earlier builds wrote it: records in `events.redb`.
-            let (db, _) = open_database(dir.path(), LOG_FILE, LOG_CACHE_BYTES).expect("create");
-            let txn = begin_durable(&db).expect("txn");
-            {
-                let mut meta = txn.open_table(LOG_META).expect("meta");
-                meta.insert(META_LAYOUT, LEGACY_LOG_LAYOUT).expect("layout");
-                meta.insert(META_PARTITIONS, 2).expect("partitions");
-                let mut records = txn.open_table(RECORDS).expect("records");
-                for (i, (p, o)) in [(0u32, 0u64), (1, 0), (0, 1)].into_iter().enumerate() {
-                    let e = event(i);
-                    records
-                        .insert((p, o), (e.key(), e.encode().as_slice()))
-                        .expect("record");
-                }
-                let mut positions = txn.open_table(GROUP_POSITIONS).expect("positions");
-                positions.insert(("g", 0), 1).expect("position");
-            }
-            txn.commit().expect("commit");
-        }
+        write_first_layout(dir.path(), &[(0, 0), (1, 0), (0, 1)], &[("g", 0, 1)]);
         // An earlier move that a crash interrupted left a partial file: it is redone.
         std::fs::write(dir.path().join(SEGMENT_FILE), b"half a move").expect("write");
 
@@ -839,6 +882,82 @@ mod tests {
         drop((meta, txn, db));
         let log = EmbeddedLog::open(dir.path(), two_partitions()).expect("reopen");
         assert_eq!(messages(&log).await[0].len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_records_file_shorter_than_its_durable_end_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = EmbeddedLog::open(dir.path(), two_partitions()).expect("open");
+        for i in 0..3 {
+            log.append(0, &event(i)).await.expect("append");
+        }
+        let records = log.records_path().to_path_buf();
+        drop(log);
+        // Reopening records the whole file as durable; then the last record goes missing.
+        drop(EmbeddedLog::open(dir.path(), two_partitions()).expect("reopen"));
+        let mut frame = Vec::new();
+        let last = event(2);
+        segment::encode(&mut frame, 0, 2, last.key(), &last.encode());
+        let len = std::fs::metadata(&records).expect("file").len();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&records)
+            .expect("open");
+        file.set_len(len - frame.len() as u64).expect("cut");
+        drop(file);
+        let (file, detail) = refused(dir.path(), "a log missing acknowledged records opened");
+        assert_eq!(file, records);
+        assert!(detail.contains("were acknowledged are missing"), "{detail}");
+    }
+
+    #[tokio::test]
+    async fn a_new_log_does_not_adopt_the_records_of_another() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = EmbeddedLog::open(dir.path(), two_partitions()).expect("open");
+        log.append(1, &event(0)).await.expect("append");
+        let db = log.path().to_path_buf();
+        drop(log);
+        std::fs::remove_file(&db).expect("remove events.redb");
+        let (_, detail) = refused(dir.path(), "a new log took over another log's records");
+        assert!(detail.contains("records no event log"), "{detail}");
+    }
+
+    #[tokio::test]
+    async fn an_event_larger_than_a_frame_is_too_large_not_a_storage_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = EmbeddedLog::open(dir.path(), two_partitions()).expect("open");
+        let huge = MessageHashed::new("x".repeat(segment::MAX_FRAME));
+        match log.append(0, &huge).await {
+            Err(LogError::TooLarge(reason)) => assert!(reason.contains("larger"), "{reason}"),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        drop(huge);
+        assert_eq!(log.append(0, &event(1)).await.expect("append"), 0);
+        assert!(log.ready().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_first_layout_log_with_a_gap_is_not_moved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Offset 1 of partition 0 is missing.
+        write_first_layout(dir.path(), &[(0, 0), (0, 2)], &[]);
+        let (_, detail) = refused(dir.path(), "a log with a gap was moved");
+        assert!(
+            detail.contains("offset 2 of partition 0 out of sequence"),
+            "{detail}"
+        );
+        let (db, _) = open_database(dir.path(), LOG_FILE, LOG_CACHE_BYTES).expect("open");
+        let txn = db.begin_read().expect("read");
+        let meta = txn.open_table(LOG_META).expect("meta");
+        assert_eq!(
+            meta.get(META_LAYOUT).expect("get").map(|v| v.value()),
+            Some(LEGACY_LOG_LAYOUT),
+            "still the old layout"
+        );
+        let records = txn
+            .open_table(RECORDS)
+            .expect("the records are still there");
+        assert_eq!(records.len().expect("len"), 2);
     }
 
     #[test]

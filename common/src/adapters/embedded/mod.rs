@@ -228,10 +228,14 @@ pub enum EmbeddedError {
     },
 
     #[error(
-        "{} has storage layout version {found}, this build reads version {LAYOUT_VERSION}",
+        "{} has storage layout version {found}, this build reads version {expected}",
         file.display()
     )]
-    UnsupportedLayout { file: PathBuf, found: u64 },
+    UnsupportedLayout {
+        file: PathBuf,
+        found: u64,
+        expected: u64,
+    },
 
     #[error("cannot create data directory {}: {source}", dir.display())]
     CreateDir {
@@ -314,6 +318,7 @@ fn check_layout(meta: &mut redb::Table<'_, &str, u64>, file: &Path) -> Result<()
         Some(found) => Err(EmbeddedError::UnsupportedLayout {
             file: file.to_path_buf(),
             found,
+            expected: LAYOUT_VERSION,
         }),
         None => meta
             .insert(META_LAYOUT, LAYOUT_VERSION)
@@ -420,10 +425,11 @@ impl Reopenable {
     }
 }
 
-/// Moves the records of a layout-1 log (the `records` table) to a new `events.log`, made
-/// durable, and deletes the table in `txn`, which the caller commits with the new layout.
-/// Until that commit the old layout stands, so a crash in between only means doing it
-/// again: `events.log` is written from scratch each time. Returns how many were moved.
+/// Copies the records of a layout-1 log (the `records` table of `txn`) to a new
+/// `events.log`, made durable; the caller checks them and deletes the table in `txn`,
+/// which it commits with the new layout. Until that commit the old layout stands, so a
+/// crash in between only means doing it again: `events.log` is written from scratch each
+/// time. Returns how many were copied.
 fn migrate(txn: &WriteTransaction, dir: &Path, file: &Path) -> Result<u64, EmbeddedError> {
     use std::io::Write;
     let storage = |e: redb::Error| EmbeddedError::storage(file, e);
@@ -442,6 +448,18 @@ fn migrate(txn: &WriteTransaction, dir: &Path, file: &Path) -> Result<u64, Embed
             let (key, value) = entry.map_err(|e| storage(e.into()))?;
             let (partition, offset) = key.value();
             let (k, v) = value.value();
+            if !segment::fits(k, v) {
+                return Err(EmbeddedError::Storage {
+                    file: file.to_path_buf(),
+                    detail: format!(
+                        "offset {offset} of partition {partition} ({} bytes) is larger than \
+                         {} can take ({} bytes); nothing was moved",
+                        k.len() + v.len(),
+                        SEGMENT_FILE,
+                        segment::MAX_FRAME
+                    ),
+                });
+            }
             frame.clear();
             segment::encode(&mut frame, partition, offset, k, v);
             writer.write_all(&frame).map_err(io)?;
@@ -452,7 +470,6 @@ fn migrate(txn: &WriteTransaction, dir: &Path, file: &Path) -> Result<u64, Embed
         out.sync_all().map_err(io)?;
     }
     sync_dir(dir);
-    txn.delete_table(RECORDS).map_err(|e| storage(e.into()))?;
     Ok(moved)
 }
 

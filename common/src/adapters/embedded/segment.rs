@@ -53,15 +53,29 @@ const HEADER: usize = 8;
 /// partition + offset + key length.
 const MIN_PAYLOAD: usize = 16;
 /// The most a crash can leave half-written at the end of the file: one group's write (a
-/// group stops taking requests past [`MAX_GROUP_BYTES`], so the last one it took may add as
-/// much again). A longer damaged end is refused, never cut.
+/// group takes requests while it holds less than [`MAX_GROUP_BYTES`], so the last one it
+/// took may add a whole [`MAX_FRAME`]; each record adds its frame's fields). A longer
+/// damaged end is refused, never cut.
 pub(super) const TORN_TAIL_LIMIT: u64 =
-    2 * MAX_GROUP_BYTES as u64 + (MAX_GROUP_REQUESTS * (HEADER + MIN_PAYLOAD)) as u64;
+    (MAX_GROUP_BYTES + MAX_FRAME + MAX_GROUP_REQUESTS * (HEADER + MIN_PAYLOAD)) as u64;
 /// The largest frame this build writes or reads: a record larger than a whole group is
 /// rejected by the writer, and a length field above it is damage, never an allocation.
 pub(super) const MAX_FRAME: usize = 2 * MAX_GROUP_BYTES;
+/// What a read takes in past the start of the last frame it wants: a frame of a short
+/// message (a longer one is read on its own).
+const TYPICAL_FRAME: usize = 512;
 /// The bytes read at a time while scanning or serving a read.
 const CHUNK: usize = 256 * 1024;
+
+/// How [`Segment::open`] finds the file.
+pub(super) enum Opening {
+    /// A new log: the file may be missing, and must not hold records.
+    New,
+    /// Just written by the move from layout 1: all of it is durable, nothing may be cut.
+    Moved,
+    /// A log with records: the file must be there.
+    Existing,
+}
 
 /// One record, as read back.
 pub(super) struct Record {
@@ -160,23 +174,24 @@ fn decode(frame: &[u8]) -> Result<Frame<'_>, Damage> {
 }
 
 impl Segment {
-    /// Opens (or creates) `dir/events.log`, scans it, cuts a torn end and returns the file
-    /// with its index and, per partition, the next offset. `created`: whether the file
-    /// may be missing (a new log); otherwise a missing file is an error. Blocking.
+    /// Opens (or creates) `dir/events.log`, locks it, scans it, cuts a torn end, makes what
+    /// it keeps durable and returns the file with its index and, per partition, the next
+    /// offset. `synced`: the length `events.redb` last recorded as durable; a file shorter
+    /// than that, or damaged before it, is refused. Blocking.
     pub(super) fn open(
         dir: &Path,
         partitions: u32,
-        created: bool,
+        opening: Opening,
         synced: u64,
     ) -> Result<(Segment, Vec<u64>), EmbeddedError> {
-        Segment::open_with_limit(dir, partitions, created, synced, TORN_TAIL_LIMIT)
+        Segment::open_with_limit(dir, partitions, opening, synced, TORN_TAIL_LIMIT)
     }
 
     /// [`open`](Segment::open), cutting at most `limit` bytes of an unfinished write.
     fn open_with_limit(
         dir: &Path,
         partitions: u32,
-        created: bool,
+        opening: Opening,
         synced: u64,
         limit: u64,
     ) -> Result<(Segment, Vec<u64>), EmbeddedError> {
@@ -185,7 +200,7 @@ impl Segment {
             file: path.clone(),
             detail,
         };
-        if !created && !path.exists() {
+        if matches!(opening, Opening::Existing) && !path.exists() {
             return Err(storage(
                 "the event log's records file is missing (events.redb still holds its \
                  group positions): restore the file or start from an empty data directory"
@@ -199,13 +214,42 @@ impl Segment {
             .truncate(false)
             .open(&path)
             .map_err(|e| storage(e.to_string()))?;
+        // events.redb's lock already keeps a second process out; this one also holds while
+        // that handle is closed and reopened after a storage failure.
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(EmbeddedError::InUse {
+                    dir: dir.to_path_buf(),
+                    file: path,
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(storage(format!("locking: {e}"))),
+        }
         let file_len = file.metadata().map_err(|e| storage(e.to_string()))?.len();
+        if matches!(opening, Opening::New) && file_len > 0 {
+            return Err(storage(
+                "holds records, but events.redb records no event log: they belong to another \
+                 log; move the file away or restore its events.redb"
+                    .into(),
+            ));
+        }
+        let synced = match opening {
+            Opening::Moved => file_len,
+            Opening::New | Opening::Existing => synced,
+        };
         let segment = Segment {
             file,
             path: path.clone(),
             index: RwLock::new(vec![Vec::new(); partitions as usize]),
         };
         let (end, damage) = segment.scan(file_len).map_err(|e| storage(e.to_string()))?;
+        if damage.is_none() && end < synced {
+            return Err(storage(format!(
+                "ends at byte {end}, before byte {synced}, which was durable: records that \
+                 were acknowledged are missing; restore the file"
+            )));
+        }
         if let Some(damage) = damage {
             let cut = file_len - end;
             if end < synced {
@@ -229,6 +273,12 @@ impl Segment {
                 .truncate(end)
                 .map_err(|e| storage(format!("cutting the unfinished write: {e}")))?;
         }
+        // What was read may still be only in the page cache (the process died between a
+        // group's write and its fdatasync): make it durable before anyone reads it.
+        segment
+            .file
+            .sync_all()
+            .map_err(|e| storage(format!("syncing: {e}")))?;
         let ends = segment.ends();
         Ok((segment, ends))
     }
@@ -265,7 +315,7 @@ impl Segment {
         let mut buf_at = 0u64;
         let mut pos = 0u64;
         while pos < file_len {
-            let frame = match self.load_frame(&mut buf, &mut buf_at, pos)? {
+            let frame = match self.load_frame(&mut buf, &mut buf_at, pos, CHUNK)? {
                 Ok(frame) => frame,
                 Err(damage) => return Ok((pos, Some(damage))),
             };
@@ -284,21 +334,23 @@ impl Segment {
     }
 
     /// Makes `buf` hold the whole frame at `pos` and returns where it is in `buf`, or why
-    /// there is no frame there.
+    /// there is no frame there. A read takes in about `hint` bytes (at most [`CHUNK`]), so
+    /// the frames after this one come with it.
     fn load_frame(
         &self,
         buf: &mut Vec<u8>,
         buf_at: &mut u64,
         pos: u64,
+        hint: usize,
     ) -> std::io::Result<Result<std::ops::Range<usize>, Damage>> {
-        if !self.fill(buf, buf_at, pos, HEADER)? {
+        if !self.fill(buf, buf_at, pos, HEADER, hint)? {
             return Ok(Err(Damage::Short));
         }
         let frame = match payload_len(&buf[(pos - *buf_at) as usize..]) {
             Ok(n) => HEADER + n,
             Err(damage) => return Ok(Err(damage)),
         };
-        if !self.fill(buf, buf_at, pos, frame)? {
+        if !self.fill(buf, buf_at, pos, frame, hint)? {
             return Ok(Err(Damage::Short));
         }
         let at = (pos - *buf_at) as usize;
@@ -313,12 +365,13 @@ impl Segment {
         buf_at: &mut u64,
         pos: u64,
         need: usize,
+        hint: usize,
     ) -> std::io::Result<bool> {
         let held = *buf_at + buf.len() as u64;
         if pos >= *buf_at && pos + need as u64 <= held {
             return Ok(true);
         }
-        let want = need.max(CHUNK);
+        let want = need.max(hint.min(CHUNK));
         buf.resize(want, 0);
         let mut got = 0;
         while got < want {
@@ -400,14 +453,18 @@ impl Segment {
         let mut buf: Vec<u8> = Vec::new();
         let mut buf_at = 0u64;
         let damaged = |what: String| format!("{}: {what}", self.path.display());
+        let last = positions.last().copied().unwrap_or(0);
         for (i, &pos) in positions.iter().enumerate() {
             if bytes >= max_bytes && !records.is_empty() {
                 break;
             }
             let offset = first + i as u64;
+            // Up to the last record wanted and a typical frame past it: the other
+            // partitions' frames in between come along, nothing much beyond.
+            let hint = usize::try_from(last - pos).unwrap_or(CHUNK) + TYPICAL_FRAME;
             let at = |d: Damage| damaged(format!("offset {offset} of partition {partition}: {d}"));
             let frame = self
-                .load_frame(&mut buf, &mut buf_at, pos)
+                .load_frame(&mut buf, &mut buf_at, pos, hint)
                 .map_err(|e| damaged(e.to_string()))?
                 .map_err(at)?;
             let (p, o, key, value) = decode(&buf[frame]).map_err(at)?;
@@ -453,7 +510,7 @@ mod tests {
         std::fs::write(dir.path().join(SEGMENT_FILE), &bytes).expect("write");
 
         let limit = 10 * frame as u64;
-        match Segment::open_with_limit(dir.path(), 1, false, 0, limit) {
+        match Segment::open_with_limit(dir.path(), 1, Opening::Existing, 0, limit) {
             Err(EmbeddedError::Storage { detail, .. }) => {
                 assert!(detail.contains("damaged"), "{detail}");
                 assert!(detail.contains("checksum"), "{detail}");
@@ -471,7 +528,7 @@ mod tests {
         bytes[95 * frame + 5] ^= 1;
         std::fs::write(dir.path().join(SEGMENT_FILE), &bytes).expect("write");
         let (segment, ends) =
-            Segment::open_with_limit(dir.path(), 1, false, 0, limit).expect("cut");
+            Segment::open_with_limit(dir.path(), 1, Opening::Existing, 0, limit).expect("cut");
         assert_eq!(ends, vec![95]);
         let records = segment.read(0, 90, 10, usize::MAX).expect("read");
         assert_eq!(records.len(), 5);
@@ -487,7 +544,7 @@ mod tests {
         // A crash after the file grew but before its pages were written reads as zeros.
         bytes.extend_from_slice(&[0; 64]);
         std::fs::write(dir.path().join(SEGMENT_FILE), &bytes).expect("write");
-        let (_, ends) = Segment::open(dir.path(), 1, false, 0).expect("open");
+        let (_, ends) = Segment::open(dir.path(), 1, Opening::Existing, 0).expect("open");
         assert_eq!(ends, vec![1]);
         assert_eq!(
             std::fs::metadata(dir.path().join(SEGMENT_FILE))
@@ -495,5 +552,20 @@ mod tests {
                 .len(),
             (bytes.len() - 64) as u64
         );
+    }
+
+    #[test]
+    fn a_second_handle_on_the_records_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (first, _) = Segment::open(dir.path(), 1, Opening::New, 0).expect("open");
+        match Segment::open(dir.path(), 1, Opening::Existing, 0) {
+            Err(EmbeddedError::InUse { file, .. }) => {
+                assert_eq!(file, dir.path().join(SEGMENT_FILE));
+            }
+            Err(other) => panic!("expected InUse, got {other}"),
+            Ok(_) => panic!("two handles on one records file"),
+        }
+        drop(first);
+        assert!(Segment::open(dir.path(), 1, Opening::Existing, 0).is_ok());
     }
 }

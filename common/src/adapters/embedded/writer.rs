@@ -78,6 +78,8 @@ pub(super) struct Writer {
     pub(super) segment: Arc<Segment>,
     /// The durable end of `events.log`: where the next group is written.
     pub(super) end: u64,
+    /// The durable end `events.redb` last recorded (see [`MARK_EVERY_BYTES`]).
+    pub(super) marked: u64,
     /// The frames of the group being written (kept between groups unless large).
     pub(super) frames: Vec<u8>,
     /// Per partition, the next offset, as durably committed.
@@ -87,7 +89,8 @@ pub(super) struct Writer {
     pub(super) transactions: Arc<AtomicU64>,
     /// Appends sent and not yet taken off the queue (the log sheds past its bound).
     pub(super) queued: Arc<AtomicUsize>,
-    /// Whether the last write worked: false from a failed commit until a probe commits.
+    /// Whether the last write worked: false from a failed append or commit until a probe
+    /// works.
     pub(super) writable: Arc<AtomicBool>,
     /// Tests: the writer waits for this before its first request.
     #[cfg(test)]
@@ -172,11 +175,14 @@ impl Writer {
             self.next = next;
             self.ends.send_replace(self.next.clone());
         }
-        if outcomes.iter().any(Option::is_none) {
+        if outcomes.iter().any(Option::is_none) || self.end - self.marked >= MARK_EVERY_BYTES {
             let written = self.store.get().and_then(|db| {
                 self.write(&db, &group, &mut outcomes)
                     .inspect_err(|_| self.store.discard(&db))
             });
+            if written.is_ok() {
+                self.marked = self.end;
+            }
             if let Err(e) = written {
                 // The transaction is aborted: no commit or dead letter of the group is
                 // written (its appends are, and are answered). The handle is closed;
@@ -236,13 +242,16 @@ impl Writer {
             outcomes.push(Some(Outcome::Appended(*slot)));
             *slot += 1;
         }
-        if !placed.is_empty() {
-            self.end = self.segment.append(self.end, &self.frames, &placed)?;
-        }
+        let appended = if placed.is_empty() {
+            Ok(self.end)
+        } else {
+            self.segment.append(self.end, &self.frames, &placed)
+        };
         // A large group's buffer is not kept: it would stay resident.
         if self.frames.capacity() > KEEP_FRAMES_BYTES {
             self.frames = Vec::new();
         }
+        self.end = appended?;
         Ok((next, outcomes))
     }
 
@@ -328,12 +337,14 @@ impl Writer {
         })();
         probed
             .inspect_err(|_| self.store.discard(&db))
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        self.marked = self.end;
+        Ok(())
     }
 
     /// Writes the group's commits and dead letters (the requests whose outcome is still
-    /// `None`) in one durable transaction and fills in their outcomes. Nothing of it is
-    /// visible unless this returns `Ok`.
+    /// `None`) and the durable end of `events.log` in one durable transaction and fills in
+    /// their outcomes. Nothing of it is visible unless this returns `Ok`.
     fn write(
         &self,
         db: &Database,
@@ -414,6 +425,11 @@ impl Writer {
         Ok(())
     }
 }
+
+/// How far `events.log` may grow past the durable end `events.redb` last recorded before
+/// the writer records it again, even with no position commit to write: damage before that
+/// mark is refused at the next open rather than cut as an unfinished write.
+const MARK_EVERY_BYTES: u64 = 16 * 1024 * 1024;
 
 /// A group buffer larger than this is freed after its write.
 const KEEP_FRAMES_BYTES: usize = 1024 * 1024;
