@@ -116,20 +116,14 @@ impl EmbeddedLog {
             (_, Some(_)) => Opening::Moved,
             _ => Opening::Existing,
         };
+        // A moved log opens only if every record copied continues its partition's offsets
+        // (nothing may be cut from it): then, and only then, the old table goes.
         let (segment, ends) = Segment::open(dir, partitions, opening, synced.unwrap_or(0))?;
-        if let Some(moved) = migrated {
-            // Every record read is in the file, contiguous per partition, or nothing moves.
-            let found: u64 = ends.iter().sum();
-            if found != moved {
-                return Err(EmbeddedError::Storage {
-                    file: file.clone(),
-                    detail: format!(
-                        "moving the records to {}: {moved} records, but only {found} of them \
-                         continue their partition's offsets; nothing was moved",
-                        segment.path().display()
-                    ),
-                });
-            }
+        let end = segment.durable_end().map_err(|e| EmbeddedError::Storage {
+            file: segment.path().to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        if migrated.is_some() {
             txn.delete_table(RECORDS).map_err(|e| storage(e.into()))?;
         }
         if layout.is_none() {
@@ -141,10 +135,6 @@ impl EmbeddedLog {
                 .map_err(|e| storage(e.into()))?;
             meta.insert(META_PARTITIONS, u64::from(partitions))
                 .map_err(|e| storage(e.into()))?;
-            let end = segment.durable_end().map_err(|e| EmbeddedError::Storage {
-                file: segment.path().to_path_buf(),
-                detail: e.to_string(),
-            })?;
             meta.insert(META_SYNCED_END, end)
                 .map_err(|e| storage(e.into()))?;
         }
@@ -165,13 +155,8 @@ impl EmbeddedLog {
             );
         }
         let segment = Arc::new(segment);
-        let end = segment.durable_end().map_err(|e| EmbeddedError::Storage {
-            file: segment.path().to_path_buf(),
-            detail: e.to_string(),
-        })?;
 
         let store = Arc::new(Reopenable::new(file, LOG_CACHE_BYTES, db));
-        let marked = end;
         let (ends_tx, ends_rx) = watch::channel(ends.clone());
         let (requests, queue) = mpsc::channel();
         let transactions = Arc::new(AtomicU64::new(0));
@@ -182,7 +167,7 @@ impl EmbeddedLog {
             store: store.clone(),
             segment: segment.clone(),
             end,
-            marked,
+            marked: end,
             frames: Vec::new(),
             next: ends,
             queue,
@@ -228,8 +213,8 @@ impl EmbeddedLog {
         self.inner.segment.path()
     }
 
-    /// Whether the log can write: false from a failed commit (disk full, I/O error) until
-    /// the writer commits again, which it probes for with backoff.
+    /// Whether the log can write: false from a failed append or commit (disk full, I/O
+    /// error) until the writer can write again, which it probes for with backoff.
     pub fn writable(&self) -> bool {
         self.inner.writable.load(Ordering::Acquire)
     }

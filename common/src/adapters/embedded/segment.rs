@@ -390,15 +390,16 @@ impl Segment {
         Ok(got >= need)
     }
 
-    /// Writes `frames` (whole frames, of records `placed`: (partition, offset) in order)
-    /// at `at`, the durable end, and makes them durable; only then are they indexed.
+    /// Writes `frames` (whole frames; `placed` gives each one's partition and where it
+    /// starts in `frames`, in order) at `at`, the durable end, and makes them durable; only
+    /// then are they indexed.
     /// Returns the new durable end. On error nothing is indexed, and the caller must
     /// [`truncate`](Segment::truncate) back to `at` before writing again.
     pub(super) fn append(
         &self,
         at: u64,
         frames: &[u8],
-        placed: &[(u32, u64)],
+        placed: &[(u32, usize)],
     ) -> std::io::Result<u64> {
         self.file.write_all_at(frames, at)?;
         self.file.sync_data()?;
@@ -406,16 +407,10 @@ impl Segment {
             .index
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut pos = at;
-        for &(partition, _) in placed {
-            let Some(head) = frames.get((pos - at) as usize..) else {
-                break;
-            };
-            let len = HEADER + payload_len(head).unwrap_or(0);
+        for &(partition, start) in placed {
             if let Some(positions) = index.get_mut(partition as usize) {
-                positions.push(pos);
+                positions.push(at + start as u64);
             }
-            pos += len as u64;
         }
         Ok(at + frames.len() as u64)
     }

@@ -180,9 +180,6 @@ impl Writer {
                 self.write(&db, &group, &mut outcomes)
                     .inspect_err(|_| self.store.discard(&db))
             });
-            if written.is_ok() {
-                self.marked = self.end;
-            }
             if let Err(e) = written {
                 // The transaction is aborted: no commit or dead letter of the group is
                 // written (its appends are, and are answered). The handle is closed;
@@ -197,6 +194,8 @@ impl Writer {
                         "embedded event log commit failed: {e}"
                     )));
                 }
+            } else {
+                self.marked = self.end;
             }
         }
         for (request, outcome) in group.into_iter().zip(outcomes) {
@@ -230,15 +229,9 @@ impl Writer {
                 ))));
                 continue;
             };
-            if !segment::fits(key, value) {
-                outcomes.push(Some(Outcome::Rejected(format!(
-                    "a record of {} bytes is larger than the event log takes",
-                    key.len() + value.len()
-                ))));
-                continue;
-            }
+            // `append` also checked that the record fits in a frame.
+            placed.push((*partition, self.frames.len()));
             segment::encode(&mut self.frames, *partition, *slot, key, value);
-            placed.push((*partition, *slot));
             outcomes.push(Some(Outcome::Appended(*slot)));
             *slot += 1;
         }
