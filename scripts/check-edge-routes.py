@@ -31,10 +31,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 COMMON = ["x-request-id", "strict-transport-security", "x-content-type-options", "cache-control"]
 
 
+_GIVEN_PORTS = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1, never one this run handed out before (a port closed here
+    can come back from the kernel before its server has bound it)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def backend(name, cert, key):
