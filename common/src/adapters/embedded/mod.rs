@@ -22,7 +22,8 @@
 //!
 //! # Durability
 //!
-//! Every write transaction commits with [`Durability::Immediate`]: `commit` returns only
+//! Every write transaction of the log and the catalog commits with
+//! [`Durability::Immediate`]: `commit` returns only
 //! after redb has fsynced the new state. redb is copy-on-write with two commit slots, so a
 //! process killed at any instant (kill -9, OOM; power loss too, as far as the disk honours
 //! fsync) reopens at the last committed transaction, never at a torn one. What msghash acknowledges is therefore on disk:
@@ -31,9 +32,13 @@
 //!   fsynced (`events.log` has its own crash recovery: [`segment`]), so a 201 is never
 //!   lost;
 //! - `end_offset` and subscribers only see committed records, so nothing read can vanish;
-//! - `Subscription::commit` and `ReadModel::apply` return after their commit, so a group
-//!   position or an applied offset never points past data that a crash could take back.
-//!   `apply` writes rows and offsets in one transaction: both or neither survive.
+//! - `Subscription::commit` returns after its commit, so a group position never points
+//!   past records that a crash could take back.
+//! - The read model is the exception: `ReadModel::apply` writes rows and offsets in one
+//!   transaction (both or neither survive), but makes its commits durable only about once
+//!   a second ([`model`]'s doc says how). A crash takes both back together and the
+//!   projector applies those records again; nothing acknowledged is lost, since the log
+//!   holds them.
 //!
 //! Commits do NOT set redb's quick-repair: it serialises the allocator's state into every
 //! commit, which was 40 % of the instructions of a POST (callgrind: 440k → 263k per POST
@@ -340,6 +345,8 @@ pub(super) struct Reopenable {
     file: PathBuf,
     cache_bytes: usize,
     db: std::sync::RwLock<Option<Arc<Database>>>,
+    /// How many times the file was opened again: a handle's identity.
+    reopens: AtomicU64,
 }
 
 impl Reopenable {
@@ -348,7 +355,15 @@ impl Reopenable {
             file,
             cache_bytes,
             db: std::sync::RwLock::new(Some(Arc::new(db))),
+            reopens: AtomicU64::new(0),
         }
+    }
+
+    /// Which handle is open (or was last): a count that changes each time the file is
+    /// opened again, so that what was committed with [`Durability::None`] on a handle
+    /// closed since can be told apart.
+    pub(super) fn opens(&self) -> u64 {
+        self.reopens.load(Ordering::Acquire)
     }
 
     pub(super) fn file(&self) -> &Path {
@@ -379,6 +394,7 @@ impl Reopenable {
                 .open(&self.file)?,
         );
         *slot = Some(db.clone());
+        self.reopens.fetch_add(1, Ordering::AcqRel);
         drop(slot);
         tracing::info!(file = %self.file.display(), "reopened after a storage failure");
         Ok(db)

@@ -1,22 +1,94 @@
 //! [`EmbeddedModel`]: the read model of one generation in its own redb file, rows and
-//! applied offsets written in one durable transaction. A failed operation (a commit on a
-//! full disk) closes the handle and the next one opens the file again, so the projector's
-//! retries go through once the disk takes writes again, without a restart.
+//! applied offsets written in one transaction, durable at least once every
+//! [`DURABLE_EVERY`]. A failed operation (a commit on a full disk) closes the handle and
+//! the next one opens the file again, so the projector's retries go through once the disk
+//! takes writes again, without a restart.
+//!
+//! # Durability
+//!
+//! The read model is a projection of the log, whose appends are each durable before their
+//! 201. So `apply` commits with [`Durability::None`] (visible to readers at once, written
+//! to the file later) and makes its commits durable only every [`DURABLE_EVERY`], every
+//! [`DURABLE_BYTES`] of rows, and for batches of [`DURABLE_BATCH_ROWS`] rows or more: the
+//! leaves that many small batches of random digests dirty are then written and fsynced
+//! once instead of once per batch (docs/performance.md, item 18).
+//!
+//! - A crash (kill -9, power) takes back at most what was applied since the last durable
+//!   commit; rows and applied offsets go back together. The projector then applies those
+//!   records again: its `Continuity` guard compares each partition's first record with the
+//!   model's applied offset and rewinds the group to it (the same guard that catches up a
+//!   lost Cassandra keyspace, whose commit log is itself synced only every 10 s).
+//! - Closing the file (a clean shutdown) makes the pending commits durable.
+//! - A failure that closes the handle (an I/O error) may lose them in a live process: the
+//!   model keeps the rows and offsets committed since the last durable commit in memory
+//!   and writes them again, durably, with the next batch, and until then answers the
+//!   applied offsets of its last durable commit, so the read-your-writes barrier waits
+//!   instead of answering 404 for a row that is not in the file.
 
 use super::*;
 
-/// The embedded read model. Cloning is cheap (two `Arc`s).
+/// At most this long between two durable commits of `apply` (see the module doc).
+pub const DURABLE_EVERY: Duration = Duration::from_secs(1);
+/// At most this many bytes of rows (messages, plus [`ROW_OVERHEAD`] each) applied between
+/// two durable commits: what the model keeps in memory to write again after a failure is
+/// bounded.
+pub const DURABLE_BYTES: usize = 4 * 1024 * 1024;
+/// What a kept row costs in memory besides its message (digest, `String`, allocation).
+const ROW_OVERHEAD: usize = 80;
+/// A batch of at least this many rows commits durably: it dirties most leaves anyway and
+/// its fsync is shared by all its rows (a replay's or a catching-up projector's batches;
+/// live POSTs come in batches of tens to hundreds). Measured: non-durable commits of
+/// 65,536-row batches made a 1M-event replay slower and held more memory.
+pub const DURABLE_BATCH_ROWS: usize = 4096;
+
+/// The embedded read model. Cloning is cheap (a few `Arc`s).
 #[derive(Clone)]
 pub struct EmbeddedModel {
     store: Arc<Reopenable>,
     generation: Generation,
-    /// The applied offsets as of the last commit that returned, per partition: the
-    /// read-your-writes barrier asks for them on every miss, so they are answered from
-    /// memory while the file is open (after a failure closed it, from the file, which
-    /// opens it again or fails). Read from the file at open, raised after each successful commit (never
-    /// lowered), so they are never ahead of the file: a commit that failed after reaching
-    /// the disk only leaves them behind it until the projector's retry commits again.
-    applied: Arc<std::sync::RwLock<HashMap<u32, Offset>>>,
+    /// The applied offsets, per partition: the read-your-writes barrier asks for them on
+    /// every miss, so they are answered from memory while the file is open (after a
+    /// failure closed it, from the file, which opens it again or fails).
+    applied: Arc<std::sync::RwLock<Applied>>,
+    /// What `apply` committed since its last durable commit.
+    pending: Arc<std::sync::Mutex<Pending>>,
+}
+
+/// The applied offsets known in memory. Read from the file at open, raised after each
+/// successful commit (never lowered), so they are never ahead of the handle they were
+/// committed on: a commit that failed after reaching the disk only leaves them behind it
+/// until the projector's retry commits again.
+#[derive(Default)]
+struct Applied {
+    /// As of the last durable commit: what the file holds whatever happens to the handle.
+    durable: HashMap<u32, Offset>,
+    /// As of the last commit, durable or not: valid while the handle it went to is open
+    /// (`handle`, a [`Reopenable::opens`] count).
+    latest: HashMap<u32, Offset>,
+    handle: u64,
+}
+
+/// The rows and offsets committed with [`Durability::None`] since the last durable commit,
+/// and the handle they went to: written again if that handle was closed since.
+struct Pending {
+    since: std::time::Instant,
+    handle: u64,
+    rows: Vec<(Digest, String)>,
+    bytes: usize,
+    applied: Vec<(u32, Offset)>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.applied.is_empty()
+    }
+}
+
+fn raise(known: &mut HashMap<u32, Offset>, applied: &[(u32, Offset)]) {
+    for &(partition, offset) in applied {
+        let current = known.entry(partition).or_insert(offset);
+        *current = (*current).max(offset);
+    }
 }
 
 pub(super) fn model_unavailable(e: impl Into<redb::Error>) -> ModelError {
@@ -56,10 +128,23 @@ impl EmbeddedModel {
         }
         txn.commit().map_err(|e| storage(e.into()))?;
         let applied = stored_applied(&db).map_err(storage)?;
+        let store = Arc::new(Reopenable::new(file, MODEL_CACHE_BYTES, db));
+        let handle = store.opens();
         Ok(EmbeddedModel {
-            store: Arc::new(Reopenable::new(file, MODEL_CACHE_BYTES, db)),
+            store,
             generation,
-            applied: Arc::new(std::sync::RwLock::new(applied)),
+            applied: Arc::new(std::sync::RwLock::new(Applied {
+                durable: applied.clone(),
+                latest: applied,
+                handle,
+            })),
+            pending: Arc::new(std::sync::Mutex::new(Pending {
+                since: std::time::Instant::now(),
+                handle,
+                rows: Vec::new(),
+                bytes: 0,
+                applied: Vec::new(),
+            })),
         })
     }
 
@@ -98,18 +183,6 @@ impl EmbeddedModel {
             None => self.blocking(f).await,
         }
     }
-
-    /// Raises the remembered applied offsets to those of a batch just committed.
-    fn remember_applied(&self, applied: &[(u32, Offset)]) {
-        let mut known = self
-            .applied
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for &(partition, offset) in applied {
-            let current = known.entry(partition).or_insert(offset);
-            *current = (*current).max(offset);
-        }
-    }
 }
 
 /// Every partition's applied offset stored in `db`.
@@ -130,19 +203,46 @@ impl ReadModel for EmbeddedModel {
         if batch.is_empty() {
             return Ok(());
         }
-        let applied = batch.applied.clone();
         let mut batch = batch.clone();
         // In key order, each insert descends next to the previous one: the pages it
         // reads and dirties are the ones just used (docs/performance.md).
         batch
             .messages
             .sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let (store, pending, known) = (
+            self.store.clone(),
+            self.pending.clone(),
+            self.applied.clone(),
+        );
         self.blocking(move |db| {
-            // Rows and offsets in one durable transaction: both or neither.
-            let txn = begin_durable(db).map_err(model_unavailable)?;
+            let mut pending = pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let handle = store.opens();
+            // The commits since the last durable one went to a handle closed since (after
+            // a failure): they may not be in the file, so they are written again.
+            let rewrite = pending.handle != handle && !pending.is_empty();
+            let bytes: usize = batch
+                .messages
+                .iter()
+                .map(|(_, m)| m.len() + ROW_OVERHEAD)
+                .sum();
+            let durable = rewrite
+                || batch.messages.len() >= DURABLE_BATCH_ROWS
+                || pending.since.elapsed() >= DURABLE_EVERY
+                || pending.bytes + bytes >= DURABLE_BYTES;
+            // Rows and offsets in one transaction: both or neither.
+            let mut txn = db.begin_write().map_err(model_unavailable)?;
+            txn.set_durability(if durable {
+                Durability::Immediate
+            } else {
+                Durability::None
+            })
+            .map_err(model_unavailable)?;
             {
                 let mut messages = txn.open_table(MESSAGES).map_err(model_unavailable)?;
-                for (digest, message) in &batch.messages {
+                let again = if rewrite { &pending.rows[..] } else { &[] };
+                for (digest, message) in again.iter().chain(&batch.messages) {
                     messages
                         .insert(digest.as_bytes(), message.as_str())
                         .map_err(model_unavailable)?;
@@ -150,7 +250,8 @@ impl ReadModel for EmbeddedModel {
                 let mut offsets = txn
                     .open_table(PROJECTION_OFFSETS)
                     .map_err(model_unavailable)?;
-                for &(partition, offset) in &batch.applied {
+                let again = if rewrite { &pending.applied[..] } else { &[] };
+                for &(partition, offset) in again.iter().chain(&batch.applied) {
                     let current = offsets
                         .get(partition)
                         .map_err(model_unavailable)?
@@ -163,11 +264,36 @@ impl ReadModel for EmbeddedModel {
                     }
                 }
             }
-            txn.commit().map_err(model_unavailable)
+            txn.commit().map_err(model_unavailable)?;
+            let mut known = known
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if known.handle != handle {
+                // What was raised on the closed handle is what `pending` just wrote again.
+                known.handle = handle;
+            }
+            raise(&mut known.latest, &batch.applied);
+            if durable {
+                let Applied {
+                    durable, latest, ..
+                } = &mut *known;
+                durable.clone_from(latest);
+                *pending = Pending {
+                    since: std::time::Instant::now(),
+                    handle,
+                    rows: Vec::new(),
+                    bytes: 0,
+                    applied: Vec::new(),
+                };
+            } else {
+                pending.handle = handle;
+                pending.bytes += bytes;
+                pending.applied.extend_from_slice(&batch.applied);
+                pending.rows.append(&mut batch.messages);
+            }
+            Ok(())
         })
-        .await?;
-        self.remember_applied(&applied);
-        Ok(())
+        .await
     }
 
     async fn get(&self, digest: &Digest) -> Result<Option<String>, ModelError> {
@@ -195,12 +321,18 @@ impl ReadModel for EmbeddedModel {
                 })
                 .await;
         }
-        Ok(self
+        let known = self
             .applied
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&partition)
-            .copied())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // After a failure closed the handle, the commits since the last durable one may
+        // be gone from the file until `apply` writes them again.
+        let offsets = if known.handle == self.store.opens() {
+            &known.latest
+        } else {
+            &known.durable
+        };
+        Ok(offsets.get(&partition).copied())
     }
 
     async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<Digest>, ModelError> {
@@ -239,6 +371,112 @@ impl ReadModel for EmbeddedModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn batch(messages: &[&str], applied: (u32, Offset)) -> ProjectionBatch {
+        ProjectionBatch {
+            messages: messages
+                .iter()
+                .map(|m| (Digest::of(m), (*m).to_owned()))
+                .collect(),
+            applied: vec![applied],
+        }
+    }
+
+    /// What a kill -9 would leave of the model's file right now (its bytes, which is what
+    /// the page cache holds; redb buffers non-durable commits in its own memory), opened
+    /// as a model of its own.
+    fn crash_image(model: &EmbeddedModel) -> (tempfile::TempDir, EmbeddedModel) {
+        let image = tempfile::tempdir().expect("tempdir");
+        std::fs::copy(model.path(), image.path().join(MODEL_FILE)).expect("copy the file");
+        let opened = EmbeddedModel::open(image.path()).expect("open the crash image");
+        (image, opened)
+    }
+
+    /// Asserts that `model` holds each of `messages` and has applied partition 0 up to
+    /// `applied`.
+    async fn holds(model: &EmbeddedModel, messages: &[&str], applied: Option<Offset>) {
+        for &message in messages {
+            let found = model.get(&Digest::of(message)).await.expect("get");
+            assert_eq!(
+                found.as_deref(),
+                Some(message),
+                "{} lacks a row",
+                model.path().display()
+            );
+        }
+        let offset = model.applied_offset(0).await.expect("applied");
+        assert_eq!(
+            offset,
+            applied,
+            "applied offset of {}",
+            model.path().display()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_crash_takes_back_rows_and_offsets_together_and_large_batches_are_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = EmbeddedModel::open(dir.path()).expect("open model");
+        model.apply(&batch(&["one"], (0, 0))).await.expect("apply");
+        holds(&model, &["one"], Some(0)).await;
+
+        // Not durable yet: a crash now leaves neither the row nor its offset, so the
+        // projector's continuity guard applies the record again.
+        let (_image, crashed) = crash_image(&model);
+        assert_eq!(crashed.get(&Digest::of("one")).await.expect("get"), None);
+        holds(&crashed, &[], None).await;
+
+        // A batch of DURABLE_BATCH_ROWS rows is durable, with everything before it.
+        let many: Vec<String> = (0..DURABLE_BATCH_ROWS).map(|i| format!("m{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        model.apply(&batch(&many, (0, 1))).await.expect("apply");
+        let (_image, crashed) = crash_image(&model);
+        holds(&crashed, &["one", many[7]], Some(1)).await;
+
+        // So is one that brings the rows since the last durable commit to DURABLE_BYTES.
+        model.apply(&batch(&["two"], (0, 2))).await.expect("apply");
+        let large = "x".repeat(DURABLE_BYTES);
+        model.apply(&batch(&[&large], (0, 3))).await.expect("apply");
+        let (_image, crashed) = crash_image(&model);
+        holds(&crashed, &["two", &large], Some(3)).await;
+    }
+
+    /// A failure closed the handle and the commits since the last durable one did not
+    /// survive it: until the next `apply` the barrier must hear the durable offsets (not
+    /// answer a 404 for a row it believes applied), and that `apply` writes them again.
+    #[tokio::test]
+    async fn commits_lost_with_a_failed_handle_are_written_again_by_the_next_apply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = EmbeddedModel::open(dir.path()).expect("open model");
+        let durable = "d".repeat(DURABLE_BYTES);
+        model
+            .apply(&batch(&[&durable], (0, 0)))
+            .await
+            .expect("apply");
+        let before = std::fs::read(model.path()).expect("the durable file");
+        model.apply(&batch(&["lost"], (0, 1))).await.expect("apply");
+        holds(&model, &["lost"], Some(1)).await;
+
+        // The handle fails and is closed, and the file is as a failed close leaves it:
+        // at the last durable commit.
+        let db = model.store.open_now().expect("the file is open");
+        model.store.discard(&db);
+        drop(db);
+        std::fs::write(model.path(), &before).expect("the file as the failure left it");
+        // This read opens the file again.
+        assert_eq!(model.get(&Digest::of("lost")).await.expect("get"), None);
+        assert_eq!(
+            model.applied_offset(0).await.expect("applied"),
+            Some(0),
+            "the barrier heard an offset whose row is gone"
+        );
+
+        model.apply(&batch(&["next"], (0, 2))).await.expect("apply");
+        holds(&model, &["lost", "next"], Some(2)).await;
+        // ... durably, since what it wrote again was lost once already.
+        let (_image, crashed) = crash_image(&model);
+        holds(&crashed, &["lost", "next"], Some(2)).await;
+    }
 
     #[tokio::test]
     async fn a_model_whose_file_cannot_be_opened_again_answers_no_applied_offset() {
