@@ -105,8 +105,11 @@ EOF
   local cluster_id
   cluster_id=$(printf '%s' "$voters" | sha256sum | cut -c1-32 \
     | perl -ne 'use MIME::Base64; chomp; my $b = encode_base64(pack("H*", $_), ""); $b =~ tr{+/=}{-_}d; print $b')
+  # `--cluster-id=ID`, not `-t ID`: one id in 64 starts with `-`, which the tool's argument
+  # parser takes for an option (`expected one argument`).
   "$JAVA" -cp "$KAFKA_HOME/lib/*" -Dlog4j2.configurationFile="$dir/log4j2.properties" \
-    kafka.tools.StorageTool format -t "$cluster_id" -c "$dir/server.properties" --ignore-formatted \
+    kafka.tools.StorageTool format --cluster-id="$cluster_id" -c "$dir/server.properties" \
+    --ignore-formatted \
     >"$dir/format.log" 2>&1 || {
     _servers_say "kafka: formatting $dir/data failed; its log: $dir/format.log"
     return 1
