@@ -89,6 +89,10 @@ impl ReadModel for LiveModel {
         self.model().apply(batch).await
     }
 
+    async fn sync(&self) -> Result<(), ModelError> {
+        self.model().sync().await
+    }
+
     async fn get(&self, digest: &Digest) -> Result<Option<String>, ModelError> {
         self.model().get(digest).await
     }

@@ -221,6 +221,14 @@ pub trait ReadModel: Send + Sync + 'static {
     /// races with a later batch. Applying the same batch twice changes nothing.
     async fn apply(&self, batch: &ProjectionBatch) -> Result<(), ModelError>;
 
+    /// Makes what `apply` committed durable now, for an adapter that defers it (the
+    /// embedded model makes small batches durable about once a second). The projector
+    /// calls it when a poll finds nothing and when it stops. Until then a crash may take
+    /// back rows together with their applied offsets, never one without the other.
+    async fn sync(&self) -> Result<(), ModelError> {
+        Ok(())
+    }
+
     /// The message named by `digest`, if the projection has it.
     async fn get(&self, digest: &Digest) -> Result<Option<String>, ModelError>;
 

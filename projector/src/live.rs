@@ -100,6 +100,10 @@ pub async fn run_projection(
                 break;
             }
         }
+        // The turn's model keeps nothing deferred (`ReadModel::sync`) past the turn.
+        if let Err(e) = model.sync().await {
+            tracing::warn!(error = %e, generation, "making the read model durable failed");
+        }
         if shutdown.is_cancelled() {
             break;
         }

@@ -79,6 +79,12 @@ impl Reader {
     ) -> anyhow::Result<Vec<LogRecord>> {
         let subscription = self.subscription.as_mut();
         let records = poll(subscription, self.max, self.wait).await;
+        if records.is_empty() {
+            // Idle: what the model deferred becomes durable now (`ReadModel::sync`).
+            if let Err(e) = model.sync().await {
+                tracing::warn!(error = %e, "making the read model durable failed; retrying when idle");
+            }
+        }
         if records.len() >= TRIM_AFTER {
             self.trim = true;
         } else if self.trim {

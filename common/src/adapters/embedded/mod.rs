@@ -336,7 +336,9 @@ fn check_layout(meta: &mut redb::Table<'_, &str, u64>, file: &Path) -> Result<()
 ///
 /// After a write fails with an I/O error (disk full, EIO), redb refuses every later
 /// operation on that handle (`PreviousIo`) until it is closed; the file itself is intact at
-/// its last committed transaction (the failed one is aborted). So the one who saw the
+/// its last durable transaction (the failed one is aborted; so may be the ones committed
+/// with [`Durability::None`] since, which the read model writes again: `on_reopen`). So
+/// the one who saw the
 /// failure [`discard`](Reopenable::discard)s the handle, and the next
 /// [`get`](Reopenable::get) opens the file again, which recovers it. Opening fails (and is
 /// tried again on the next `get`) while an old handle is still held by an operation in
@@ -345,9 +347,11 @@ pub(super) struct Reopenable {
     file: PathBuf,
     cache_bytes: usize,
     db: std::sync::RwLock<Option<Arc<Database>>>,
-    /// How many times the file was opened again: a handle's identity.
-    reopens: AtomicU64,
+    /// Run on a handle opened again, before it is handed out (see `on_reopen`).
+    on_reopen: Option<Box<ReopenHook>>,
 }
+
+type ReopenHook = dyn Fn(&Database) -> Result<(), redb::Error> + Send + Sync;
 
 impl Reopenable {
     pub(super) fn new(file: PathBuf, cache_bytes: usize, db: Database) -> Reopenable {
@@ -355,15 +359,17 @@ impl Reopenable {
             file,
             cache_bytes,
             db: std::sync::RwLock::new(Some(Arc::new(db))),
-            reopens: AtomicU64::new(0),
+            on_reopen: None,
         }
     }
 
-    /// Which handle is open (or was last): a count that changes each time the file is
-    /// opened again, so that what was committed with [`Durability::None`] on a handle
-    /// closed since can be told apart.
-    pub(super) fn opens(&self) -> u64 {
-        self.reopens.load(Ordering::Acquire)
+    /// `hook` runs on each handle opened again, while the handle's lock is held, before
+    /// anyone gets it; if it fails, the handle is closed and the open fails (and is tried
+    /// again on the next `get`). The read model writes again what a failure may have taken
+    /// back with it.
+    pub(super) fn on_reopen(mut self, hook: Box<ReopenHook>) -> Reopenable {
+        self.on_reopen = Some(hook);
+        self
     }
 
     pub(super) fn file(&self) -> &Path {
@@ -393,8 +399,10 @@ impl Reopenable {
                 .set_cache_size(self.cache_bytes)
                 .open(&self.file)?,
         );
+        if let Some(hook) = &self.on_reopen {
+            hook(&db)?;
+        }
         *slot = Some(db.clone());
-        self.reopens.fetch_add(1, Ordering::AcqRel);
         drop(slot);
         tracing::info!(file = %self.file.display(), "reopened after a storage failure");
         Ok(db)
