@@ -100,10 +100,7 @@ pub async fn run_projection(
                 break;
             }
         }
-        // The turn's model keeps nothing deferred (`ReadModel::sync`) past the turn.
-        if let Err(e) = model.sync().await {
-            tracing::warn!(error = %e, generation, "making the read model durable failed");
-        }
+        crate::step::sync_at_stop(model.as_ref(), generation).await;
         if shutdown.is_cancelled() {
             break;
         }

@@ -302,6 +302,7 @@ pub async fn replay(
             }
         }
     }
+    crate::step::sync_at_stop(model.as_ref(), target).await;
     if phase == Phase::Building {
         return Ok(None);
     }

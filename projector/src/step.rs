@@ -6,7 +6,7 @@ use crate::continuity::Continuity;
 use crate::ProjectorStats;
 use backon::{ExponentialBuilder, Retryable};
 use msghash_common::metrics::names;
-use msghash_common::ports::{LogRecord, Offset, Subscription};
+use msghash_common::ports::{Generation, LogRecord, Offset, Subscription};
 use msghash_common::service::release_free_memory;
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{EventLog, MessageHashed, ProjectionBatch, ReadModel};
@@ -143,6 +143,23 @@ fn dead_letter_backoff() -> ExponentialBuilder {
 }
 
 /// The retry policy of the projection's writes: quick at first, then every 2 s, forever.
+/// At the end of a projection's turn (a stop, a switch of generation), `model` keeps
+/// nothing deferred (`ReadModel::sync`); bounded, so a stuck disk cannot hold up a stop
+/// (closing the file makes the deferred commits durable too, unless the disk failed).
+pub(crate) async fn sync_at_stop(model: &dyn ReadModel, generation: Generation) {
+    match tokio::time::timeout(SYNC_AT_STOP, model.sync()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, generation, "making the read model durable failed")
+        }
+        Err(_) => tracing::warn!(generation, timeout = ?SYNC_AT_STOP,
+            "making the read model durable took too long; leaving it to the close"),
+    }
+}
+
+/// How long [`sync_at_stop`] waits.
+const SYNC_AT_STOP: Duration = Duration::from_secs(10);
+
 pub(crate) fn write_backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))

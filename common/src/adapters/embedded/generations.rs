@@ -19,6 +19,8 @@ pub struct EmbeddedGenerations {
     dir: Arc<PathBuf>,
     catalog: Arc<Reopenable>,
     opened: Arc<std::sync::Mutex<std::collections::HashMap<Generation, EmbeddedModel>>>,
+    /// How long the models opened from here defer their fsync at most.
+    durable_every: Duration,
 }
 
 impl EmbeddedGenerations {
@@ -51,7 +53,17 @@ impl EmbeddedGenerations {
             dir: Arc::new(dir.to_path_buf()),
             catalog: Arc::new(Reopenable::new(file, CATALOG_CACHE_BYTES, db)),
             opened: Arc::default(),
+            durable_every: super::model::DURABLE_EVERY,
         })
+    }
+
+    /// The models opened from here make their commits durable at least every `every`
+    /// (instead of [`DURABLE_EVERY`](super::model::DURABLE_EVERY)), besides the other
+    /// occasions (`EmbeddedModel`'s doc). For tests that need the deferral not to end by
+    /// itself.
+    pub fn durable_every(mut self, every: Duration) -> EmbeddedGenerations {
+        self.durable_every = every;
+        self
     }
 
     async fn blocking<T: Send + 'static>(
@@ -123,7 +135,8 @@ impl ModelGenerations for EmbeddedGenerations {
                 Ok(())
             })?;
             let model = EmbeddedModel::open_generation(&this.dir, generation)
-                .map_err(|e| ModelError::unavailable("embedded read model", e))?;
+                .map_err(|e| ModelError::unavailable("embedded read model", e))?
+                .durable_every(this.durable_every);
             opened.insert(generation, model.clone());
             Ok(Arc::new(model) as Arc<dyn ReadModel>)
         })

@@ -11,9 +11,9 @@
 //! [`DURABLE_EVERY`] has passed since the last durable one, when [`DURABLE_BYTES`] of rows
 //! are pending, for a batch of [`DURABLE_BATCH_ROWS`] rows or more, and at
 //! [`ReadModel::sync`], which the projector calls whenever a poll finds nothing for
-//! 200 ms and when it stops. The leaves that many small batches of random digests dirty
-//! are then written and fsynced once instead of once per batch (docs/performance.md,
-//! item 18).
+//! 200 ms and when it (or a replay) stops. The leaves that many small batches of random
+//! digests dirty are then written and fsynced once instead of once per batch
+//! (docs/performance.md, item 18).
 //!
 //! - A crash (kill -9, power) takes back what was applied since the last durable commit
 //!   (at most a second of a busy projector's work); rows and applied offsets go back
@@ -115,10 +115,9 @@ fn write_rows(
     Ok(())
 }
 
-/// Makes `pending` durable on `db`: writes its rows and offsets again (a handle just
-/// opened again may lack them; on the same handle they are already there and this only
-/// makes them durable) in one durable transaction.
-fn make_durable(db: &Database, pending: &mut Pending) -> Result<(), redb::Error> {
+/// Writes `pending` again on `db`, a handle just opened again that may lack it, in one
+/// durable transaction.
+fn write_again(db: &Database, pending: &mut Pending) -> Result<(), redb::Error> {
     if pending.is_empty() {
         return Ok(());
     }
@@ -173,7 +172,7 @@ impl EmbeddedModel {
             let mut kept = kept
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            make_durable(db, &mut kept)
+            write_again(db, &mut kept)
         };
         Ok(EmbeddedModel {
             store: Arc::new(
@@ -185,9 +184,9 @@ impl EmbeddedModel {
         })
     }
 
-    /// The same model, its commits durable only every `every` (tests).
-    #[cfg(test)]
-    fn durable_every(self, every: Duration) -> EmbeddedModel {
+    /// The same model, its commits durable at least every `every` instead of
+    /// [`DURABLE_EVERY`].
+    pub fn durable_every(self, every: Duration) -> EmbeddedModel {
         self.pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -307,23 +306,47 @@ impl ReadModel for EmbeddedModel {
 
     async fn sync(&self) -> Result<(), ModelError> {
         let pending = self.pending.clone();
-        // Never waits on the async worker: a commit in progress holds the lock, and the
-        // projector calls this again at its next idle poll.
+        // Never waits on the async worker: when a commit in progress holds the lock, the
+        // blocking pool waits for it.
         let nothing_pending = match pending.try_lock() {
             Ok(kept) => kept.is_empty(),
             Err(std::sync::TryLockError::Poisoned(kept)) => kept.into_inner().is_empty(),
-            Err(std::sync::TryLockError::WouldBlock) => true,
+            Err(std::sync::TryLockError::WouldBlock) => false,
         };
         if nothing_pending {
             return Ok(());
         }
-        self.blocking(move |db| {
+        // Closed by a failure: the reopen writes what is pending again, durably (the
+        // `on_reopen` hook); reopening from here would walk the file at every idle poll
+        // while the disk still fails.
+        let Some(db) = self.store.open_now() else {
+            return Ok(());
+        };
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
             let mut pending = pending
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            make_durable(db, &mut pending).map_err(model_unavailable)
+            if pending.is_empty() {
+                return Ok(());
+            }
+            // On this handle the rows are there: an empty durable commit makes every
+            // commit before it durable.
+            let synced = begin_durable(&db).and_then(|txn| Ok(txn.commit()?));
+            match synced {
+                Ok(()) => {
+                    pending.clear();
+                    Ok(())
+                }
+                Err(e) => {
+                    drop(pending);
+                    store.discard(&db);
+                    Err(model_unavailable(e))
+                }
+            }
         })
         .await
+        .map_err(|e| ModelError::unavailable("embedded read model task", e))?
     }
 
     async fn get(&self, digest: &Digest) -> Result<Option<String>, ModelError> {
