@@ -51,6 +51,9 @@ pub(crate) struct Reader {
     wait: Duration,
     /// Whether a large batch was projected since the freed memory was last given back.
     trim: bool,
+    /// Whether the last poll found records: going idle after a burst gives freed memory
+    /// back once too.
+    busy: bool,
 }
 
 /// A batch of at least this many records leaves enough freed memory behind (its records,
@@ -66,6 +69,7 @@ impl Reader {
             max,
             wait,
             trim: false,
+            busy: false,
         }
     }
 
@@ -84,6 +88,12 @@ impl Reader {
             if let Err(e) = model.sync().await {
                 tracing::warn!(error = %e, "making the read model durable failed; retrying when idle");
             }
+            // And what the burst freed goes back to the system once.
+            if std::mem::take(&mut self.busy) {
+                self.trim = true;
+            }
+        } else {
+            self.busy = true;
         }
         if records.len() >= TRIM_AFTER {
             self.trim = true;
