@@ -27,23 +27,10 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from free_port import free_port  # noqa: E402
 
 COMMON = ["x-request-id", "strict-transport-security", "x-content-type-options", "cache-control"]
-
-
-_GIVEN_PORTS = set()
-
-
-def free_port():
-    """A free port on 127.0.0.1, never one this run handed out before (a port closed here
-    can come back from the kernel before its server has bound it)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _GIVEN_PORTS:
-            _GIVEN_PORTS.add(port)
-            return port
 
 
 def backend(name, cert, key):

@@ -26,7 +26,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from free_port import free_port  # scripts/lib, this file's directory, is on the path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LUA = os.path.join(ROOT, "bench", "wrk", "msghash.lua")
@@ -45,21 +45,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def say(*args):
     print("bench:", *args, file=sys.stderr, flush=True)
-
-
-_GIVEN_PORTS = set()
-
-
-def free_port():
-    """A free port on 127.0.0.1, never one this run handed out before (a port closed here
-    can come back from the kernel before its server has bound it)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _GIVEN_PORTS:
-            _GIVEN_PORTS.add(port)
-            return port
 
 
 # ---------------------------------------------------------------- process sampling
