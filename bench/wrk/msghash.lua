@@ -26,6 +26,11 @@ function setup(thread)
 end
 
 local mode, ok, requests, nreq, next_req, seq, nonce
+-- post mode: the request up to its message, the message's fixed start and its padding.
+local post_head, post_prefix, pads
+-- A POST's message is MESSAGE_LEN characters: the answer to a GET of it is 80 bytes, like
+-- the reference's.
+local MESSAGE_LEN = 66
 -- Globals, read by done() through thread:get().
 bad, statuses = 0, {}
 
@@ -64,6 +69,18 @@ function init(args)
       end
       requests[i] = wrk.format("GET", "/messages/" .. d)
     end
+  elseif mode == "post" then
+    -- Format the request once with a placeholder body of the right length and keep what
+    -- comes before the body: request() then only concatenates. wrk.format per request
+    -- (a headers table merged and a string built each time) cost wrk about twice the CPU
+    -- of a GET, taken from the same two cores as the server under test.
+    local body_len = #'{"message":""}' + MESSAGE_LEN
+    local whole = wrk.format("POST", "/messages", {["Content-Type"] = "application/json"},
+      string.rep("x", body_len))
+    post_head = whole:sub(1, #whole - body_len) .. '{"message":"'
+    post_prefix = string.format("bench-%s-%d-", nonce, id)
+    pads = {}
+    for n = 0, MESSAGE_LEN do pads[n] = string.rep("x", n) end
   elseif mode == "fixed" then
     requests[1] = wrk.format("GET", os.getenv("BENCH_PATH") or "/")
   end
@@ -74,12 +91,14 @@ end
 
 function request()
   if mode == "post" then
+    -- A unique message each time: the thread's prefix, a sequence number, padding.
     seq = seq + 1
-    -- 66 characters: the answer to a GET of it is 80 bytes, like the reference's.
-    local m = string.format("bench-%s-%d-%d-", nonce, id, seq)
-    m = m .. string.rep("x", 66 - #m)
-    return wrk.format("POST", "/messages", {["Content-Type"] = "application/json"},
-      '{"message":"' .. m .. '"}')
+    local m = post_prefix .. seq .. "-"
+    local pad = pads[MESSAGE_LEN - #m]
+    if pad == nil then
+      error("bench: BENCH_NONCE is too long for a " .. MESSAGE_LEN .. "-character message")
+    end
+    return post_head .. m .. pad .. '"}'
   end
   local r = requests[next_req]
   next_req = next_req + 1
