@@ -6,15 +6,17 @@
 //! (after retries with backoff) yields `503` with `Retry-After`, never a hang or a 500; one
 //! that sheds the append (its queue is full) yields that `503` at once.
 //!
-//! [`router`] is what the standalone binary composes; [`app`] adds health, `/metrics` and
-//! request observation; [`Application`] is the service on its own.
+//! [`router_and_front`] is what the standalone binary composes (the routes, and the front
+//! that answers the same POSTs before routing); [`app`] adds health, `/metrics` and request
+//! observation; [`Application`] is the service on its own.
 
-use axum::extract::{FromRef, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{FromRef, FromRequest, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use backon::{ExponentialBuilder, Retryable};
-use msghash_common::http::{self, ApiError, BodyLimit, ErrorBody, JsonBody, RequestBody};
+use msghash_common::http::{self, ApiError, BodyLimit, ErrorBody, Front, JsonBody, RequestBody};
 use msghash_common::metrics::names;
 use msghash_common::{partition_for, EventLog, LogError, MessageHashed, Offset};
 use serde::{Deserialize, Serialize};
@@ -54,14 +56,55 @@ impl FromRef<AppState> for BodyLimit {
 
 /// The write-path routes: `POST /messages`.
 pub fn router(log: Arc<dyn EventLog>, settings: IngestSettings) -> Router {
+    router_and_front(log, settings, "ingest").0
+}
+
+/// [`router`], and a [`Front`] (counted under `service`) that answers the same `POST
+/// /messages` before routing, with the same answers: routing, the `request` span and the
+/// timeout layer cost a POST about a tenth of its CPU (docs/performance.md, item 19).
+pub fn router_and_front(
+    log: Arc<dyn EventLog>,
+    settings: IngestSettings,
+    service: &'static str,
+) -> (Router, Front) {
     // Present (at 0) from the start, so rate() and alerts see the series before a failure.
     metrics::counter!(names::INGEST_PRODUCE_FAILURES_TOTAL).increment(0);
-    Router::new()
-        .route("/messages", post(post_message))
-        .with_state(AppState {
-            log,
-            settings: Arc::new(settings),
+    let state = AppState {
+        log,
+        settings: Arc::new(settings),
+    };
+    let front = {
+        let state = state.clone();
+        Front::handler(service, front_route, move |request| {
+            fronted_post(state.clone(), request)
         })
+    };
+    let router = Router::new()
+        .route("/messages", post(post_message))
+        .with_state(state);
+    (router, front)
+}
+
+/// Whether the front takes `request`: a `POST` of exactly `/messages` (the router's route;
+/// a query string does not change it).
+fn front_route(request: &Request) -> Option<&'static str> {
+    (request.method() == Method::POST && request.uri().path() == "/messages").then_some("/messages")
+}
+
+/// The front's `POST /messages`: what [`post_message`] answers, its lines carrying the
+/// request's id (no span is around it).
+async fn fronted_post(state: AppState, request: Request) -> Response {
+    let id = request
+        .headers()
+        .get(http::REQUEST_ID)
+        .and_then(|id| id.to_str().ok())
+        .map(str::to_owned);
+    match JsonBody::<PostMessage>::from_request(request, &state).await {
+        Ok(JsonBody(body)) => accept(&state, body.message, id.as_deref())
+            .await
+            .into_response(),
+        Err(rejection) => rejection.into_response(),
+    }
 }
 
 /// The body of `POST /messages`. Other fields are ignored; `message` given twice is a 400.
@@ -119,15 +162,26 @@ const RETRY_AFTER_SECS: u32 = 1;
 async fn post_message(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<PostMessage>,
-) -> Result<
-    (
-        StatusCode,
-        [(header::HeaderName, String); 1],
-        Json<Accepted>,
-    ),
-    ApiError,
-> {
-    let event = MessageHashed::new(body.message);
+) -> Result<Created, ApiError> {
+    // Inside the `request` span, which carries the id.
+    accept(&state, body.message, None).await
+}
+
+/// The 201 of `POST /messages`.
+type Created = (
+    StatusCode,
+    [(header::HeaderName, String); 1],
+    Json<Accepted>,
+);
+
+/// Hashes `message`, appends its event and answers once the log acknowledged it; the lines
+/// logged carry `request_id` when given.
+async fn accept(
+    state: &AppState,
+    message: String,
+    request_id: Option<&str>,
+) -> Result<Created, ApiError> {
+    let event = MessageHashed::new(message);
     let partition = partition_for(&event.digest, state.log.partitions());
     let offset = append_within(
         state.log.as_ref(),
@@ -141,9 +195,10 @@ async fn post_message(
             // An overload sheds many requests a second: the metric counts them, the log
             // would only flood.
             LogError::Shed(_) => {
-                tracing::debug!(digest = %event.digest, partition, error = %e, "event shed")
+                tracing::debug!(request_id, digest = %event.digest, partition, error = %e,
+                    "event shed")
             }
-            _ => tracing::warn!(digest = %event.digest, partition, error = %e,
+            _ => tracing::warn!(request_id, digest = %event.digest, partition, error = %e,
                 "event not acknowledged"),
         }
         match e {
@@ -155,7 +210,7 @@ async fn post_message(
         }
     })?;
     let digest = event.digest.to_hex();
-    tracing::debug!(%digest, partition, offset, "message accepted");
+    tracing::debug!(request_id, %digest, partition, offset, "message accepted");
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/messages/{digest}"))],
@@ -180,12 +235,19 @@ pub fn openapi() -> serde_json::Value {
 /// The write path as the `ingest` service serves it: [`router`], `/openapi.json`, health
 /// (ready when the log answers), `/metrics`, JSON fallbacks, request observation.
 pub fn app(log: Arc<dyn EventLog>, settings: IngestSettings) -> Router {
+    app_and_front(log, settings).0
+}
+
+/// [`app`], and the front of its router ([`router_and_front`]) for the server.
+pub fn app_and_front(log: Arc<dyn EventLog>, settings: IngestSettings) -> (Router, Front) {
     msghash_common::metrics::install();
-    http::service_app(
+    let (routes, front) = router_and_front(log.clone(), settings, "ingest");
+    let app = http::service_app(
         "ingest",
-        router(log.clone(), settings).merge(http::openapi_route(&openapi())),
+        routes.merge(http::openapi_route(&openapi())),
         http::log_ready(log),
-    )
+    );
+    (app, front)
 }
 
 /// Appends with exponential backoff on `Unavailable`, all within `deadline`. A

@@ -1,6 +1,6 @@
 //! The `ingest` binary's flags and wiring: the write path on the Kafka adapter.
 
-use crate::{app, WriteArgs};
+use crate::{app_and_front, WriteArgs};
 use clap::Parser;
 use msghash_common::adapters::kafka::{max_message_bytes_for, KafkaSettings};
 use msghash_common::config::{parse_listen, ApiKeyArgs, HttpArgs, KafkaArgs, LogArgs, TlsArgs};
@@ -57,8 +57,10 @@ impl service::Application for Application {
             ..cli.kafka.settings()
         };
         let (tls, log) = connect_tls_and_log(&cli.tls, kafka).await?;
-        let server =
-            Server::bind(cli.listen, tls, app(log, settings), cli.http.limits())?.guarded(guards);
+        let (app, front) = app_and_front(log, settings);
+        let server = Server::bind(cli.listen, tls, app, cli.http.limits())?
+            .guarded(guards)
+            .fronted(Some(front));
         tracing::info!(listen = %server.address(), "ingest listening");
         Ok(Application { server })
     }

@@ -191,15 +191,20 @@ pub fn app_and_front(
     read: query::QuerySettings,
 ) -> (axum::Router, Option<http::Front>) {
     msghash_common::metrics::install();
-    let (reads, front) = query::router_and_front(log.clone(), model.clone(), read, SERVICE);
+    let (reads, read_front) = query::router_and_front(log.clone(), model.clone(), read, SERVICE);
+    let (writes, write_front) = ingest::router_and_front(log.clone(), write, SERVICE);
+    let front = match read_front {
+        Some(read_front) => read_front.with(write_front),
+        None => write_front,
+    };
     let app = http::service_app(
         SERVICE,
-        ingest::router(log.clone(), write)
+        writes
             .merge(reads)
             .merge(http::openapi_route(&query::full_openapi())),
         http::log_and_model_ready(log, model),
     );
-    (app, front)
+    (app, Some(front))
 }
 
 /// Why `msghash` could not start or stopped early.

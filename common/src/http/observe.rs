@@ -18,11 +18,11 @@
 //!   second: [`set_log_rate`]) and the request is counted
 //!   in the two HTTP metrics, under the route template (never the raw path).
 //!
-//! A [`Front`] may answer a request before routing (the query's cached found messages): the
-//! request still gets its id, the guards (before the front looks anything up), the headers,
-//! the metrics and the `request` line ([`finish`] is the same for both), but neither the
-//! routing, nor a span (nothing is logged while answering it but the line, which carries
-//! the id), nor the timeout.
+//! A [`Front`] may answer a request before routing (the query's cached found messages, and
+//! the ingest's `POST /messages`): the request still gets its id, the guards (before the
+//! front looks anything up), the headers, the metrics and the `request` line ([`finish`] is
+//! the same for both), but neither the routing, nor a span (what is logged while answering
+//! it carries the id itself), nor the timeout (a front's handler bounds its own waits).
 //!
 //! It used to be ten layers (tower-http's request-id, trace and set-header layers and four
 //! axum middlewares). axum clones a route's whole layered service for every request, and
@@ -36,7 +36,7 @@ use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use futures::future::Either;
+use futures::future::{BoxFuture, Either};
 use metrics::{Counter, Histogram};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -381,12 +381,13 @@ fn finish(service: &'static str, route: &str, started: Started, response: Respon
 #[derive(Clone)]
 pub struct Front {
     service: &'static str,
-    route: Arc<RouteFn>,
-    answer: Arc<AnswerFn>,
+    answer: Option<(Arc<RouteFn>, Arc<AnswerFn>)>,
+    handle: Option<(Arc<RouteFn>, Arc<HandleFn>)>,
 }
 
 type RouteFn = dyn Fn(&Request) -> Option<&'static str> + Send + Sync;
 type AnswerFn = dyn Fn(&Request) -> Option<Response> + Send + Sync;
+type HandleFn = dyn Fn(Request) -> BoxFuture<'static, Response> + Send + Sync;
 
 impl Front {
     /// A front of `service` (the metrics' label). Both functions run on the connection's
@@ -399,8 +400,42 @@ impl Front {
     ) -> Front {
         Front {
             service,
-            route: Arc::new(route),
-            answer: Arc::new(answer),
+            answer: Some((Arc::new(route), Arc::new(answer))),
+            handle: None,
+        }
+    }
+
+    /// A front of `service` that takes every request `route` names (once the guards let it
+    /// through) and answers it with `handle`, never routing it: the ingest's `POST
+    /// /messages` (docs/performance.md, item 19). `handle` gets the request with its id
+    /// set, and must answer exactly as the routed handler would, bound its own wait (no
+    /// timeout layer is around it) and log with the request's id (no span is).
+    pub fn handler<F>(
+        service: &'static str,
+        route: impl Fn(&Request) -> Option<&'static str> + Send + Sync + 'static,
+        handle: impl Fn(Request) -> F + Send + Sync + 'static,
+    ) -> Front
+    where
+        F: std::future::Future<Output = Response> + Send + 'static,
+    {
+        Front {
+            service,
+            answer: None,
+            handle: Some((
+                Arc::new(route),
+                Arc::new(move |request| Box::pin(handle(request)) as BoxFuture<'static, _>),
+            )),
+        }
+    }
+
+    /// This front with what `other` adds: its answers when this one has none, its handler
+    /// when this one has none (the standalone binary's front: query's and ingest's). The
+    /// metrics' label stays this one's.
+    pub fn with(self, other: Front) -> Front {
+        Front {
+            service: self.service,
+            answer: self.answer.or(other.answer),
+            handle: self.handle.or(other.handle),
         }
     }
 }
@@ -424,7 +459,10 @@ where
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Either<Ready<Result<Response, Infallible>>, RouterFuture>;
+    type Future = Either<
+        Ready<Result<Response, Infallible>>,
+        Either<BoxFuture<'static, Result<Response, Infallible>>, RouterFuture>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
         tower::Service::<Request>::poll_ready(&mut self.router, cx)
@@ -433,20 +471,44 @@ where
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
         let mut request = request.map(axum::body::Body::new);
         if let Some(front) = &self.front {
-            if let Some(route) = (front.route)(&request) {
-                let answer = match super::guard::refusal(&request) {
-                    Some(refused) => Some(refused),
-                    None => (front.answer)(&request),
-                };
-                if let Some(answer) = answer {
+            if let Some((route, handle)) = &front.handle {
+                if let Some(route) = route(&request) {
+                    let refused = super::guard::refusal(&request);
                     let started = start(&mut request);
-                    return Either::Left(ready(Ok(finish(front.service, route, started, answer))));
+                    let service = front.service;
+                    if let Some(refused) = refused {
+                        return Either::Left(ready(Ok(finish(service, route, started, refused))));
+                    }
+                    let answer = handle(request);
+                    return Either::Right(Either::Left(Box::pin(async move {
+                        Ok(finish(service, route, started, answer.await))
+                    })));
                 }
-                // Let through by the guards already (see `Front`).
-                request.extensions_mut().remove::<Arc<super::Guards>>();
+            }
+            if let Some((route, answer)) = &front.answer {
+                if let Some(route) = route(&request) {
+                    let answer = match super::guard::refusal(&request) {
+                        Some(refused) => Some(refused),
+                        None => answer(&request),
+                    };
+                    if let Some(answer) = answer {
+                        let started = start(&mut request);
+                        return Either::Left(ready(Ok(finish(
+                            front.service,
+                            route,
+                            started,
+                            answer,
+                        ))));
+                    }
+                    // Let through by the guards already (see `Front`).
+                    request.extensions_mut().remove::<Arc<super::Guards>>();
+                }
             }
         }
-        Either::Right(tower::Service::call(&mut self.router, request))
+        Either::Right(Either::Right(tower::Service::call(
+            &mut self.router,
+            request,
+        )))
     }
 }
 
@@ -494,22 +556,36 @@ mod tests {
     use std::net::SocketAddr;
     use tower::ServiceExt;
 
-    /// A front that may answer `GET /front` and answers when `cached`, counting the
-    /// answers it was asked for, around a router whose `/front` says "routed".
-    fn front_and_router(cached: bool, asked: Arc<AtomicU32>) -> Fronted {
-        let front = Front::new(
+    /// A front that may answer `/front` and answers when `cached`, counting the answers it
+    /// was asked for.
+    fn cached_front(cached: bool, asked: Arc<AtomicU32>) -> Front {
+        Front::new(
             "unit",
             |request| (request.uri().path() == "/front").then_some("/front"),
             move |_| {
                 asked.fetch_add(1, Ordering::Relaxed);
                 cached.then(|| "from the front".into_response())
             },
-        );
+        )
+    }
+
+    /// [`cached_front`] around a router whose `/front` says "routed".
+    fn front_and_router(cached: bool, asked: Arc<AtomicU32>) -> Fronted {
         let router = observe(
             Router::new().route("/front", get(|| async { "routed" })),
             "unit",
         );
-        fronted(Some(front), router)
+        fronted(Some(cached_front(cached, asked)), router)
+    }
+
+    /// Guards that admit only the API key `the-key` (its key file written in `dir`).
+    fn keyed_guards(dir: &std::path::Path) -> Arc<Guards> {
+        let keys = dir.join("keys");
+        std::fs::write(&keys, format!("{}\n", key_file_line("the-key"))).expect("keys");
+        Arc::new(Guards {
+            api_keys: Some(ApiKeys::load(&keys, KeyScope::All).expect("keys")),
+            ..Guards::default()
+        })
     }
 
     fn guarded_get(guards: &Arc<Guards>, key: Option<&str>) -> Request {
@@ -534,12 +610,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_request_never_reaches_the_front_and_an_admitted_one_is_answered() {
         let dir = tempfile::tempdir().expect("dir");
-        let keys = dir.path().join("keys");
-        std::fs::write(&keys, format!("{}\n", key_file_line("the-key"))).expect("keys");
-        let guards = Arc::new(Guards {
-            api_keys: Some(ApiKeys::load(&keys, KeyScope::All).expect("keys")),
-            ..Guards::default()
-        });
+        let guards = keyed_guards(dir.path());
         let asked = Arc::new(AtomicU32::new(0));
         let service = front_and_router(true, asked.clone());
         for key in [None, Some("wrong")] {
@@ -598,6 +669,89 @@ mod tests {
             .expect("answer");
         assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(asked.load(Ordering::Relaxed), 3);
+    }
+
+    /// [`front_and_router`]'s front (answering `GET /front` when `cached`) with a handler
+    /// of `POST /front` that echoes the request id it was given, counting its calls.
+    fn front_with_handler(cached: bool, asked: Arc<AtomicU32>, handled: Arc<AtomicU32>) -> Fronted {
+        let answers = cached_front(cached, asked);
+        let handler = Front::handler(
+            "unit",
+            |request| {
+                (request.method() == Method::POST && request.uri().path() == "/front")
+                    .then_some("/front")
+            },
+            move |request| {
+                handled.fetch_add(1, Ordering::Relaxed);
+                let id = request.headers().get(&REQUEST_ID).cloned();
+                async move {
+                    let id = id.map(|id| id.to_str().unwrap_or_default().to_owned());
+                    (
+                        StatusCode::CREATED,
+                        format!("handled {}", id.unwrap_or_default()),
+                    )
+                        .into_response()
+                }
+            },
+        );
+        let router = observe(
+            Router::new().route(
+                "/front",
+                get(|| async { "routed" }).post(|| async { "routed" }),
+            ),
+            "unit",
+        );
+        fronted(Some(answers.with(handler)), router)
+    }
+
+    #[tokio::test]
+    async fn a_handler_front_takes_its_requests_after_the_guards_and_never_routes_them() {
+        let dir = tempfile::tempdir().expect("dir");
+        let guards = keyed_guards(dir.path());
+        let (asked, handled) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let service = front_with_handler(true, asked.clone(), handled.clone());
+        let post = |key: Option<&str>| {
+            let mut request = guarded_get(&guards, key);
+            *request.method_mut() = Method::POST;
+            request
+        };
+        let refused = service.clone().oneshot(post(None)).await.expect("answer");
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        assert!(refused.headers().contains_key(&REQUEST_ID));
+        assert_eq!(
+            handled.load(Ordering::Relaxed),
+            0,
+            "a refused request was handled"
+        );
+
+        let mut admitted = post(Some("the-key"));
+        admitted
+            .headers_mut()
+            .insert(&REQUEST_ID, HeaderValue::from_static("client-id-1"));
+        let admitted = service.clone().oneshot(admitted).await.expect("answer");
+        assert_eq!(admitted.status(), StatusCode::CREATED);
+        assert_eq!(admitted.headers()[&REQUEST_ID], "client-id-1");
+        assert_eq!(admitted.headers()[header::CACHE_CONTROL], "no-store");
+        assert_eq!(
+            admitted.headers()[header::STRICT_TRANSPORT_SECURITY],
+            "max-age=31536000"
+        );
+        assert_eq!(body_of(admitted).await, "handled client-id-1");
+        assert_eq!(handled.load(Ordering::Relaxed), 1);
+
+        // The answers of the other front are still given, and what neither takes is routed.
+        let cached = service
+            .clone()
+            .oneshot(guarded_get(&guards, Some("the-key")))
+            .await
+            .expect("answer");
+        assert_eq!(body_of(cached).await, "from the front");
+        assert_eq!(asked.load(Ordering::Relaxed), 1);
+        let mut elsewhere = post(Some("the-key"));
+        *elsewhere.uri_mut() = "/elsewhere".parse().expect("uri");
+        let routed = service.oneshot(elsewhere).await.expect("answer");
+        assert_eq!(routed.status(), StatusCode::NOT_FOUND);
+        assert_eq!(handled.load(Ordering::Relaxed), 1);
     }
 
     fn is_logged(status: u16) -> bool {
