@@ -1,6 +1,7 @@
 //! The live projection on the embedded adapters: the read model defers the fsync of small
 //! batches (`EmbeddedModel`, docs/embedded-storage.md), and the projector makes them durable
-//! as soon as it is idle, so a crash after a burst does not even cost re-applying it.
+//! as soon as it is idle, and when it stops, so a crash after a burst does not even cost
+//! re-applying it.
 
 use msghash_common::adapters::embedded::{EmbeddedGenerations, EmbeddedLog, EmbeddedModel};
 use msghash_common::shutdown::Shutdown;
@@ -34,14 +35,23 @@ async fn holds_all(model: &dyn ReadModel, messages: &[String]) -> bool {
     true
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_projector_makes_what_it_applied_durable() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), PARTITIONS).expect("log"));
-    // No durable commit by the clock: only the idle projector's sync can make the burst
-    // durable.
+/// A live projection on the embedded adapters in `dir`, with `settings`, whose read model
+/// never makes a commit durable by the clock; and a burst of 20 events appended to its log
+/// (their messages), applied in small batches without an fsync and with no later batch to
+/// make them durable. Returns once the model (held open, as a process that serves reads
+/// holds it) shows the burst.
+struct Burst {
+    log: Arc<dyn EventLog>,
+    model: Arc<dyn ReadModel>,
+    shutdown: Shutdown,
+    projection: tokio::task::JoinHandle<anyhow::Result<()>>,
+    messages: Vec<String>,
+}
+
+async fn project_a_burst(dir: &Path, settings: ProjectorSettings) -> Burst {
+    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir, PARTITIONS).expect("log"));
     let generations: Arc<dyn ModelGenerations> = Arc::new(
-        EmbeddedGenerations::open(dir.path())
+        EmbeddedGenerations::open(dir)
             .expect("generations")
             .durable_every(Duration::from_secs(3600)),
     );
@@ -49,13 +59,10 @@ async fn an_idle_projector_makes_what_it_applied_durable() {
     let projection = tokio::spawn(run_projection(
         log.clone(),
         generations.clone(),
-        ProjectorSettings::default(),
+        settings,
         Arc::new(ProjectorStats::default()),
         shutdown.clone(),
     ));
-
-    // A burst of a few events, then nothing: small batches, committed without an fsync,
-    // and no later batch to make them durable.
     let messages: Vec<String> = (0..20).map(|i| format!("burst {i}")).collect();
     for m in &messages {
         let event = MessageHashed::new(m.clone());
@@ -69,12 +76,50 @@ async fn an_idle_projector_makes_what_it_applied_durable() {
         assert!(Instant::now() < deadline, "the burst was never applied");
         sleep(Duration::from_millis(20)).await;
     }
+    Burst {
+        log,
+        model,
+        shutdown,
+        projection,
+        messages,
+    }
+}
+
+impl Burst {
+    /// Stops the projection (the model stays open) and checks that it stopped cleanly.
+    async fn stop(&mut self) {
+        self.shutdown.cancel();
+        (&mut self.projection)
+            .await
+            .expect("projector task")
+            .expect("projector stops cleanly");
+    }
+}
+
+/// Every partition of `crashed` has its offsets applied up to the end of `log`.
+async fn offsets_applied(log: &dyn EventLog, crashed: &EmbeddedModel) {
+    for p in 0..PARTITIONS.get() {
+        let end = log.end_offset(p).await.expect("end");
+        let applied = crashed.applied_offset(p).await.expect("applied");
+        assert_eq!(
+            applied,
+            end.checked_sub(1),
+            "partition {p}: rows without offsets"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_projector_makes_what_it_applied_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Only the idle projector's sync can make the burst durable.
+    let mut burst = project_a_burst(dir.path(), ProjectorSettings::default()).await;
 
     // The projector's next empty poll makes them durable: a crash from then on keeps them.
     let deadline = Instant::now() + Duration::from_secs(30);
     let crashed = loop {
         if let Some((image, crashed)) = crash_image(dir.path()) {
-            if holds_all(&crashed, &messages).await {
+            if holds_all(&crashed, &burst.messages).await {
                 break (image, crashed);
             }
         }
@@ -84,18 +129,37 @@ async fn an_idle_projector_makes_what_it_applied_durable() {
         );
         sleep(Duration::from_millis(100)).await;
     };
-    for p in 0..PARTITIONS.get() {
-        let end = log.end_offset(p).await.expect("end");
-        let applied = crashed.1.applied_offset(p).await.expect("applied");
-        assert_eq!(
-            applied,
-            end.checked_sub(1),
-            "partition {p}: rows without offsets"
-        );
-    }
-    shutdown.cancel();
-    projection
-        .await
-        .expect("projector task")
-        .expect("projector stops cleanly");
+    offsets_applied(burst.log.as_ref(), &crashed.1).await;
+    burst.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_that_stops_makes_what_it_applied_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No idle sync either (a poll waits a minute for its first record): only the stop can
+    // make the burst durable.
+    let settings = ProjectorSettings {
+        poll_wait: Duration::from_secs(60),
+        ..ProjectorSettings::default()
+    };
+    let mut burst = project_a_burst(dir.path(), settings).await;
+    // Applied but not durable yet: a crash now would take the burst back.
+    let before = match crash_image(dir.path()) {
+        Some((_image, crashed)) => holds_all(&crashed, &burst.messages).await,
+        None => false,
+    };
+    assert!(
+        !before,
+        "the burst was durable before the stop: nothing left to test"
+    );
+
+    burst.stop().await;
+    // The model is still open (closing it would make the commits durable by itself).
+    let (_image, crashed) = crash_image(dir.path()).expect("a whole image after the stop");
+    assert!(
+        holds_all(&crashed, &burst.messages).await,
+        "a projector that stopped left what it applied without an fsync"
+    );
+    offsets_applied(burst.log.as_ref(), &crashed).await;
+    drop(burst.model);
 }
