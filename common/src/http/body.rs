@@ -47,20 +47,28 @@ where
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return false;
     };
+    // Compared as bytes, case-insensitively: no lower-cased copy per request.
     let essence = value
-        .split(';')
+        .as_bytes()
+        .split(|&b| b == b';')
         .next()
         .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+        .trim_ascii();
+    let starts = |prefix: &[u8]| {
+        essence
+            .get(..prefix.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+    };
+    let ends = |suffix: &[u8]| {
+        essence
+            .len()
+            .checked_sub(suffix.len())
+            .is_some_and(|at| essence[at..].eq_ignore_ascii_case(suffix))
+    };
+    essence.eq_ignore_ascii_case(b"application/json") || (starts(b"application/") && ends(b"+json"))
 }
 
 /// How much of an oversized body is read and thrown away so that the client, still
@@ -189,6 +197,43 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), read_json(r, limit, "bad body"))
             .await
             .expect("never hangs")
+    }
+
+    #[test]
+    fn json_content_types_are_recognised_in_any_case_with_parameters() {
+        let is = |value: &[u8]| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_bytes(value).expect("header"),
+            );
+            is_json(&headers)
+        };
+        for json in [
+            &b"application/json"[..],
+            b"Application/JSON",
+            b"application/json; charset=utf-8",
+            b"  application/json  ;charset=utf-8",
+            b"application/problem+json",
+            b"APPLICATION/VND.API+JSON; q=1",
+        ] {
+            assert!(is(json), "{:?}", String::from_utf8_lossy(json));
+        }
+        for other in [
+            &b"text/json-ish"[..],
+            b"text/plain",
+            b"application/jsonx",
+            b"application/json-seq",
+            b"application+json",
+            b"json",
+            b"",
+            b"; application/json",
+            b"application/x+jsonp",
+            b"application/j\xe9son",
+        ] {
+            assert!(!is(other), "{:?}", String::from_utf8_lossy(other));
+        }
+        assert!(!is_json(&HeaderMap::new()));
     }
 
     #[tokio::test]
