@@ -7,6 +7,7 @@
 use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{header, Request};
+use msghash_common::http::{fronted, Fronted};
 use msghash_common::ports::{
     LogError, LogRecord, ModelError, Offset, ProjectionBatch, Subscription,
 };
@@ -143,8 +144,9 @@ impl Captured {
 }
 
 /// Calls `app` with `request`: the answer must be a fixed JSON sentence without the secret,
-/// and some log line with its request id must hold the secret.
-async fn assert_no_leak(app: &axum::Router, request: Request<Body>, logs: &Captured, what: &str) {
+/// and some log line with its request id must hold the secret. `app` is what a server
+/// serves: a router, with or without the front that answers some requests before it.
+async fn assert_no_leak(app: &Fronted, request: Request<Body>, logs: &Captured, what: &str) {
     let (status, headers, text) = call_text(app, request).await;
     assert!(
         status.is_client_error() || status.is_server_error(),
@@ -204,14 +206,19 @@ async fn no_dependency_failure_reaches_an_answer_and_each_cause_is_logged_with_t
         LogFault::Misconfigured,
     ] {
         let log: Arc<dyn EventLog> = Arc::new(BrokenLog(fault));
-        let ingest = ingest::app(
+        let (app, front) = ingest::app_and_front(
             log.clone(),
             ingest::IngestSettings {
                 deadline: Duration::from_millis(200),
                 ..ingest::IngestSettings::default()
             },
         );
+        let ingest = fronted(None, app.clone());
         assert_no_leak(&ingest, post(), &logs, &format!("POST, log {fault:?}")).await;
+        // As the server answers it: before routing, without the request's span.
+        let served = fronted(Some(front), app);
+        let what = format!("POST answered by the front, log {fault:?}");
+        assert_no_leak(&served, post(), &logs, &what).await;
         assert_no_leak(
             &ingest,
             get("/health/ready"),
@@ -221,13 +228,16 @@ async fn no_dependency_failure_reaches_an_answer_and_each_cause_is_logged_with_t
         .await;
     }
     // A miss whose read-your-writes barrier cannot read the log's end offset.
-    let query = query::app(
-        Arc::new(BrokenLog(LogFault::Unavailable)),
-        Arc::new(msghash_testkit::fakes::OffsetsOnly::default()),
-        query::QuerySettings {
-            read_your_writes_timeout: Duration::from_millis(200),
-            ..query::QuerySettings::default()
-        },
+    let query = fronted(
+        None,
+        query::app(
+            Arc::new(BrokenLog(LogFault::Unavailable)),
+            Arc::new(msghash_testkit::fakes::OffsetsOnly::default()),
+            query::QuerySettings {
+                read_your_writes_timeout: Duration::from_millis(200),
+                ..query::QuerySettings::default()
+            },
+        ),
     );
     for path in [format!("/messages/{digest}"), "/health/ready".to_owned()] {
         assert_no_leak(
@@ -242,7 +252,8 @@ async fn no_dependency_failure_reaches_an_answer_and_each_cause_is_logged_with_t
         let what = if corrupt { "corrupt" } else { "unavailable" };
         let model: Arc<dyn ReadModel> = Arc::new(BrokenModel { corrupt });
         let log: Arc<dyn EventLog> = Arc::new(BrokenLog(LogFault::Unavailable));
-        let query = query::app(
+        // As the server serves it, behind its front (the hit cache).
+        let (app, front) = query::app_and_front(
             log,
             model,
             query::QuerySettings {
@@ -250,6 +261,7 @@ async fn no_dependency_failure_reaches_an_answer_and_each_cause_is_logged_with_t
                 ..query::QuerySettings::default()
             },
         );
+        let query = fronted(front, app);
         for path in [
             format!("/messages/{digest}"),
             format!("/message/{digest}"),

@@ -188,6 +188,7 @@ async fn accept(
         partition,
         &event,
         state.settings.deadline,
+        request_id,
     )
     .await
     .map_err(|e| {
@@ -251,7 +252,10 @@ pub fn app_and_front(log: Arc<dyn EventLog>, settings: IngestSettings) -> (Route
 }
 
 /// Appends with exponential backoff on `Unavailable`, all within `deadline`. A
-/// [`LogError::Shed`] is returned at once: the log said retrying now only adds load.
+/// [`LogError::Shed`] is returned at once: the log said retrying now only adds load. Each
+/// retry is logged at debug with `request_id` when given (a request answered before
+/// routing has no span to carry it), and an append that runs out of time fails with the
+/// last cause in its text.
 ///
 /// Metrics: one `msghash_ingest_produce_duration_seconds` observation per acknowledged
 /// append (first attempt to acknowledgement, retries included), one
@@ -261,7 +265,9 @@ pub async fn append_within(
     partition: u32,
     event: &MessageHashed,
     deadline: Duration,
+    request_id: Option<&str>,
 ) -> Result<Offset, LogError> {
+    let mut last: Option<String> = None;
     let attempts = (|| log.append(partition, event))
         .retry(
             ExponentialBuilder::default()
@@ -271,13 +277,17 @@ pub async fn append_within(
                 .with_jitter(),
         )
         .when(|e| matches!(e, LogError::Unavailable(_)))
-        .notify(|e, after| tracing::debug!(error = %e, ?after, "retrying append"));
+        .notify(|e, after| {
+            tracing::debug!(request_id, error = %e, ?after, "retrying append");
+            last = Some(e.to_string());
+        });
     let started = std::time::Instant::now();
     let result = match tokio::time::timeout(deadline, attempts).await {
         Ok(result) => result,
-        Err(_) => Err(LogError::Unavailable(format!(
-            "no acknowledgement within {deadline:?}"
-        ))),
+        Err(_) => Err(LogError::Unavailable(match last {
+            Some(cause) => format!("no acknowledgement within {deadline:?}; last: {cause}"),
+            None => format!("no acknowledgement within {deadline:?}"),
+        })),
     };
     match &result {
         Ok(_) => metrics::histogram!(names::INGEST_PRODUCE_DURATION_SECONDS)

@@ -7,8 +7,16 @@ use axum::Router;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-/// Sends `request` and returns the status, the headers and the body as text.
-pub async fn call_text(app: &Router, request: Request<Body>) -> (StatusCode, HeaderMap, String) {
+/// Sends `request` to `app` (a router, or a server's whole service: `http::Fronted`) and
+/// returns the status, the headers and the body as text.
+pub async fn call_text<S>(app: &S, request: Request<Body>) -> (StatusCode, HeaderMap, String)
+where
+    S: tower::Service<
+            Request<Body>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone,
+{
     let response = app.clone().oneshot(request).await.expect("infallible");
     let status = response.status();
     let headers = response.headers().clone();
