@@ -21,8 +21,9 @@
 //! A [`Front`] may answer a request before routing (the query's cached found messages, and
 //! the ingest's `POST /messages`): the request still gets its id, the guards (before the
 //! front looks anything up), the headers, the metrics and the `request` line ([`finish`] is
-//! the same for both), but neither the routing, nor a span (what is logged while answering
-//! it carries the id itself), nor the timeout (a front's handler bounds its own waits).
+//! the same for both), but neither the routing nor a span (what is logged while answering
+//! it carries the id itself); a front's handler gets the same [`REQUEST_TIMEOUT`] (a
+//! cached answer needs none).
 //!
 //! It used to be ten layers (tower-http's request-id, trace and set-header layers and four
 //! axum middlewares). axum clones a route's whole layered service for every request, and
@@ -408,8 +409,9 @@ impl Front {
     /// A front of `service` that takes every request `route` names (once the guards let it
     /// through) and answers it with `handle`, never routing it: the ingest's `POST
     /// /messages` (docs/performance.md, item 19). `handle` gets the request with its id
-    /// set, and must answer exactly as the routed handler would, bound its own wait (no
-    /// timeout layer is around it) and log with the request's id (no span is).
+    /// set, and must answer exactly as the routed handler would and log with the request's
+    /// id (no span is around it). [`REQUEST_TIMEOUT`] bounds it as it bounds a routed
+    /// request: past it, 503 with `Retry-After`.
     pub fn handler<F>(
         service: &'static str,
         route: impl Fn(&Request) -> Option<&'static str> + Send + Sync + 'static,
@@ -481,7 +483,12 @@ where
                     }
                     let answer = handle(request);
                     return Either::Right(Either::Left(Box::pin(async move {
-                        Ok(finish(service, route, started, answer.await))
+                        // The same bound as the routed requests' timeout layer, whatever the
+                        // handler's own deadlines are set to: past it, the same 503.
+                        let answer = tokio::time::timeout(REQUEST_TIMEOUT, answer)
+                            .await
+                            .unwrap_or_else(|_| StatusCode::SERVICE_UNAVAILABLE.into_response());
+                        Ok(finish(service, route, started, answer))
                     })));
                 }
             }
@@ -752,6 +759,29 @@ mod tests {
         let routed = service.oneshot(elsewhere).await.expect("answer");
         assert_eq!(routed.status(), StatusCode::NOT_FOUND);
         assert_eq!(handled.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handler_front_that_never_answers_gets_the_routed_requests_timeout() {
+        let front = Front::handler(
+            "unit",
+            |_| Some("/front"),
+            |_| std::future::pending::<Response>(),
+        );
+        let service = fronted(Some(front), Router::new());
+        let request = Request::post("/front")
+            .body(Body::empty())
+            .expect("request");
+        let started = tokio::time::Instant::now();
+        let answer = tokio::time::timeout(2 * REQUEST_TIMEOUT, service.oneshot(request))
+            .await
+            .expect("no answer within twice the request timeout")
+            .expect("answer");
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(answer.headers().contains_key(header::RETRY_AFTER));
+        assert!(answer.headers().contains_key(&REQUEST_ID));
+        assert_eq!(started.elapsed(), REQUEST_TIMEOUT);
+        assert!(body_of(answer).await.contains("err_msg"));
     }
 
     fn is_logged(status: u16) -> bool {
