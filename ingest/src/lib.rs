@@ -279,7 +279,9 @@ pub async fn append_within(
         .when(|e| matches!(e, LogError::Unavailable(_)))
         .notify(|e, after| {
             tracing::debug!(request_id, error = %e, ?after, "retrying append");
-            last = Some(e.to_string());
+            if let LogError::Unavailable(cause) = e {
+                last = Some(cause.clone());
+            }
         });
     let started = std::time::Instant::now();
     let result = match tokio::time::timeout(deadline, attempts).await {

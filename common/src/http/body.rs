@@ -47,10 +47,14 @@ where
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+    // Visible ASCII only, as `to_str` checks (it copies nothing).
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
-    // Compared as bytes, case-insensitively: no lower-cased copy per request.
+    // Compared case-insensitively in place: no lower-cased copy per request.
     let essence = value
         .as_bytes()
         .split(|&b| b == b';')
@@ -230,6 +234,8 @@ mod tests {
             b"; application/json",
             b"application/x+jsonp",
             b"application/j\xe9son",
+            b"application/json; charset=\xe9",
+            b"application/\xe9+json",
         ] {
             assert!(!is(other), "{:?}", String::from_utf8_lossy(other));
         }
