@@ -566,8 +566,9 @@ def http_mode(a):
         def phase(name, conns, env, target_url, ok):
             only = ["nginx"] if name == "reference" else service_names
             before = procs.snapshot(only)
+            # A nonce per phase: each POST phase writes messages no other phase wrote.
             r = run_wrk(target_url, conns, a.duration,
-                        dict(env, BENCH_OK=ok, BENCH_NONCE=nonce), a.timeout)
+                        dict(env, BENCH_OK=ok, BENCH_NONCE=f"{nonce}-{conns}"), a.timeout)
             after = procs.snapshot(only)
             socket_errors = sum(r["socket_errors"].values())
             row = {"phase": name, "connections": conns, "req_s": r["req_s"],

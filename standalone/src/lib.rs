@@ -183,7 +183,8 @@ pub fn app(
     app_and_front(log, model, write, read).0
 }
 
-/// [`app`], and the front of query's router ([`query::router_and_front`]) for the server.
+/// [`app`], and the front for the server: query's cached answers
+/// ([`query::router_and_front`]) with ingest's `POST /messages` ([`ingest::router_and_front`]).
 pub fn app_and_front(
     log: Arc<dyn EventLog>,
     model: Arc<dyn ReadModel>,
