@@ -647,35 +647,58 @@ mod tests {
         assert_eq!(asked.load(Ordering::Relaxed), 1);
     }
 
-    #[tokio::test]
-    async fn a_request_the_front_has_no_answer_for_is_routed_and_takes_one_rate_token() {
+    /// Guards that let a burst of 3 through.
+    fn burst_of_three() -> Arc<Guards> {
         let one = NonZeroU32::new(1).expect("1");
         let three = NonZeroU32::new(3).expect("3");
-        let guards = Arc::new(Guards {
+        Arc::new(Guards {
             rate_limit: Some(RateLimit::new(one, three)),
             ..Guards::default()
-        });
-        let asked = Arc::new(AtomicU32::new(0));
-        let service = front_and_router(false, asked.clone());
+        })
+    }
+
+    /// Sends four of `request` at once to `service` behind [`burst_of_three`]: the first
+    /// three are answered with a body starting with `answered`, the fourth is refused, so
+    /// each took exactly one token.
+    async fn each_takes_one_rate_token(
+        service: Fronted,
+        request: impl Fn(&Arc<Guards>) -> Request,
+        answered: &str,
+    ) {
+        let guards = burst_of_three();
         for n in 0..3 {
-            let routed = service
+            let answer = service
                 .clone()
-                .oneshot(guarded_get(&guards, None))
+                .oneshot(request(&guards))
                 .await
                 .expect("answer");
-            assert_eq!(
-                routed.status(),
-                StatusCode::OK,
-                "request {n} of a burst of 3"
-            );
-            assert_eq!(body_of(routed).await, "routed");
+            assert!(answer.status().is_success(), "request {n} of a burst of 3");
+            let body = body_of(answer).await;
+            assert!(body.starts_with(answered), "request {n}: {body}");
         }
-        let limited = service
-            .oneshot(guarded_get(&guards, None))
-            .await
-            .expect("answer");
+        let limited = service.oneshot(request(&guards)).await.expect("answer");
         assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+
+    #[tokio::test]
+    async fn a_request_the_front_has_no_answer_for_is_routed_and_takes_one_rate_token() {
+        let asked = Arc::new(AtomicU32::new(0));
+        let service = front_and_router(false, asked.clone());
+        each_takes_one_rate_token(service, |guards| guarded_get(guards, None), "routed").await;
         assert_eq!(asked.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_request_a_handler_front_takes_takes_one_rate_token() {
+        let handled = Arc::new(AtomicU32::new(0));
+        let service = front_with_handler(false, Arc::default(), handled.clone());
+        let post = |guards: &Arc<Guards>| {
+            let mut request = guarded_get(guards, None);
+            *request.method_mut() = Method::POST;
+            request
+        };
+        each_takes_one_rate_token(service, post, "handled").await;
+        assert_eq!(handled.load(Ordering::Relaxed), 3);
     }
 
     /// [`front_and_router`]'s front (answering `GET /front` when `cached`) with a handler
