@@ -94,15 +94,16 @@ fn front_route(request: &Request) -> Option<&'static str> {
 /// The front's `POST /messages`: what [`post_message`] answers, its lines carrying the
 /// request's id (no span is around it).
 async fn fronted_post(state: AppState, request: Request) -> Response {
-    let id = request
-        .headers()
-        .get(http::REQUEST_ID)
-        .and_then(|id| id.to_str().ok())
-        .map(str::to_owned);
+    // A reference-counted handle on the id's bytes, not a copy.
+    let id = request.headers().get(http::REQUEST_ID).cloned();
     match JsonBody::<PostMessage>::from_request(request, &state).await {
-        Ok(JsonBody(body)) => accept(&state, body.message, id.as_deref())
-            .await
-            .into_response(),
+        Ok(JsonBody(body)) => accept(
+            &state,
+            body.message,
+            id.as_ref().and_then(|id| id.to_str().ok()),
+        )
+        .await
+        .into_response(),
         Err(rejection) => rejection.into_response(),
     }
 }

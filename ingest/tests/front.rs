@@ -6,16 +6,15 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::Router;
 use ingest::IngestSettings;
-use msghash_common::http::{fronted, REQUEST_ID};
+use msghash_common::http::{fronted, Fronted, REQUEST_ID};
 use msghash_common::metrics::names;
 use msghash_common::ports::{LogError, LogRecord, Offset, Subscription};
 use msghash_common::{EventLog, MessageHashed};
-use msghash_testkit::router::scrape;
+use msghash_testkit::router::{call_text, scrape};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tower::ServiceExt;
 
 /// A log that acknowledges every event, except those whose message names a failure.
 struct ScriptedLog {
@@ -62,12 +61,12 @@ fn settings() -> IngestSettings {
     }
 }
 
-/// The routed app, and its front alone (over a router without routes, so that whatever
-/// the front did not answer would be a 404), on one log.
-fn routed_and_front_only() -> (Router, msghash_common::http::Fronted) {
+/// The routed app (served without a front), and its front alone (over a router without
+/// routes, so that whatever the front did not answer would be a 404), on one log.
+fn routed_and_front_only() -> (Fronted, Fronted) {
     let log = scripted_log();
     let (app, front) = ingest::app_and_front(log, settings());
-    (app, fronted(Some(front), Router::new()))
+    (fronted(None, app), fronted(Some(front), Router::new()))
 }
 
 fn post(path: &str, content_type: Option<&str>, body: &str) -> Request<Body> {
@@ -78,28 +77,13 @@ fn post(path: &str, content_type: Option<&str>, body: &str) -> Request<Body> {
     request.body(Body::from(body.to_owned())).expect("request")
 }
 
-async fn answer(
-    service: impl tower::Service<
-        Request<Body>,
-        Response = axum::response::Response,
-        Error = std::convert::Infallible,
-    >,
-    request: Request<Body>,
-) -> (StatusCode, HeaderMap, String) {
-    let response = service.oneshot(request).await.expect("infallible");
-    let status = response.status();
-    let mut headers = response.headers().clone();
-    // The router sets it from the body; for the front's answers hyper writes the same
-    // one from the body's exact size when it sends them.
+/// testkit's `call_text`, without `Content-Length`: the router sets it from the body; for
+/// the front's answers hyper writes the same one from the body's exact size when it sends
+/// them.
+async fn answer(service: &Fronted, request: Request<Body>) -> (StatusCode, HeaderMap, String) {
+    let (status, mut headers, text) = call_text(service, request).await;
     headers.remove(header::CONTENT_LENGTH);
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .expect("body");
-    (
-        status,
-        headers,
-        String::from_utf8_lossy(&bytes).into_owned(),
-    )
+    (status, headers, text)
 }
 
 #[tokio::test]
@@ -141,9 +125,9 @@ async fn the_front_answers_every_post_exactly_as_the_router() {
     ];
     let mut statuses = Vec::new();
     for (path, content_type, body) in cases {
-        let (status, headers, text) = answer(routed.clone(), post(path, content_type, body)).await;
+        let (status, headers, text) = answer(&routed, post(path, content_type, body)).await;
         let (f_status, f_headers, f_text) =
-            answer(front_only.clone(), post(path, content_type, body)).await;
+            answer(&front_only, post(path, content_type, body)).await;
         let case = format!("POST {path} {content_type:?} {body:.40}");
         assert_eq!(f_status, status, "{case}");
         assert_eq!(f_text, text, "{case}");
@@ -176,7 +160,7 @@ async fn the_front_counts_its_posts_under_the_route() {
     ];
     let before = scrape(&app).await.sum(names::HTTP_REQUESTS_TOTAL, &labels);
     let (status, headers, body) = answer(
-        fronted(Some(front), Router::new()),
+        &fronted(Some(front), Router::new()),
         post(
             "/messages",
             Some("application/json"),
