@@ -380,12 +380,18 @@ def nginx_version():
 
 
 def fmt_table(results, procs_order):
-    head = ["phase", "conns", "req/s", "ratio", "p50 ms", "p99 ms", "p99.9 ms", "errors"]
+    head = ["phase", "conns", "req/s", "ref req/s", "ratio", "p50 ms", "p99 ms", "p99.9 ms",
+            "errors"]
     head += [f"{n} RSS MiB/CPU%" for n in procs_order]
     rows = []
     for r in results:
+        ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}"
+        spread = [x["ratio"] for x in r.get("rounds", []) if x["ratio"] is not None]
+        if spread:
+            ratio += f" [{min(spread):.2f}-{max(spread):.2f}]"
         row = [r["phase"], str(r["connections"]), f"{r['req_s']:,.0f}",
-               "-" if r.get("ratio") is None else f"{r['ratio']:.2f}",
+               "-" if r.get("reference_req_s") is None else f"{r['reference_req_s']:,.0f}",
+               ratio,
                f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['p999_ms']:.2f}",
                str(r["errors"])]
         for n in procs_order:
@@ -561,14 +567,14 @@ def http_mode(a):
             f.write("\n".join(digests) + "\n")
 
         results = []
-        ref_cache = {}
 
-        def phase(name, conns, env, target_url, ok):
+        def run(name, conns, env, target_url, ok, nonce_tail=""):
             only = ["nginx"] if name == "reference" else service_names
             before = procs.snapshot(only)
-            # A nonce per phase: each POST phase writes messages no other phase wrote.
+            # A nonce per run: each POST run writes messages no other run wrote.
             r = run_wrk(target_url, conns, a.duration,
-                        dict(env, BENCH_OK=ok, BENCH_NONCE=f"{nonce}-{conns}"), a.timeout)
+                        dict(env, BENCH_OK=ok, BENCH_NONCE=f"{nonce}-{conns}{nonce_tail}"),
+                        a.timeout)
             after = procs.snapshot(only)
             socket_errors = sum(r["socket_errors"].values())
             row = {"phase": name, "connections": conns, "req_s": r["req_s"],
@@ -578,33 +584,59 @@ def http_mode(a):
                    "unexpected_status": r["unexpected_status"], "statuses": r["statuses"],
                    "socket_errors": r["socket_errors"],
                    "processes": Procs.delta(before, after)}
-            if name == "reference":
-                ref_cache[conns] = row
-            else:
-                ref = reference(conns)
-                row["ratio"] = round(row["req_s"] / ref["req_s"], 3) if ref["req_s"] else None
-            results.append(row)
-            say(f"{name:10} c={conns:<4} {row['req_s']:>10,.0f} req/s  p99 {row['p99_ms']:.2f} ms"
-                f"  errors {row['errors']}" + (f"  ratio {row['ratio']:.2f}" if "ratio" in row else ""))
             if row["requests"] == 0:
                 raise SystemExit(f"bench: phase {name} at {conns} connections made no request")
             return row
 
-        def reference(conns):
-            if conns not in ref_cache:
-                phase("reference", conns, {"BENCH_MODE": "fixed", "BENCH_PATH": "/"}, ref_url, "200")
-            return ref_cache[conns]
+        def reference(conns, tag):
+            row = run("reference", conns, {"BENCH_MODE": "fixed", "BENCH_PATH": "/"}, ref_url, "200")
+            say(f"{'reference':10} c={conns:<4} {row['req_s']:>10,.0f} req/s  p99 "
+                f"{row['p99_ms']:.2f} ms  errors {row['errors']}  (before {tag})")
+            return row
+
+        def measured(name, conns, env, ok, refs):
+            """`--rounds` pairs: the reference, then the phase right after it, so that each
+            ratio compares two runs seconds apart. The row is the round whose ratio is the
+            median (lower median for an even count); the JSON keeps every round."""
+            rounds = []
+            for i in range(a.rounds):
+                ref = reference(conns, name)
+                refs.append(ref)
+                row = run(name, conns, env, url, ok,
+                          nonce_tail=f"-{i}" if a.rounds > 1 else "")
+                row["reference_req_s"] = ref["req_s"]
+                row["ratio"] = round(row["req_s"] / ref["req_s"], 3) if ref["req_s"] else None
+                say(f"{name:10} c={conns:<4} {row['req_s']:>10,.0f} req/s  p99 {row['p99_ms']:.2f} ms"
+                    f"  errors {row['errors']}  ratio "
+                    + ("-" if row["ratio"] is None else f"{row['ratio']:.2f}")
+                    + (f"  (round {i + 1}/{a.rounds})" if a.rounds > 1 else ""))
+                rounds.append(row)
+            by_ratio = sorted(rounds, key=lambda r: -1 if r["ratio"] is None else r["ratio"])
+            chosen = dict(by_ratio[(len(by_ratio) - 1) // 2])
+            chosen["errors"] = sum(r["errors"] for r in rounds)
+            if a.rounds > 1:
+                chosen["rounds"] = [{k: r[k] for k in ("req_s", "reference_req_s", "ratio",
+                                                       "p99_ms", "errors")} for r in rounds]
+            return chosen
+
+        def level(conns, phases):
+            """The phases at one concurrency, after one `reference` row: the reference run
+            with the median req/s at that level, its runs' errors summed."""
+            refs = []
+            rows = [measured(name, conns, env, ok, refs) for name, env, ok in phases]
+            ref_row = dict(sorted(refs, key=lambda r: r["req_s"])[(len(refs) - 1) // 2])
+            ref_row["errors"] = sum(r["errors"] for r in refs)
+            ref_row["runs"] = len(refs)
+            results.extend([ref_row] + rows)
 
         get = {"BENCH_MODE": "get", "BENCH_DIGESTS": digest_file}
         for c in a.connections:
-            reference(c)
-            phase("get-hit", c, dict(get, BENCH_MISS_PCT="0"), url, "200")
-            phase("get-miss", c, dict(get, BENCH_MISS_PCT="100"), url, "404")
-            phase("get-mix", c, dict(get, BENCH_MISS_PCT="10"), url, "200,404")
+            level(c, [("get-hit", dict(get, BENCH_MISS_PCT="0"), "200"),
+                      ("get-miss", dict(get, BENCH_MISS_PCT="100"), "404"),
+                      ("get-mix", dict(get, BENCH_MISS_PCT="10"), "200,404")])
         lag_after_writes = None
         for c in a.write_connections:
-            reference(c)
-            phase("post", c, {"BENCH_MODE": "post"}, url, "201")
+            level(c, [("post", {"BENCH_MODE": "post"}, "201")])
             lag = metric_sum(metrics_text(metrics_url, ca), "msghash_projector_lag")
             caught = wait_projected(client, [], metrics_url, ca, timeout=300) if lag else 0.0
             lag_after_writes = {"connections": c, "lag_events": lag, "caught_up_after_s":
@@ -625,7 +657,8 @@ def http_mode(a):
             "target": {"url": url, "description": description, "started_by_bench": not a.url},
             "reference": {"server": f"nginx {nginx_version()}", "body_bytes": len(REFERENCE_BODY),
                           "tls": "TLS 1.3, ECDSA P-256", "worker_processes": "auto"},
-            "settings": {"duration_s": a.duration, "connections": a.connections,
+            "settings": {"duration_s": a.duration, "rounds": a.rounds,
+                         "connections": a.connections,
                          "write_connections": a.write_connections, "messages": a.messages,
                          "wrk_threads": "min(connections, cpus)", "smoke": a.smoke},
             "seed": {"messages": len(digests), "seconds": round(seed_s, 2),
@@ -806,6 +839,7 @@ def main():
     p.add_argument("--connections", type=int_list, default=[1, 32, 128])
     p.add_argument("--write-connections", type=int_list, default=[1, 64])
     p.add_argument("--duration", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--timeout", type=int, default=10)
     p.add_argument("--messages", type=int, default=10000)
     p.add_argument("--data-dir")
@@ -824,6 +858,8 @@ def main():
             a.events = 2000
     if a.out is None:
         a.out = os.path.join(ROOT, ".run", "bench") if a.smoke else os.path.join(ROOT, "bench", "results")
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
     if a.url and not a.ca:
         p.error("--url needs --ca <pem>")
     if a.mode == "http":
