@@ -643,6 +643,16 @@ def http_mode(a):
                                 None if caught is None else round(caught, 2)}
             say(f"projector lag right after the writes: {lag}; caught up after "
                 f"{lag_after_writes['caught_up_after_s']}s")
+        # Resident memory once the load is over: the rows show it at the end of each phase,
+        # while the projector still holds what its last batches allocated (it gives memory
+        # back when it goes idle, docs/performance.md item 14).
+        rss_settled = None
+        if lag_after_writes and service_names:
+            time.sleep(2)
+            snap = procs.snapshot(service_names)
+            rss_settled = {n: round(v[1] / 1024, 1) for n, v in snap.items() if n != "t"}
+            say("resident 2 s after the writes were projected: "
+                + ", ".join(f"{n} {v} MiB" for n, v in rss_settled.items()))
 
         replay = None
         if msghash_data and not a.no_replay:
@@ -664,6 +674,7 @@ def http_mode(a):
             "seed": {"messages": len(digests), "seconds": round(seed_s, 2),
                      "per_s": round(len(digests) / seed_s, 1)},
             "projector_lag_after_writes": lag_after_writes,
+            "rss_mib_settled": rss_settled,
             "results": results,
             "replay": replay,
         }
@@ -676,6 +687,9 @@ def http_mode(a):
         if lag_after_writes:
             extra.append(f"projector lag after the writes: {lag_after_writes['lag_events']} events, "
                          f"caught up after {lag_after_writes['caught_up_after_s']}s")
+        if rss_settled:
+            extra.append("resident 2 s after the writes were projected: "
+                         + ", ".join(f"{n} {v} MiB" for n, v in rss_settled.items()))
         for t in doc["targets"]:
             extra.append(f"target {t['target']}: {t['value']} ({t['bound']}) "
                          f"{'met' if t['met'] else 'NOT met'}")
