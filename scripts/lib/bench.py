@@ -379,6 +379,11 @@ def nginx_version():
 # ---------------------------------------------------------------- output
 
 
+def lower_median(rows, key):
+    """The row whose `key` is the median (the lower of the two middle ones for an even count)."""
+    return sorted(rows, key=key)[(len(rows) - 1) // 2]
+
+
 def fmt_table(results, procs_order):
     head = ["phase", "conns", "req/s", "ref req/s", "ratio", "p50 ms", "p99 ms", "p99.9 ms",
             "errors"]
@@ -611,8 +616,7 @@ def http_mode(a):
                     + ("-" if row["ratio"] is None else f"{row['ratio']:.2f}")
                     + (f"  (round {i + 1}/{a.rounds})" if a.rounds > 1 else ""))
                 rounds.append(row)
-            by_ratio = sorted(rounds, key=lambda r: -1 if r["ratio"] is None else r["ratio"])
-            chosen = dict(by_ratio[(len(by_ratio) - 1) // 2])
+            chosen = dict(lower_median(rounds, lambda r: -1 if r["ratio"] is None else r["ratio"]))
             chosen["errors"] = sum(r["errors"] for r in rounds)
             if a.rounds > 1:
                 chosen["rounds"] = [{k: r[k] for k in ("req_s", "reference_req_s", "ratio",
@@ -624,7 +628,7 @@ def http_mode(a):
             with the median req/s at that level, its runs' errors summed."""
             refs = []
             rows = [measured(name, conns, env, ok, refs) for name, env, ok in phases]
-            ref_row = dict(sorted(refs, key=lambda r: r["req_s"])[(len(refs) - 1) // 2])
+            ref_row = dict(lower_median(refs, lambda r: r["req_s"]))
             ref_row["errors"] = sum(r["errors"] for r in refs)
             ref_row["runs"] = len(refs)
             results.extend([ref_row] + rows)
