@@ -34,10 +34,13 @@
 //!
 //! # Index
 //!
-//! Opening builds, per partition, the file position of every record (8 bytes a record, in
-//! memory); a read of a partition's range looks its positions up and reads the frames with
-//! positional reads, in chunks, so reads never block the writer and need no lock on the
-//! file. Why a file and not a B-tree: docs/performance.md, item 17.
+//! Opening builds, per partition, the file position of every [`MARK_EVERY`]-th record
+//! (records 0, 32, 64, ...: 8 bytes per 32 records in memory, so the index stays small
+//! however long the log grows). A read of a partition's range starts at the mark at or
+//! before its first record and reads on with positional reads, in chunks, passing over
+//! the frames of the other partitions and the few of its own before the first one
+//! wanted; so reads never block the writer and need no lock on the file. Why a file and
+//! not a B-tree: docs/performance.md, item 17; why marks and not every position: item 21.
 
 use super::{EmbeddedError, MAX_GROUP_BYTES, MAX_GROUP_REQUESTS};
 use std::fs::{File, OpenOptions};
@@ -61,11 +64,12 @@ pub(super) const TORN_TAIL_LIMIT: u64 =
 /// The largest frame this build writes or reads: a record larger than a whole group is
 /// rejected by the writer, and a length field above it is damage, never an allocation.
 pub(super) const MAX_FRAME: usize = 2 * MAX_GROUP_BYTES;
-/// What a read takes in past the start of the last frame it wants: a frame of a short
-/// message (a longer one is read on its own).
-const TYPICAL_FRAME: usize = 512;
 /// The bytes read at a time while scanning or serving a read.
 const CHUNK: usize = 256 * 1024;
+/// The index keeps the position of every this-many-th record of a partition. A read
+/// passes over at most this many of the partition's records before its first one (with
+/// the other partitions' frames in between: a few KiB at the default 8 partitions).
+pub(super) const MARK_EVERY: u64 = 32;
 
 /// How [`Segment::open`] finds the file.
 pub(super) enum Opening {
@@ -89,8 +93,42 @@ pub(super) struct Record {
 pub(super) struct Segment {
     file: File,
     path: PathBuf,
-    /// Per partition, the file position of each committed record's frame.
-    index: RwLock<Vec<Vec<u64>>>,
+    index: RwLock<Index>,
+}
+
+/// Where the committed records are: per partition, how many there are and where every
+/// [`MARK_EVERY`]-th one starts, and where the last committed frame ends.
+struct Index {
+    /// Per partition, the file positions of records 0, `MARK_EVERY`, 2 × `MARK_EVERY`, ...
+    marks: Vec<Vec<u64>>,
+    /// Per partition, the number of committed records (its next offset).
+    lens: Vec<u64>,
+    /// The end of the last committed frame: reads never go past it.
+    end: u64,
+}
+
+impl Index {
+    fn new(partitions: u32) -> Index {
+        Index {
+            marks: vec![Vec::new(); partitions as usize],
+            lens: vec![0; partitions as usize],
+            end: 0,
+        }
+    }
+
+    /// Records that the next record of `partition` starts at `pos`. False if the
+    /// partition is out of range.
+    fn push(&mut self, partition: u32, pos: u64) -> bool {
+        let p = partition as usize;
+        let (Some(marks), Some(len)) = (self.marks.get_mut(p), self.lens.get_mut(p)) else {
+            return false;
+        };
+        if *len % MARK_EVERY == 0 {
+            marks.push(pos);
+        }
+        *len += 1;
+        true
+    }
 }
 
 /// Why a damaged frame ends the scan.
@@ -241,7 +279,7 @@ impl Segment {
         let segment = Segment {
             file,
             path: path.clone(),
-            index: RwLock::new(vec![Vec::new(); partitions as usize]),
+            index: RwLock::new(Index::new(partitions)),
         };
         let (end, damage) = segment.scan(file_len).map_err(|e| storage(e.to_string()))?;
         if damage.is_none() && end < synced {
@@ -298,9 +336,18 @@ impl Segment {
         self.index
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .map(|positions| positions.len() as u64)
-            .collect()
+            .lens
+            .clone()
+    }
+
+    /// The bytes the index holds in memory (its marks' allocations).
+    #[cfg(test)]
+    fn index_bytes(&self) -> usize {
+        let index = self
+            .index
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        index.marks.iter().map(|m| m.capacity() * 8).sum()
     }
 
     /// Reads every frame from the start, indexing the good ones. Returns the end of the
@@ -324,11 +371,12 @@ impl Segment {
                 Ok(record) => record,
                 Err(damage) => return Ok((pos, Some(damage))),
             };
-            match index.get_mut(partition as usize) {
-                Some(positions) if positions.len() as u64 == offset => positions.push(pos),
-                _ => return Ok((pos, Some(Damage::OutOfOrder { partition, offset }))),
+            let in_order = index.lens.get(partition as usize) == Some(&offset);
+            if !in_order || !index.push(partition, pos) {
+                return Ok((pos, Some(Damage::OutOfOrder { partition, offset })));
             }
             pos += size;
+            index.end = pos;
         }
         Ok((pos, None))
     }
@@ -408,11 +456,10 @@ impl Segment {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for &(partition, start) in placed {
-            if let Some(positions) = index.get_mut(partition as usize) {
-                positions.push(at + start as u64);
-            }
+            index.push(partition, at + start as u64);
         }
-        Ok(at + frames.len() as u64)
+        index.end = at + frames.len() as u64;
+        Ok(index.end)
     }
 
     /// Cuts the file at `len` and makes that durable.
@@ -423,7 +470,8 @@ impl Segment {
 
     /// Reads records `first..first + count` of `partition`, stopping (after at least one)
     /// once they hold `max_bytes` of key and value. Every one of them must be committed
-    /// (below the published end). Blocking.
+    /// (below the published end); records past the partition's end are not returned.
+    /// Blocking.
     pub(super) fn read(
         &self,
         partition: u32,
@@ -431,47 +479,68 @@ impl Segment {
         count: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, String> {
-        let positions: Vec<u64> = {
+        let (mut pos, mut next, count, end) = {
             let index = self
                 .index
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let all = index
-                .get(partition as usize)
-                .ok_or_else(|| format!("partition {partition} out of range"))?;
-            let from = usize::try_from(first).unwrap_or(usize::MAX).min(all.len());
-            let to = from.saturating_add(count).min(all.len());
-            all[from..to].to_vec()
+            let p = partition as usize;
+            let (Some(marks), Some(&len)) = (index.marks.get(p), index.lens.get(p)) else {
+                return Err(format!("partition {partition} out of range"));
+            };
+            let first = first.min(len);
+            let count = usize::try_from(len - first).map_or(count, |left| left.min(count));
+            if count == 0 {
+                return Ok(Vec::new());
+            }
+            // `first < len`, so its mark exists.
+            let mark = usize::try_from(first / MARK_EVERY).unwrap_or(usize::MAX);
+            let Some(&at) = marks.get(mark) else {
+                return Err(format!(
+                    "partition {partition} has no mark for offset {first}"
+                ));
+            };
+            (at, first - first % MARK_EVERY, count, index.end)
         };
-        let mut records = Vec::with_capacity(positions.len());
+        let damaged = |what: String| format!("{}: {what}", self.path.display());
+        let mut records = Vec::with_capacity(count.min(4096));
         let mut bytes = 0usize;
         let mut buf: Vec<u8> = Vec::new();
         let mut buf_at = 0u64;
-        let damaged = |what: String| format!("{}: {what}", self.path.display());
-        let last = positions.last().copied().unwrap_or(0);
-        for (i, &pos) in positions.iter().enumerate() {
-            if bytes >= max_bytes && !records.is_empty() {
-                break;
+        // At least one record, whatever its size.
+        while records.len() < count && (records.is_empty() || bytes < max_bytes) {
+            if pos >= end {
+                return Err(damaged(format!(
+                    "the committed records end before offset {next} of partition {partition}"
+                )));
             }
-            let offset = first + i as u64;
-            // Up to the last record wanted and a typical frame past it: the other
-            // partitions' frames in between come along, nothing much beyond.
-            let hint = usize::try_from(last - pos).unwrap_or(CHUNK) + TYPICAL_FRAME;
-            let at = |d: Damage| damaged(format!("offset {offset} of partition {partition}: {d}"));
+            let hint = usize::try_from(end - pos).unwrap_or(CHUNK);
+            let here = pos;
+            let at =
+                |d: Damage| damaged(format!("byte {here}, reading partition {partition}: {d}"));
             let frame = self
                 .load_frame(&mut buf, &mut buf_at, pos, hint)
                 .map_err(|e| damaged(e.to_string()))?
                 .map_err(at)?;
-            let (p, o, key, value) = decode(&buf[frame]).map_err(at)?;
-            if p != partition || o != offset {
+            pos += frame.len() as u64;
+            let head = &buf[frame.start + HEADER..frame.start + HEADER + 12];
+            let p = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+            if p != partition {
+                continue;
+            }
+            let (_, o, key, value) = decode(&buf[frame]).map_err(at)?;
+            if o != next {
                 return Err(damaged(format!(
-                    "the index points offset {offset} of partition {partition} at a frame of \
-                     offset {o} of partition {p}"
+                    "partition {partition} has offset {o} where offset {next} should be"
                 )));
+            }
+            next += 1;
+            if o < first {
+                continue;
             }
             bytes += key.len() + value.len();
             records.push(Record {
-                offset,
+                offset: o,
                 key: key.to_vec(),
                 value: value.to_vec(),
             });
@@ -529,6 +598,101 @@ mod tests {
         assert_eq!(records.len(), 5);
         assert_eq!(records[4].offset, 94);
         assert_eq!(records[4].value, vec![b'm'; 100]);
+    }
+
+    /// Frames of `partitions` partitions, interleaved unevenly (as random digests
+    /// spread them), `n` in all; returns the bytes and each partition's values in order.
+    fn interleaved(partitions: u32, n: u64) -> (Vec<u8>, Vec<Vec<Vec<u8>>>) {
+        let mut bytes = Vec::new();
+        let mut values = vec![Vec::new(); partitions as usize];
+        for i in 0..n {
+            let p = ((i * 7 + i / 3) % u64::from(partitions)) as u32;
+            let offset = values[p as usize].len() as u64;
+            let value = format!("record {i} of the log, offset {offset} of partition {p}");
+            encode(&mut bytes, p, offset, b"key", value.as_bytes());
+            values[p as usize].push(value.into_bytes());
+        }
+        (bytes, values)
+    }
+
+    #[test]
+    fn a_read_returns_the_records_asked_for_from_any_offset_across_marks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (bytes, values) = interleaved(3, 1000);
+        std::fs::write(dir.path().join(SEGMENT_FILE), &bytes).expect("write");
+        let (segment, ends) = Segment::open(dir.path(), 3, Opening::Existing, 0).expect("open");
+        let lens: Vec<u64> = values.iter().map(|v| v.len() as u64).collect();
+        assert_eq!(ends, lens);
+        for (p, expected) in values.iter().enumerate() {
+            let p = p as u32;
+            let len = expected.len() as u64;
+            let mark = MARK_EVERY;
+            for first in [
+                0,
+                1,
+                mark - 1,
+                mark,
+                mark + 1,
+                2 * mark - 1,
+                len - 1,
+                len,
+                len + 5,
+            ] {
+                for count in [1, 2, mark as usize, 100, 10_000] {
+                    let got = segment.read(p, first, count, usize::MAX).expect("read");
+                    let want = len.saturating_sub(first).min(count as u64);
+                    assert_eq!(
+                        got.len() as u64,
+                        want,
+                        "partition {p} from {first}, {count}"
+                    );
+                    for (k, record) in got.iter().enumerate() {
+                        let offset = first + k as u64;
+                        assert_eq!(record.offset, offset);
+                        assert_eq!(record.key, b"key");
+                        assert_eq!(record.value, expected[offset as usize], "{p}/{offset}");
+                    }
+                }
+            }
+            // The byte bound stops a read after the record that reaches it.
+            let one = expected[5].len() + 3;
+            let got = segment.read(p, 5, 100, one + 1).expect("read");
+            assert_eq!(got.len(), 2);
+            assert_eq!(got[1].offset, 6);
+        }
+        assert!(segment.read(3, 0, 1, usize::MAX).is_err(), "no partition 3");
+    }
+
+    #[test]
+    fn appended_records_are_read_back_and_the_index_stays_small() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (segment, _) = Segment::open(dir.path(), 2, Opening::New, 0).expect("open");
+        let mut end = 0;
+        let mut next = [0u64; 2];
+        // 20,000 records in groups of 50, as the writer appends them.
+        for group in 0..400u64 {
+            let mut frames = Vec::new();
+            let mut placed = Vec::new();
+            for i in 0..50u64 {
+                let p = ((group + i) % 2) as u32;
+                placed.push((p, frames.len()));
+                let value = format!("g{group} r{i}");
+                encode(&mut frames, p, next[p as usize], b"k", value.as_bytes());
+                next[p as usize] += 1;
+            }
+            end = segment.append(end, &frames, &placed).expect("append");
+        }
+        assert_eq!(segment.ends(), next.to_vec());
+        // Partition 1's records 9,990..: groups 399's and 398's last ones.
+        let got = segment.read(1, 9_990, 20, usize::MAX).expect("read");
+        assert_eq!(got.len(), 10);
+        assert_eq!(got[9].value, b"g399 r48");
+        // A position per 32 records, not one per record (8 bytes each: 160,000 bytes).
+        let bytes = segment.index_bytes();
+        assert!(
+            bytes <= 20_000 / MARK_EVERY as usize * 8 * 2,
+            "{bytes} bytes of index"
+        );
     }
 
     #[test]
