@@ -179,10 +179,10 @@ const LOG_CACHE_BYTES: usize = 8 * 1024 * 1024;
 /// redb's page cache of a read-model generation: digests are random, so inserts and reads
 /// touch any leaf; the cache keeps the branch pages and the hottest leaves (found messages
 /// are also in the query's own cache, `MSGHASH_CACHE_BYTES`). Measured with a 1M-event
-/// replay: 256 MiB was 5-10 % faster and held about 460 MiB more; 32 MiB projected at the
-/// same rate as 24 MiB in the same conditions and held 15 MiB more after a POST load
-/// (docs/performance.md).
-const MODEL_CACHE_BYTES: usize = 24 * 1024 * 1024;
+/// replay: 256 MiB was 5-10 % faster and held about 460 MiB more; 32, 24 and 12 MiB
+/// projected and replayed at the same rate, and under a long POST load on a large model
+/// 24 MiB held 15-20 MiB more than 12 (docs/performance.md, items 10 and 21).
+const MODEL_CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// redb's page cache of the generations catalog, a handful of rows.
 const CATALOG_CACHE_BYTES: usize = 1024 * 1024;
 
