@@ -67,9 +67,15 @@ pub(super) const MAX_FRAME: usize = 2 * MAX_GROUP_BYTES;
 /// The bytes read at a time while scanning or serving a read.
 const CHUNK: usize = 256 * 1024;
 /// The index keeps the position of every this-many-th record of a partition. A read
-/// passes over at most this many of the partition's records before its first one (with
-/// the other partitions' frames in between: a few KiB at the default 8 partitions).
+/// passes over at most `MARK_EVERY - 1` of the partition's records before its first one,
+/// with the other partitions' frames in between: tens of KiB of short messages at the
+/// default 8 partitions, more with more partitions.
 pub(super) const MARK_EVERY: u64 = 32;
+/// What a read expects a frame to take, to size its positional reads: a frame of a short
+/// message (what lies beyond the estimate is read in further chunks).
+const TYPICAL_FRAME: usize = 256;
+/// The least a read takes in at a time.
+const MIN_READ: usize = 16 * 1024;
 
 /// How [`Segment::open`] finds the file.
 pub(super) enum Opening {
@@ -82,6 +88,7 @@ pub(super) enum Opening {
 }
 
 /// One record, as read back.
+#[derive(Debug)]
 pub(super) struct Record {
     pub(super) offset: u64,
     pub(super) key: Vec<u8>,
@@ -479,7 +486,7 @@ impl Segment {
         count: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, String> {
-        let (mut pos, mut next, count, end) = {
+        let (mut pos, mut next, count, end, partitions) = {
             let index = self
                 .index
                 .read()
@@ -500,8 +507,22 @@ impl Segment {
                     "partition {partition} has no mark for offset {first}"
                 ));
             };
-            (at, first - first % MARK_EVERY, count, index.end)
+            (
+                at,
+                first - first % MARK_EVERY,
+                count,
+                index.end,
+                index.lens.len(),
+            )
         };
+        // About the frames from the mark to the last record wanted, all partitions'.
+        let frames = usize::try_from(first - next)
+            .unwrap_or(usize::MAX)
+            .saturating_add(count);
+        let hint = frames
+            .saturating_mul(partitions)
+            .saturating_mul(TYPICAL_FRAME)
+            .clamp(MIN_READ, CHUNK);
         let damaged = |what: String| format!("{}: {what}", self.path.display());
         let mut records = Vec::with_capacity(count.min(4096));
         let mut bytes = 0usize;
@@ -514,15 +535,23 @@ impl Segment {
                     "the committed records end before offset {next} of partition {partition}"
                 )));
             }
-            let hint = usize::try_from(end - pos).unwrap_or(CHUNK);
+            let hint = usize::try_from(end - pos).map_or(hint, |left| left.min(hint));
             let here = pos;
-            let at =
-                |d: Damage| damaged(format!("byte {here}, reading partition {partition}: {d}"));
+            let at = |d: Damage| {
+                damaged(format!(
+                    "at byte {here}, reading partition {partition} (the frames on the way are \
+                     of any partition): {d}"
+                ))
+            };
             let frame = self
                 .load_frame(&mut buf, &mut buf_at, pos, hint)
                 .map_err(|e| damaged(e.to_string()))?
                 .map_err(at)?;
             pos += frame.len() as u64;
+            if pos > end {
+                // A length field damaged since the open: bytes past the end are not trusted.
+                return Err(at(Damage::Short));
+            }
             let head = &buf[frame.start + HEADER..frame.start + HEADER + 12];
             let p = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
             if p != partition {
@@ -693,6 +722,42 @@ mod tests {
             bytes <= 20_000 / MARK_EVERY as usize * 8 * 2,
             "{bytes} bytes of index"
         );
+    }
+
+    #[test]
+    fn damage_after_the_open_fails_a_read_and_never_returns_wrong_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(SEGMENT_FILE);
+        let value = |i: u64| format!("value {i:>14}").into_bytes();
+        // Frame i is offset i / 2 of partition i % 2; all frames the same size.
+        let mut bytes = Vec::new();
+        for i in 0..200u64 {
+            encode(&mut bytes, (i % 2) as u32, i / 2, b"key", &value(i));
+        }
+        let frame = (bytes.len() / 200) as u64;
+        std::fs::write(&path, &bytes).expect("write");
+        let (segment, _) = Segment::open(dir.path(), 2, Opening::Existing, 0).expect("open");
+        let file = OpenOptions::new().write(true).open(&path).expect("file");
+
+        // A checksum byte of frame 101 (offset 50 of partition 1) changes on disk.
+        file.write_all_at(&[bytes[101 * frame as usize + 4] ^ 1], 101 * frame + 4)
+            .expect("damage");
+        let err = segment.read(1, 40, 20, usize::MAX).expect_err("damaged");
+        assert!(err.contains("checksum"), "{err}");
+        // Partition 0's reads pass over that frame: its own records are whole.
+        let got = segment.read(0, 40, 20, usize::MAX).expect("read");
+        assert_eq!(got.len(), 20);
+        assert_eq!((got[10].offset, got[10].value.clone()), (50, value(100)));
+
+        // The length field of frame 103 claims more than the file holds: a read that
+        // passes it fails, whatever its partition.
+        let len = u32::try_from(bytes.len()).expect("small");
+        file.write_all_at(&len.to_le_bytes(), 103 * frame)
+            .expect("damage");
+        let err = segment.read(0, 40, 20, usize::MAX).expect_err("damaged");
+        assert!(err.contains("byte") && err.contains("partition 0"), "{err}");
+        // Records before it still read.
+        assert_eq!(segment.read(0, 40, 5, usize::MAX).expect("read").len(), 5);
     }
 
     #[test]
