@@ -37,16 +37,17 @@
 //! Opening builds, per partition, the file position of every [`MARK_EVERY`]-th record
 //! (records 0, 32, 64, ...: 8 bytes per 32 records in memory, so the index stays small
 //! however long the log grows). A read of a partition's range starts at the mark at or
-//! before its first record and reads on with positional reads, in chunks, passing over
-//! the frames of the other partitions and the few of its own before the first one
-//! wanted; so reads never block the writer and need no lock on the file. Why a file and
+//! before its first record (or where the partition's last read stopped, when it goes on
+//! from there, as a subscription does) and reads on with positional reads, in chunks,
+//! passing over the frames of the other partitions and the few of its own before the
+//! first one wanted; so reads never block the writer and need no lock on the file. Why a file and
 //! not a B-tree: docs/performance.md, item 17; why marks and not every position: item 21.
 
 use super::{EmbeddedError, MAX_GROUP_BYTES, MAX_GROUP_REQUESTS};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 /// The records file inside the data directory.
 pub const SEGMENT_FILE: &str = "events.log";
@@ -101,6 +102,11 @@ pub(super) struct Segment {
     file: File,
     path: PathBuf,
     index: RwLock<Index>,
+    /// Per partition, where its last read stopped: the next offset and the position to
+    /// read on from (record `next` is the first of the partition at or after it). A read
+    /// that starts there skips nothing; any other starts at a mark. (0, 0) holds for
+    /// every partition of any file.
+    resume: Mutex<Vec<(u64, u64)>>,
 }
 
 /// Where the committed records are: per partition, how many there are and where every
@@ -123,18 +129,16 @@ impl Index {
         }
     }
 
-    /// Records that the next record of `partition` starts at `pos`. False if the
-    /// partition is out of range.
-    fn push(&mut self, partition: u32, pos: u64) -> bool {
+    /// Records that the next record of `partition` starts at `pos` (nothing for a
+    /// partition out of range).
+    fn push(&mut self, partition: u32, pos: u64) {
         let p = partition as usize;
-        let (Some(marks), Some(len)) = (self.marks.get_mut(p), self.lens.get_mut(p)) else {
-            return false;
-        };
-        if *len % MARK_EVERY == 0 {
-            marks.push(pos);
+        if let (Some(marks), Some(len)) = (self.marks.get_mut(p), self.lens.get_mut(p)) {
+            if *len % MARK_EVERY == 0 {
+                marks.push(pos);
+            }
+            *len += 1;
         }
-        *len += 1;
-        true
     }
 }
 
@@ -287,6 +291,7 @@ impl Segment {
             file,
             path: path.clone(),
             index: RwLock::new(Index::new(partitions)),
+            resume: Mutex::new(vec![(0, 0); partitions as usize]),
         };
         let (end, damage) = segment.scan(file_len).map_err(|e| storage(e.to_string()))?;
         if damage.is_none() && end < synced {
@@ -378,10 +383,10 @@ impl Segment {
                 Ok(record) => record,
                 Err(damage) => return Ok((pos, Some(damage))),
             };
-            let in_order = index.lens.get(partition as usize) == Some(&offset);
-            if !in_order || !index.push(partition, pos) {
+            if index.lens.get(partition as usize) != Some(&offset) {
                 return Ok((pos, Some(Damage::OutOfOrder { partition, offset })));
             }
+            index.push(partition, pos);
             pos += size;
             index.end = pos;
         }
@@ -486,7 +491,7 @@ impl Segment {
         count: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, String> {
-        let (mut pos, mut next, count, end, partitions) = {
+        let (mark_at, mark_next, count, end, partitions) = {
             let index = self
                 .index
                 .read()
@@ -515,7 +520,17 @@ impl Segment {
                 index.lens.len(),
             )
         };
-        // About the frames from the mark to the last record wanted, all partitions'.
+        let resume = self
+            .resume
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(partition as usize)
+            .copied();
+        let (mut pos, mut next) = match resume {
+            Some((next, at)) if next == first => (at, next),
+            _ => (mark_at, mark_next),
+        };
+        // About the frames from the start to the last record wanted, all partitions'.
         let frames = usize::try_from(first - next)
             .unwrap_or(usize::MAX)
             .saturating_add(count);
@@ -573,6 +588,14 @@ impl Segment {
                 key: key.to_vec(),
                 value: value.to_vec(),
             });
+        }
+        if let Some(stopped) = self
+            .resume
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(partition as usize)
+        {
+            *stopped = (next, pos);
         }
         Ok(records)
     }
@@ -644,12 +667,19 @@ mod tests {
         (bytes, values)
     }
 
-    #[test]
-    fn a_read_returns_the_records_asked_for_from_any_offset_across_marks() {
+    /// A segment opened on [`interleaved`]`(3, 1000)`'s file (in the returned directory),
+    /// its per-partition ends, and each partition's values.
+    fn open_interleaved() -> (tempfile::TempDir, Segment, Vec<u64>, Vec<Vec<Vec<u8>>>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let (bytes, values) = interleaved(3, 1000);
         std::fs::write(dir.path().join(SEGMENT_FILE), &bytes).expect("write");
         let (segment, ends) = Segment::open(dir.path(), 3, Opening::Existing, 0).expect("open");
+        (dir, segment, ends, values)
+    }
+
+    #[test]
+    fn a_read_returns_the_records_asked_for_from_any_offset_across_marks() {
+        let (_dir, segment, ends, values) = open_interleaved();
         let lens: Vec<u64> = values.iter().map(|v| v.len() as u64).collect();
         assert_eq!(ends, lens);
         for (p, expected) in values.iter().enumerate() {
@@ -690,6 +720,38 @@ mod tests {
             assert_eq!(got[1].offset, 6);
         }
         assert!(segment.read(3, 0, 1, usize::MAX).is_err(), "no partition 3");
+    }
+
+    #[test]
+    fn a_reader_that_goes_on_where_it_stopped_gets_every_record_once() {
+        let (_dir, segment, _, values) = open_interleaved();
+        for (p, expected) in values.iter().enumerate() {
+            let p = p as u32;
+            let mut got = Vec::new();
+            // Steps of 7, some cut short by the byte bound, with reads elsewhere in
+            // between (which move the partition's resume point away).
+            for step in 0.. {
+                let first = got.len() as u64;
+                let max_bytes = if step % 3 == 0 { 1 } else { usize::MAX };
+                let records = segment.read(p, first, 7, max_bytes).expect("read");
+                if records.is_empty() {
+                    break;
+                }
+                got.extend(records.into_iter().map(|r| (r.offset, r.value)));
+                if step % 5 == 0 {
+                    segment
+                        .read(p, first / 2, 3, usize::MAX)
+                        .expect("read elsewhere");
+                }
+            }
+            let want: Vec<(u64, Vec<u8>)> = expected
+                .iter()
+                .cloned()
+                .enumerate()
+                .map(|(o, v)| (o as u64, v))
+                .collect();
+            assert_eq!(got, want, "partition {p}");
+        }
     }
 
     #[test]
