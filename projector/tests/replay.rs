@@ -15,7 +15,7 @@ use msghash_common::shutdown::Shutdown;
 use msghash_common::{partition_for, Digest, EventLog, MessageHashed, ModelGenerations, ReadModel};
 use msghash_testkit::load::Hammer;
 use msghash_testkit::router::get_message;
-use msghash_testkit::servers;
+use msghash_testkit::{process, servers};
 use projector::{Phase, Progress, ProjectorSettings, ReplaySettings};
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
@@ -405,21 +405,9 @@ async fn projector_replay_survives_sigkill() {
             .expect("read stderr")
             .unwrap_or_else(|| panic!("replay ended before enough progress: {seen:#?}"));
         seen.push(line.clone());
-        // "generation 1 building: <n> events applied, <r> events/s, lag <l> [...]"
-        let Some(rest) = line.strip_prefix("generation 1 building: ") else {
+        let Some((applied, lag)) = process::replay_building(&line, 1) else {
             continue;
         };
-        let applied: u64 = rest
-            .split(' ')
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        let lag: u64 = rest
-            .split(", lag ")
-            .nth(1)
-            .and_then(|l| l.split(' ').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
         assert!(
             lag >= 200,
             "the replay is nearly done before the kill: {seen:#?}"

@@ -3,8 +3,8 @@
 use futures::stream::{self, StreamExt};
 use msghash_common::metrics::names;
 use msghash_common::Digest;
-use msghash_testkit::exposition;
 use msghash_testkit::load::{Hammer, Https};
+use msghash_testkit::{exposition, process};
 use reqwest::StatusCode;
 use std::collections::HashSet;
 use std::path::Path;
@@ -167,6 +167,24 @@ async fn post(client: &reqwest::Client, base: &str, message: &str) -> Option<Str
     }
     let body: serde_json::Value = r.json().await.ok()?;
     body["digest"].as_str().map(str::to_owned)
+}
+
+/// POSTs every message, 64 at a time; each must be answered 201. Their digests and messages.
+async fn post_all(
+    client: &reqwest::Client,
+    base: &str,
+    messages: &[String],
+) -> Vec<(String, String)> {
+    stream::iter(messages)
+        .map(|message| async move {
+            (
+                post(client, base, message).await.expect("201"),
+                message.clone(),
+            )
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await
 }
 
 /// GET with retries on 503 only (the projector catching up after a restart).
@@ -791,19 +809,7 @@ async fn replay_beside_the_server_under_load_and_after_a_kill() {
     let (m, client) = Msghash::start(dir.path()).await;
     let base = m.base.clone();
     let messages: Vec<String> = (0..3_000).map(|i| format!("before a replay {i}")).collect();
-    let known: Vec<(String, String)> = stream::iter(&messages)
-        .map(|message| {
-            let (client, base) = (&client, &base);
-            async move {
-                (
-                    post(client, base, message).await.expect("201"),
-                    message.clone(),
-                )
-            }
-        })
-        .buffer_unordered(64)
-        .collect()
-        .await;
+    let known = post_all(&client, &base, &messages).await;
 
     // 1. `msghash replay` while readers and a writer hammer the server.
     let target = Https {
@@ -863,6 +869,13 @@ async fn replay_beside_the_server_under_load_and_after_a_kill() {
     let mut slow = command(dir.path());
     slow.env("MSGHASH_BATCH_SIZE", "1");
     let (m, client) = Msghash::spawn(slow, dir.path()).await;
+    // Enough events that a replay one event a batch is far from its end at its first
+    // report (a second in): 3,500 were not, once reads got faster.
+    let more: Vec<String> = (0..20_000)
+        .map(|i| format!("before the kill {i}"))
+        .collect();
+    let posted = post_all(&client, &m.base, &more).await;
+    expected.extend(posted);
     let mut replay = admin_command(dir.path(), &["replay", "--drop-old"]);
     replay.stderr(Stdio::piped());
     let mut replay = replay.spawn().expect("msghash replay starts");
@@ -873,11 +886,13 @@ async fn replay_beside_the_server_under_load_and_after_a_kill() {
     for line in lines {
         let line = line.expect("stderr line");
         seen.push(line.clone());
-        let applied: u64 = line
-            .strip_prefix("generation 2 building: ")
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
+        let Some((applied, lag)) = process::replay_building(&line, 2) else {
+            continue;
+        };
+        assert!(
+            lag >= 1_000,
+            "the replay is nearly done before the kill: {seen:#?}"
+        );
         if applied > 0 {
             break;
         }

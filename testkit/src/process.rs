@@ -78,6 +78,22 @@ fn listen_field(line: &str) -> Option<SocketAddr> {
     value.get("listen")?.as_str()?.parse().ok()
 }
 
+/// A replay's progress line while it builds `generation` ("generation <g> building: <n>
+/// events applied, <r> events/s, lag <l> [...]"): the events applied and the lag. `None`
+/// for any other line.
+pub fn replay_building(line: &str, generation: u32) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix(&format!("generation {generation} building: "))?;
+    let applied = rest.split(' ').next()?.parse().ok()?;
+    let lag = rest
+        .split(", lag ")
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()?;
+    Some((applied, lag))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +107,15 @@ mod tests {
         );
         assert_eq!(listen_field(r#"{"message":"other"}"#), None);
         assert_eq!(listen_field("not json"), None);
+    }
+
+    #[test]
+    fn replay_building_reads_applied_and_lag_of_its_generation_only() {
+        let line = "generation 2 building: 1160 events applied, 1155 events/s, lag 23006 \
+                    [p0=2859 p1=2899], ETA 19.9s";
+        assert_eq!(replay_building(line, 2), Some((1160, 23006)));
+        assert_eq!(replay_building(line, 1), None);
+        assert_eq!(replay_building("generation 2 switched, handing over: 5 events applied, 1 events/s, lag 0 [], ETA -", 2), None);
+        assert_eq!(replay_building("applied 5 events in 0.1s", 2), None);
     }
 }
