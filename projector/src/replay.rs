@@ -22,6 +22,7 @@ use crate::ProjectorStats;
 use msghash_common::generation::group_for;
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{EventLog, Generation, ModelGenerations, ReadModel};
+use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,10 @@ pub struct ReplaySettings {
     /// With `drop_old`, how long after the switch the old generations are kept at least,
     /// so that every reader (query polls the catalog every 500 ms) has moved off them.
     pub drop_grace: Duration,
+    /// Most events a second the replay projects (after a first second's worth at once),
+    /// so that it leaves the read model's store and the log to the live paths; `None`:
+    /// as fast as they go. Batches are at most this many events.
+    pub max_rate: Option<NonZeroU32>,
 }
 
 impl Default for ReplaySettings {
@@ -59,6 +64,7 @@ impl Default for ReplaySettings {
             handover_timeout: Duration::from_secs(30),
             drop_old: false,
             drop_grace: Duration::from_secs(5),
+            max_rate: None,
         }
     }
 }
@@ -225,7 +231,14 @@ pub async fn replay(
     let Some(subscription) = subscribe(log.as_ref(), &group, &shutdown).await? else {
         return Ok(None);
     };
-    let mut reader = Reader::new(subscription, settings.batch_size, settings.poll_wait);
+    let batch_size = match settings.max_rate {
+        Some(rate) => settings.batch_size.min(rate.get() as usize),
+        None => settings.batch_size,
+    };
+    let limiter = settings
+        .max_rate
+        .map(|rate| governor::RateLimiter::direct(governor::Quota::per_second(rate)));
+    let mut reader = Reader::new(subscription, batch_size, settings.poll_wait);
     let stats = ProjectorStats::default();
     let mut phase = Phase::Building;
     let mut switched_at = None;
@@ -234,10 +247,21 @@ pub async fn replay(
     // Switch once the target is this close to the end of the log: at most one batch, and
     // never more than SWITCH_LAG_MAX events, so a large batch size (the standalone's) does
     // not leave readers waiting for the newest messages after the switch.
-    let switch_lag = i64::try_from(settings.batch_size.min(SWITCH_LAG_MAX)).unwrap_or(i64::MAX);
+    let switch_lag = i64::try_from(batch_size.min(SWITCH_LAG_MAX)).unwrap_or(i64::MAX);
     while !shutdown.is_cancelled() {
         let records = reader.read(log.as_ref(), model.as_ref()).await?;
         let idle = records.is_empty();
+        if let (Some((limiter, rate)), Some(n)) = (
+            limiter.as_ref().zip(settings.max_rate),
+            NonZeroU32::new(u32::try_from(records.len()).unwrap_or(u32::MAX)),
+        ) {
+            // Batches are at most `rate` events, the bucket's capacity: `until_n_ready`
+            // cannot fail with `n.min(rate)`.
+            tokio::select! {
+                _ = limiter.until_n_ready(n.min(rate)) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
         if !idle
             && !project_batch(
                 log.as_ref(),

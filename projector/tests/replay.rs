@@ -289,6 +289,54 @@ async fn embedded_replay_under_load() {
     assert_eq!(files, vec!["readmodel-g2.redb".to_owned()]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_never_goes_faster_than_its_max_rate() {
+    const RATE: u32 = 1_000;
+    const EVENTS: usize = 3_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), PARTITIONS).expect("log"));
+    let generations: Arc<dyn ModelGenerations> =
+        Arc::new(EmbeddedGenerations::open(dir.path()).expect("generations"));
+    load(&log, (0..EVENTS).map(|i| format!("held back {i}"))).await;
+    let mut reports = Vec::new();
+    let report = projector::replay::replay(
+        log.clone(),
+        generations.clone(),
+        ReplaySettings {
+            group: GROUP.into(),
+            progress_interval: Duration::from_millis(50),
+            handover_timeout: Duration::ZERO,
+            max_rate: NonZeroU32::new(RATE),
+            ..ReplaySettings::default()
+        },
+        &mut |p: &Progress| reports.push((p.applied, p.elapsed_secs)),
+        Shutdown::new(),
+    )
+    .await
+    .expect("replay")
+    .expect("replay finished");
+    // A second's worth at once, then RATE a second: never more, however fast the machine.
+    for &(applied, elapsed) in &reports {
+        let allowed = f64::from(RATE) * (1.0 + elapsed * 1.01);
+        assert!(
+            applied as f64 <= allowed,
+            "{applied} events applied after {elapsed:.3} s: {reports:?}"
+        );
+    }
+    assert_eq!(report.applied, EVENTS as u64, "{report:?}");
+    let least = (EVENTS as f64 - f64::from(RATE)) / f64::from(RATE);
+    assert!(
+        report.elapsed_secs >= least * 0.99,
+        "{EVENTS} events at {RATE}/s in {:.3} s",
+        report.elapsed_secs
+    );
+    let model = generations
+        .open(report.generation)
+        .await
+        .expect("generation");
+    assert_eq!(contents(&model).await.len(), EVENTS);
+}
+
 /// A topic, a keyspace and a base consumer group of one test's own on the test run's real
 /// servers (consumer groups live on the broker, not in a topic, so they are unique too).
 struct Stand {
@@ -394,7 +442,11 @@ async fn projector_replay_survives_sigkill() {
             .kill_on_drop(true);
         command
     };
-    let mut first = replay("1").spawn().expect("spawn projector replay");
+    // Held to 200 events a second, it is far from its end at its first report, a second in.
+    let mut first = replay("1")
+        .arg("--max-rate=200")
+        .spawn()
+        .expect("spawn projector replay");
     let mut stderr = BufReader::new(first.stderr.take().expect("stderr")).lines();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut seen = Vec::new();

@@ -7,10 +7,10 @@
 //! network. The data files stay locked by the server, so the rebuild runs inside it.
 //!
 //! - `GET /status`: the [`projector::Status`] as JSON.
-//! - `POST /replay[?drop_old=true]`: starts a replay (or attaches to the one running) and
-//!   streams JSON lines: `{"progress": …}` about once a second, then `{"done": report}` or
-//!   `{"error": "…"}`. The replay belongs to the server: a client that goes away does not
-//!   stop it.
+//! - `POST /replay[?drop_old=true][&max_rate=<events/s>]`: starts a replay (or attaches to
+//!   the one running, whose settings stay) and streams JSON lines: `{"progress": …}` about
+//!   once a second, then `{"done": report}` or `{"error": "…"}`. The replay belongs to the
+//!   server: a client that goes away does not stop it.
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -115,6 +115,7 @@ async fn status(State(admin): State<Admin>) -> Response {
 struct ReplayParams {
     #[serde(default)]
     drop_old: bool,
+    max_rate: Option<std::num::NonZeroU32>,
 }
 
 async fn replay(State(admin): State<Admin>, Query(params): Query<ReplayParams>) -> Response {
@@ -126,7 +127,7 @@ async fn replay(State(admin): State<Admin>, Query(params): Query<ReplayParams>) 
         match running.as_ref() {
             Some(rx) if !rx.borrow().is_final() => rx.clone(),
             _ => {
-                let rx = start_replay(&admin, params.drop_old);
+                let rx = start_replay(&admin, &params);
                 *running = Some(rx.clone());
                 rx
             }
@@ -154,10 +155,11 @@ async fn replay(State(admin): State<Admin>, Query(params): Query<ReplayParams>) 
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-fn start_replay(admin: &Admin, drop_old: bool) -> watch::Receiver<ReplayEvent> {
+fn start_replay(admin: &Admin, params: &ReplayParams) -> watch::Receiver<ReplayEvent> {
     let (tx, rx) = watch::channel(ReplayEvent::Started);
     let settings = ReplaySettings {
-        drop_old,
+        drop_old: params.drop_old,
+        max_rate: params.max_rate,
         ..admin.settings.clone()
     };
     let (log, generations, shutdown) = (
@@ -278,15 +280,14 @@ pub async fn fetch_status(dir: &Path) -> Result<Status, ClientError> {
 /// progress line, returns the report once readers are on the new generation.
 pub async fn run_replay(
     dir: &Path,
-    drop_old: bool,
+    args: &crate::ReplayArgs,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<ReplayReport, ClientError> {
-    let uri = if drop_old {
-        "/replay?drop_old=true"
-    } else {
-        "/replay"
-    };
-    let mut body = request(dir, "POST", uri).await?.into_body();
+    let mut uri = format!("/replay?drop_old={}", args.drop_old);
+    if let Some(rate) = args.max_rate {
+        uri.push_str(&format!("&max_rate={rate}"));
+    }
+    let mut body = request(dir, "POST", &uri).await?.into_body();
     let mut pending = Vec::new();
     loop {
         let frame = match tokio::time::timeout(Duration::from_secs(120), body.frame()).await {

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     };
     match &cli.command {
         Some(msghash::Command::Cert(args)) => return cert(args),
-        Some(msghash::Command::Replay(args)) => return replay(&cli.data_dir, args.drop_old),
+        Some(msghash::Command::Replay(args)) => return replay(&cli.data_dir, args),
         Some(msghash::Command::Status) => return status(&cli.data_dir),
         Some(msghash::Command::ApiKey) => {
             let (key, line) = msghash::new_api_key();
@@ -111,7 +111,7 @@ fn client_runtime() -> Option<tokio::runtime::Runtime> {
 }
 
 /// `msghash replay`: progress on stderr, one line a second; the report on stdout, last.
-fn replay(dir: &std::path::Path, drop_old: bool) -> ExitCode {
+fn replay(dir: &std::path::Path, args: &msghash::ReplayArgs) -> ExitCode {
     let Some(runtime) = client_runtime() else {
         return ExitCode::FAILURE;
     };
@@ -120,7 +120,7 @@ fn replay(dir: &std::path::Path, drop_old: bool) -> ExitCode {
         dir.display()
     );
     let mut printer = projector::replay::ProgressPrinter::stderr();
-    let result = runtime.block_on(msghash::admin::run_replay(dir, drop_old, &mut |p| {
+    let result = runtime.block_on(msghash::admin::run_replay(dir, args, &mut |p| {
         printer.show(p)
     }));
     printer.finish();
