@@ -17,6 +17,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use http_body_util::BodyExt;
 use msghash_common::shutdown::Shutdown;
 use msghash_common::{EventLog, ModelGenerations};
@@ -39,10 +40,16 @@ pub enum ReplayEvent {
     Error(String),
 }
 
-impl ReplayEvent {
-    fn is_final(&self) -> bool {
-        matches!(self, ReplayEvent::Done(_) | ReplayEvent::Error(_))
-    }
+/// What a replay's stream has to tell: its newest progress report (and how many it made)
+/// and, once it ended, its last word. A watch channel keeps only the newest value, so the
+/// last progress report and the end are kept apart: a stream that wakes after both sends
+/// both.
+#[derive(Debug, Clone, Default)]
+struct ReplayState {
+    reports: u64,
+    progress: Option<Progress>,
+    /// `Done` or `Error`.
+    end: Option<ReplayEvent>,
 }
 
 #[derive(Clone)]
@@ -51,7 +58,7 @@ struct Admin {
     generations: Arc<dyn ModelGenerations>,
     settings: ReplaySettings,
     /// The replay running now (or the last one, finished).
-    running: Arc<Mutex<Option<watch::Receiver<ReplayEvent>>>>,
+    running: Arc<Mutex<Option<watch::Receiver<ReplayState>>>>,
     shutdown: Shutdown,
 }
 
@@ -125,7 +132,7 @@ async fn replay(State(admin): State<Admin>, Query(params): Query<ReplayParams>) 
             Err(poisoned) => poisoned.into_inner(),
         };
         match running.as_ref() {
-            Some(rx) if !rx.borrow().is_final() => rx.clone(),
+            Some(rx) if rx.borrow().end.is_none() => rx.clone(),
             _ => {
                 let rx = start_replay(&admin, &params);
                 *running = Some(rx.clone());
@@ -133,30 +140,53 @@ async fn replay(State(admin): State<Admin>, Query(params): Query<ReplayParams>) 
             }
         }
     };
-    let lines = futures::stream::unfold((rx, false), |(mut rx, ended)| async move {
-        if ended {
-            return None;
-        }
-        let event = rx.borrow_and_update().clone();
-        let last = event.is_final();
-        let mut line = serde_json::to_string(&event).unwrap_or_else(|e| {
-            serde_json::json!({ "error": format!("cannot encode progress: {e}") }).to_string()
-        });
-        line.push('\n');
-        if !last && rx.changed().await.is_err() {
-            // The replay task is gone without a last word (the server is stopping).
-            return Some((Ok::<_, std::convert::Infallible>(line), (rx, true)));
-        }
-        Some((Ok(line), (rx, last)))
-    });
     Response::builder()
         .header("content-type", "application/x-ndjson")
-        .body(axum::body::Body::from_stream(lines))
+        .body(axum::body::Body::from_stream(
+            event_lines(rx).map(Ok::<_, std::convert::Infallible>),
+        ))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-fn start_replay(admin: &Admin, params: &ReplayParams) -> watch::Receiver<ReplayEvent> {
-    let (tx, rx) = watch::channel(ReplayEvent::Started);
+/// The JSON lines of a replay's events, as the server streams them: `started`, every
+/// progress report it sees (always the last one), then the end. Each item is one or more
+/// whole lines.
+fn event_lines(rx: watch::Receiver<ReplayState>) -> impl futures::Stream<Item = String> {
+    fn line(event: &ReplayEvent) -> String {
+        let mut line = serde_json::to_string(event).unwrap_or_else(|e| {
+            serde_json::json!({ "error": format!("cannot encode progress: {e}") }).to_string()
+        });
+        line.push('\n');
+        line
+    }
+    // (receiver, reports sent, first item, ended)
+    futures::stream::unfold(
+        (rx, 0, true, false),
+        |(mut rx, sent, first, ended)| async move {
+            if ended || (!first && rx.changed().await.is_err()) {
+                // Ended, or the replay task is gone without a last word (the server is
+                // stopping): the client says the stream closed early.
+                return None;
+            }
+            let state = rx.borrow_and_update().clone();
+            let mut chunk = String::new();
+            if first {
+                chunk.push_str(&line(&ReplayEvent::Started));
+            }
+            if let Some(progress) = state.progress.filter(|_| state.reports > sent) {
+                chunk.push_str(&line(&ReplayEvent::Progress(progress)));
+            }
+            let ended = state.end.is_some();
+            if let Some(end) = &state.end {
+                chunk.push_str(&line(end));
+            }
+            Some((chunk, (rx, state.reports, false, ended)))
+        },
+    )
+}
+
+fn start_replay(admin: &Admin, params: &ReplayParams) -> watch::Receiver<ReplayState> {
+    let (tx, rx) = watch::channel(ReplayState::default());
     let settings = ReplaySettings {
         drop_old: params.drop_old,
         max_rate: params.max_rate,
@@ -170,7 +200,10 @@ fn start_replay(admin: &Admin, params: &ReplayParams) -> watch::Receiver<ReplayE
     tokio::spawn(async move {
         let progress_tx = tx.clone();
         let mut on_progress = move |p: &Progress| {
-            progress_tx.send_replace(ReplayEvent::Progress(p.clone()));
+            progress_tx.send_modify(|state| {
+                state.reports += 1;
+                state.progress = Some(p.clone());
+            });
         };
         let result =
             projector::replay::replay(log, generations, settings, &mut on_progress, shutdown).await;
@@ -188,7 +221,7 @@ fn start_replay(admin: &Admin, params: &ReplayParams) -> watch::Receiver<ReplayE
                 ReplayEvent::Error(format!("replay failed: {e:#}"))
             }
         };
-        tx.send_replace(last);
+        tx.send_modify(|state| state.end = Some(last));
     });
     rx
 }
@@ -312,5 +345,67 @@ pub async fn run_replay(
                 ReplayEvent::Error(e) => return Err(ClientError::Replay(e)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(events: Vec<ReplayEvent>) -> watch::Receiver<ReplayState> {
+        let (tx, rx) = watch::channel(ReplayState::default());
+        for event in events {
+            tx.send_modify(|state| match event {
+                ReplayEvent::Progress(p) => {
+                    state.reports += 1;
+                    state.progress = Some(p);
+                }
+                ReplayEvent::Started => {}
+                end => state.end = Some(end),
+            });
+        }
+        rx
+    }
+
+    #[tokio::test]
+    async fn the_last_progress_is_streamed_even_when_the_end_follows_before_the_stream_runs() {
+        let progress = Progress {
+            generation: 1,
+            phase: projector::Phase::Switched,
+            applied: 42,
+            elapsed_secs: 0.5,
+            partitions: Vec::new(),
+        };
+        let report = ReplayReport {
+            generation: 1,
+            resumed: false,
+            applied: 42,
+            dead_lettered: 0,
+            elapsed_secs: 0.6,
+            adopted: true,
+            dropped: Vec::new(),
+        };
+        let rx = lines_of(vec![
+            ReplayEvent::Progress(progress),
+            ReplayEvent::Done(report),
+        ]);
+        let lines: Vec<ReplayEvent> = event_lines(rx)
+            .flat_map(|chunk| {
+                futures::stream::iter(
+                    chunk
+                        .lines()
+                        .map(|l| serde_json::from_str(l).expect("a JSON event"))
+                        .collect::<Vec<ReplayEvent>>(),
+                )
+            })
+            .collect()
+            .await;
+        assert!(
+            matches!(
+                lines.as_slice(),
+                [.., ReplayEvent::Progress(p), ReplayEvent::Done(r)] if p.applied == 42 && r.applied == 42
+            ),
+            "{lines:?}"
+        );
     }
 }
