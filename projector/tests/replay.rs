@@ -85,6 +85,18 @@ async fn contents(model: &Arc<dyn ReadModel>) -> BTreeMap<Digest, String> {
         .await
 }
 
+/// Waits (10 s at most) until `live` serves `generation`.
+async fn readers_move_to(live: &LiveModel, generation: msghash_common::Generation) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while live.generation() != generation {
+        assert!(
+            Instant::now() < deadline,
+            "readers did not move to generation {generation}"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The whole replay story on one adapter pair, with `group` as the projectors' base
 /// consumer group.
 async fn replay_story(
@@ -183,9 +195,9 @@ async fn replay_story(
     assert!(report.resumed, "{report:?}");
     assert!(report.adopted, "the live projector took over: {report:?}");
     assert!(report.to_string().starts_with("applied "), "{report}");
-    // The load goes on, on the new generation.
+    // Readers move on their next look at the catalog; the load goes on there.
+    readers_move_to(&live, 1).await;
     hammer.wait_for_more(200, 20, Duration::from_secs(60)).await;
-    assert_eq!(live.generation(), 1, "readers are on the new generation");
     let hammered = hammer.stop().await;
     let failures = &hammered.failures;
     assert!(
@@ -252,14 +264,7 @@ async fn replay_story(
     assert_eq!(generations.list().await.expect("list"), vec![2]);
     let gen2 = generations.open(2).await.expect("generation 2");
     assert!(contents(&gen2).await == expected);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while live.generation() != 2 {
-        assert!(
-            Instant::now() < deadline,
-            "readers did not move to generation 2"
-        );
-        sleep(Duration::from_millis(20)).await;
-    }
+    readers_move_to(&live, 2).await;
     let (digest, message) = &known[0];
     let (status, _, body) = get_message(&app, &digest.to_string()).await;
     assert_eq!(status, StatusCode::OK);

@@ -21,7 +21,10 @@ use std::time::Duration;
 const PARTITIONS: NonZeroU32 = NonZeroU32::new(2).unwrap();
 
 struct Fixture {
+    /// Query with a read-your-writes deadline of 500 ms, for the 503 of a miss.
     app: Router,
+    /// The same with 30 s, for a GET that must outwait a projection on a busy machine.
+    patient: Router,
     log: Arc<KafkaLog>,
     /// The read model itself, for the test playing the projector.
     model: Arc<ScyllaModel>,
@@ -86,16 +89,21 @@ async fn fixture() -> Fixture {
         inner: model.clone(),
         asked: tokio::sync::watch::Sender::new(0),
     });
-    let app = query::app(
-        log.clone(),
-        watched.clone(),
-        QuerySettings {
-            read_your_writes_timeout: Duration::from_millis(500),
-            ..Default::default()
-        },
-    );
+    let app_with = |deadline| {
+        query::app(
+            log.clone(),
+            watched.clone(),
+            QuerySettings {
+                read_your_writes_timeout: deadline,
+                ..Default::default()
+            },
+        )
+    };
+    let app = app_with(Duration::from_millis(500));
+    let patient = app_with(Duration::from_secs(30));
     Fixture {
         app,
+        patient,
         log,
         model,
         watched,
@@ -177,10 +185,11 @@ async fn a_miss_waits_for_the_projector_and_never_answers_a_false_404() {
     assert!(body["err_msg"].is_string());
 
     // The projector catches up while a GET waits: the GET answers 200. The batch is applied
-    // once the GET is seen waiting at the barrier, not before.
+    // once the GET is seen waiting at the barrier, not before. (Its query has a deadline
+    // of 30 s: the apply and the barrier's next look must not race 500 ms.)
     let asked = *f.watched.asked.borrow();
     let waiting = tokio::spawn({
-        let (app, digest) = (f.app.clone(), digest.clone());
+        let (app, digest) = (f.patient.clone(), digest.clone());
         async move { get(&app, &digest).await }
     });
     f.watched.asked_more_than(asked).await;

@@ -81,7 +81,7 @@ fn listen_field(line: &str) -> Option<SocketAddr> {
 /// A replay's progress line while it builds `generation` ("generation <g> building: <n>
 /// events applied, <r> events/s, lag <l> [...]"): the events applied and the lag. `None`
 /// for any other line.
-pub fn replay_building(line: &str, generation: u32) -> Option<(u64, u64)> {
+pub fn replay_building(line: &str, generation: msghash_common::Generation) -> Option<(u64, u64)> {
     let rest = line.strip_prefix(&format!("generation {generation} building: "))?;
     let applied = rest.split(' ').next()?.parse().ok()?;
     let lag = rest
