@@ -34,7 +34,10 @@ pub const SOCKET_FILE: &str = "admin.sock";
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReplayEvent {
+    /// A new replay started for this request.
     Started,
+    /// A replay was already running: this request follows it, with its settings.
+    Attached,
     Progress(Progress),
     Done(ReplayReport),
     Error(String),
@@ -126,32 +129,37 @@ struct ReplayParams {
 }
 
 async fn replay(State(admin): State<Admin>, Query(params): Query<ReplayParams>) -> Response {
-    let rx = {
+    let (rx, attached) = {
         let mut running = match admin.running.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
         match running.as_ref() {
-            Some(rx) if rx.borrow().end.is_none() => rx.clone(),
+            // Running: no end yet, and its task still holds the sender (a task that died
+            // without an end, by a panic, is not followed again).
+            Some(rx) if rx.borrow().end.is_none() && rx.has_changed().is_ok() => (rx.clone(), true),
             _ => {
                 let rx = start_replay(&admin, &params);
                 *running = Some(rx.clone());
-                rx
+                (rx, false)
             }
         }
     };
     Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(axum::body::Body::from_stream(
-            event_lines(rx).map(Ok::<_, std::convert::Infallible>),
+            event_lines(rx, attached).map(Ok::<_, std::convert::Infallible>),
         ))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-/// The JSON lines of a replay's events, as the server streams them: `started`, every
-/// progress report it sees (always the last one), then the end. Each item is one or more
-/// whole lines.
-fn event_lines(rx: watch::Receiver<ReplayState>) -> impl futures::Stream<Item = String> {
+/// The JSON lines of a replay's events, as the server streams them: `started` (or
+/// `attached`, when `attached`), every progress report it sees (always the last one), then
+/// the end. Each item is one or more whole lines.
+fn event_lines(
+    rx: watch::Receiver<ReplayState>,
+    attached: bool,
+) -> impl futures::Stream<Item = String> {
     fn line(event: &ReplayEvent) -> String {
         let mut line = serde_json::to_string(event).unwrap_or_else(|e| {
             serde_json::json!({ "error": format!("cannot encode progress: {e}") }).to_string()
@@ -162,7 +170,7 @@ fn event_lines(rx: watch::Receiver<ReplayState>) -> impl futures::Stream<Item = 
     // (receiver, reports sent, first item, ended)
     futures::stream::unfold(
         (rx, 0, true, false),
-        |(mut rx, sent, first, ended)| async move {
+        move |(mut rx, sent, first, ended)| async move {
             if ended || (!first && rx.changed().await.is_err()) {
                 // Ended, or the replay task is gone without a last word (the server is
                 // stopping): the client says the stream closed early.
@@ -171,7 +179,11 @@ fn event_lines(rx: watch::Receiver<ReplayState>) -> impl futures::Stream<Item = 
             let state = rx.borrow_and_update().clone();
             let mut chunk = String::new();
             if first {
-                chunk.push_str(&line(&ReplayEvent::Started));
+                chunk.push_str(&line(&if attached {
+                    ReplayEvent::Attached
+                } else {
+                    ReplayEvent::Started
+                }));
             }
             if let Some(progress) = state.progress.filter(|_| state.reports > sent) {
                 chunk.push_str(&line(&ReplayEvent::Progress(progress)));
@@ -309,12 +321,13 @@ pub async fn fetch_status(dir: &Path) -> Result<Status, ClientError> {
     serde_json::from_slice(&body).map_err(transport)
 }
 
-/// `msghash replay`: asks the running server to replay, calls `on_progress` for every
-/// progress line, returns the report once readers are on the new generation.
+/// `msghash replay`: asks the running server to replay, calls `on_event` for every line
+/// before the last (`Started` or `Attached`, then `Progress`), returns the report once
+/// readers are on the new generation.
 pub async fn run_replay(
     dir: &Path,
     args: &crate::ReplayArgs,
-    on_progress: &mut dyn FnMut(&Progress),
+    on_event: &mut dyn FnMut(&ReplayEvent),
 ) -> Result<ReplayReport, ClientError> {
     let mut uri = format!("/replay?drop_old={}", args.drop_old);
     if let Some(rate) = args.max_rate {
@@ -339,10 +352,9 @@ pub async fn run_replay(
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             match serde_json::from_slice::<ReplayEvent>(&line).map_err(transport)? {
-                ReplayEvent::Started => {}
-                ReplayEvent::Progress(p) => on_progress(&p),
                 ReplayEvent::Done(report) => return Ok(report),
                 ReplayEvent::Error(e) => return Err(ClientError::Replay(e)),
+                event => on_event(&event),
             }
         }
     }
@@ -352,60 +364,83 @@ pub async fn run_replay(
 mod tests {
     use super::*;
 
-    fn lines_of(events: Vec<ReplayEvent>) -> watch::Receiver<ReplayState> {
-        let (tx, rx) = watch::channel(ReplayState::default());
-        for event in events {
-            tx.send_modify(|state| match event {
-                ReplayEvent::Progress(p) => {
-                    state.reports += 1;
-                    state.progress = Some(p);
-                }
-                ReplayEvent::Started => {}
-                end => state.end = Some(end),
-            });
-        }
-        rx
+    fn record(tx: &watch::Sender<ReplayState>, event: ReplayEvent) {
+        tx.send_modify(|state| match event {
+            ReplayEvent::Progress(p) => {
+                state.reports += 1;
+                state.progress = Some(p);
+            }
+            ReplayEvent::Started | ReplayEvent::Attached => {}
+            end => state.end = Some(end),
+        });
     }
 
-    #[tokio::test]
-    async fn the_last_progress_is_streamed_even_when_the_end_follows_before_the_stream_runs() {
-        let progress = Progress {
+    fn progress(applied: u64) -> ReplayEvent {
+        ReplayEvent::Progress(Progress {
             generation: 1,
             phase: projector::Phase::Switched,
-            applied: 42,
+            applied,
             elapsed_secs: 0.5,
             partitions: Vec::new(),
-        };
-        let report = ReplayReport {
+        })
+    }
+
+    fn done(applied: u64) -> ReplayEvent {
+        ReplayEvent::Done(ReplayReport {
             generation: 1,
             resumed: false,
-            applied: 42,
+            applied,
             dead_lettered: 0,
             elapsed_secs: 0.6,
             adopted: true,
             dropped: Vec::new(),
-        };
-        let rx = lines_of(vec![
-            ReplayEvent::Progress(progress),
-            ReplayEvent::Done(report),
-        ]);
-        let lines: Vec<ReplayEvent> = event_lines(rx)
-            .flat_map(|chunk| {
-                futures::stream::iter(
-                    chunk
-                        .lines()
-                        .map(|l| serde_json::from_str(l).expect("a JSON event"))
-                        .collect::<Vec<ReplayEvent>>(),
-                )
-            })
+        })
+    }
+
+    /// The events in a chunk of lines.
+    fn events(chunk: &str) -> Vec<ReplayEvent> {
+        chunk
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON event"))
             .collect()
-            .await;
+    }
+
+    /// Whether `events` are a progress of `applied` events, then the end reporting as many.
+    fn ends_with_progress_and_done(events: &[ReplayEvent], applied: u64) -> bool {
+        matches!(
+            events,
+            [.., ReplayEvent::Progress(p), ReplayEvent::Done(r)]
+                if p.applied == applied && r.applied == applied
+        )
+    }
+
+    #[tokio::test]
+    async fn the_last_progress_is_streamed_even_when_the_end_follows_before_the_stream_runs() {
+        let (tx, rx) = watch::channel(ReplayState::default());
+        record(&tx, progress(42));
+        record(&tx, done(42));
+        drop(tx);
+        let chunks: Vec<String> = event_lines(rx, false).collect().await;
+        let all = events(&chunks.concat());
+        assert!(matches!(all.first(), Some(ReplayEvent::Started)), "{all:?}");
+        assert!(ends_with_progress_and_done(&all, 42), "{all:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_wakes_after_the_last_progress_and_the_end_sends_both() {
+        let (tx, rx) = watch::channel(ReplayState::default());
+        record(&tx, progress(1));
+        let mut lines = std::pin::pin!(event_lines(rx, true));
+        let first = events(&lines.next().await.expect("a first chunk"));
         assert!(
-            matches!(
-                lines.as_slice(),
-                [.., ReplayEvent::Progress(p), ReplayEvent::Done(r)] if p.applied == 42 && r.applied == 42
-            ),
-            "{lines:?}"
+            matches!(first.as_slice(), [ReplayEvent::Attached, ReplayEvent::Progress(p)] if p.applied == 1),
+            "{first:?}"
         );
+        record(&tx, progress(42));
+        record(&tx, done(42));
+        let rest: Vec<String> = lines.collect().await;
+        let rest = events(&rest.concat());
+        assert_eq!(rest.len(), 2, "{rest:?}");
+        assert!(ends_with_progress_and_done(&rest, 42), "{rest:?}");
     }
 }

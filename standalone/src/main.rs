@@ -120,9 +120,18 @@ fn replay(dir: &std::path::Path, args: &msghash::ReplayArgs) -> ExitCode {
         dir.display()
     );
     let mut printer = projector::replay::ProgressPrinter::stderr();
-    let result = runtime.block_on(msghash::admin::run_replay(dir, args, &mut |p| {
-        printer.show(p)
-    }));
+    let result = runtime.block_on(msghash::admin::run_replay(
+        dir,
+        args,
+        &mut |event| match event {
+            msghash::admin::ReplayEvent::Progress(p) => printer.show(p),
+            msghash::admin::ReplayEvent::Attached => eprintln!(
+                "msghash replay: a replay is already running; following it (its own \
+                 --drop-old and --max-rate stay)"
+            ),
+            _ => {}
+        },
+    ));
     printer.finish();
     match result {
         Ok(report) => {

@@ -894,7 +894,26 @@ async fn replay_beside_the_server_under_load_and_after_a_kill() {
             .any(|l| l.starts_with("generation 2 building: ")),
         "{seen:#?}"
     );
+    // A second `msghash replay` meanwhile follows the running one, and says so.
+    let mut second = admin_command(dir.path(), &["replay"]);
+    second.stderr(Stdio::piped());
+    let mut second = second.spawn().expect("a second msghash replay starts");
+    let said: Vec<String> = std::io::BufRead::lines(std::io::BufReader::new(
+        second.stderr.take().expect("stderr"),
+    ))
+    .map_while(Result::ok)
+    .take_while(|l| !l.starts_with("generation 2 "))
+    .collect();
+    assert!(
+        said.iter()
+            .any(|l| l.contains("a replay is already running; following it")),
+        "{said:#?}"
+    );
     m.kill9();
+    assert!(
+        !second.wait().expect("second client ends").success(),
+        "the second client reports the lost server too"
+    );
     let code = replay.wait().expect("replay client ends");
     assert!(!code.success(), "the client reports the lost server");
     let (m, client2) = Msghash::start(dir.path()).await;
