@@ -48,9 +48,11 @@ pub struct ReplaySettings {
     /// With `drop_old`, how long after the switch the old generations are kept at least,
     /// so that every reader (query polls the catalog every 500 ms) has moved off them.
     pub drop_grace: Duration,
-    /// Most events a second the replay projects (after a first second's worth at once),
-    /// so that it leaves the read model's store and the log to the live paths; `None`:
-    /// as fast as they go. Batches are at most this many events.
+    /// Most events a second the replay projects while readers are on the old generation
+    /// (after a first second's worth at once), so that it leaves the read model's store and
+    /// the log to the live paths; `None`: as fast as they go. Batches are at most this many
+    /// events. After the switch it goes as fast as it can: the new generation must keep up
+    /// with the writes. A rate below the write rate never catches up to switch.
     pub max_rate: Option<NonZeroU32>,
 }
 
@@ -235,30 +237,40 @@ pub async fn replay(
         Some(rate) => settings.batch_size.min(rate.get() as usize),
         None => settings.batch_size,
     };
-    let limiter = settings
-        .max_rate
-        .map(|rate| governor::RateLimiter::direct(governor::Quota::per_second(rate)));
+    // With a max rate, a bucket of `rate` events, full at the start; batches are at most
+    // that many (above), so one batch never needs more than the bucket holds.
+    let limiter = settings.max_rate.map(|rate| {
+        let bucket = governor::RateLimiter::direct(governor::Quota::per_second(rate));
+        (bucket, rate)
+    });
     let mut reader = Reader::new(subscription, batch_size, settings.poll_wait);
     let stats = ProjectorStats::default();
     let mut phase = Phase::Building;
     let mut switched_at = None;
     let mut adopted = false;
     let mut last_report = Instant::now();
-    // Switch once the target is this close to the end of the log: at most one batch, and
-    // never more than SWITCH_LAG_MAX events, so a large batch size (the standalone's) does
-    // not leave readers waiting for the newest messages after the switch.
+    // Switch once the target is this close to the end of the log: at most one batch (with
+    // a max rate, at most a second's worth), and never more than SWITCH_LAG_MAX events, so
+    // a large batch size (the standalone's) does not leave readers waiting for the newest
+    // messages after the switch.
     let switch_lag = i64::try_from(batch_size.min(SWITCH_LAG_MAX)).unwrap_or(i64::MAX);
     while !shutdown.is_cancelled() {
         let records = reader.read(log.as_ref(), model.as_ref()).await?;
         let idle = records.is_empty();
-        if let (Some((limiter, rate)), Some(n)) = (
-            limiter.as_ref().zip(settings.max_rate),
+        // Held to the rate only while readers are on the old generation: after the switch,
+        // the replay is what keeps the new one up with the writes until a projector adopts it.
+        if let (Phase::Building, Some((bucket, rate)), Some(n)) = (
+            phase,
+            &limiter,
             NonZeroU32::new(u32::try_from(records.len()).unwrap_or(u32::MAX)),
         ) {
-            // Batches are at most `rate` events, the bucket's capacity: `until_n_ready`
-            // cannot fail with `n.min(rate)`.
+            debug_assert!(n <= *rate, "a batch of {n} above the rate {rate}");
             tokio::select! {
-                _ = limiter.until_n_ready(n.min(rate)) => {}
+                ready = bucket.until_n_ready(n.min(*rate)) => {
+                    if let Err(e) = ready {
+                        tracing::warn!(error = %e, "the replay's rate bucket refused a batch");
+                    }
+                }
                 () = shutdown.cancelled() => break,
             }
         }
