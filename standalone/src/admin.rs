@@ -55,6 +55,20 @@ struct ReplayState {
     end: Option<ReplayEvent>,
 }
 
+impl ReplayState {
+    /// Records a progress report, `Done` or `Error`; nothing else is kept.
+    fn record(&mut self, event: ReplayEvent) {
+        match event {
+            ReplayEvent::Progress(p) => {
+                self.reports += 1;
+                self.progress = Some(p);
+            }
+            ReplayEvent::Started | ReplayEvent::Attached => {}
+            end => self.end = Some(end),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Admin {
     log: Arc<dyn EventLog>,
@@ -212,10 +226,7 @@ fn start_replay(admin: &Admin, params: &ReplayParams) -> watch::Receiver<ReplayS
     tokio::spawn(async move {
         let progress_tx = tx.clone();
         let mut on_progress = move |p: &Progress| {
-            progress_tx.send_modify(|state| {
-                state.reports += 1;
-                state.progress = Some(p.clone());
-            });
+            progress_tx.send_modify(|state| state.record(ReplayEvent::Progress(p.clone())));
         };
         let result =
             projector::replay::replay(log, generations, settings, &mut on_progress, shutdown).await;
@@ -233,7 +244,7 @@ fn start_replay(admin: &Admin, params: &ReplayParams) -> watch::Receiver<ReplayS
                 ReplayEvent::Error(format!("replay failed: {e:#}"))
             }
         };
-        tx.send_modify(|state| state.end = Some(last));
+        tx.send_modify(|state| state.record(last));
     });
     rx
 }
@@ -365,14 +376,7 @@ mod tests {
     use super::*;
 
     fn record(tx: &watch::Sender<ReplayState>, event: ReplayEvent) {
-        tx.send_modify(|state| match event {
-            ReplayEvent::Progress(p) => {
-                state.reports += 1;
-                state.progress = Some(p);
-            }
-            ReplayEvent::Started | ReplayEvent::Attached => {}
-            end => state.end = Some(end),
-        });
+        tx.send_modify(|state| state.record(event));
     }
 
     fn progress(applied: u64) -> ReplayEvent {
