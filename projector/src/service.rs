@@ -78,8 +78,9 @@ pub struct ReplayArgs {
     #[arg(long, env = "MSGHASH_HANDOVER_TIMEOUT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub handover_timeout_secs: u64,
-    /// Most events a second the replay projects, so that it leaves Cassandra (or ScyllaDB)
-    /// and the broker to the live paths; unset: as fast as they go.
+    /// Most events a second the replay projects until readers switch, so that it leaves
+    /// Cassandra (or ScyllaDB) and the broker to the live paths; above the write rate, or
+    /// it never catches up. Unset: as fast as they go.
     #[arg(long, env = "MSGHASH_REPLAY_MAX_RATE", value_name = "EVENTS_PER_SEC",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_rate: Option<u32>,

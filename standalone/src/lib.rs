@@ -101,8 +101,9 @@ pub struct ReplayArgs {
     /// After the switch, delete the older generations' files.
     #[arg(long)]
     pub drop_old: bool,
-    /// Most events a second the replay projects, so that it leaves the disk and the cores
-    /// to the requests; unset: as fast as it goes. A replay already running keeps its own.
+    /// Most events a second the replay projects until readers switch, so that it leaves
+    /// the disk and the cores to the requests; above the write rate, or it never catches
+    /// up. Unset: as fast as it goes. A replay already running keeps its own.
     #[arg(long, env = "MSGHASH_REPLAY_MAX_RATE", value_name = "EVENTS_PER_SEC",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_rate: Option<u32>,
