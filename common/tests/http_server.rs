@@ -284,11 +284,11 @@ fn https_client(server: &Running) -> reqwest::Client {
 async fn over_its_rate_a_client_gets_429_with_retry_after_and_health_checks_are_never_limited() {
     use msghash_common::http::{Guards, RateLimit};
     use std::num::NonZeroU32;
-    let one = NonZeroU32::new(1).expect("1");
     let three = NonZeroU32::new(3).expect("3");
     for trusted in [false, true] {
+        // One token a minute: the burst stays spent however slow the machine is.
         let server = serve_guarded(Guards {
-            rate_limit: Some(RateLimit::new(one, three)),
+            rate_limit: RateLimit::one_every(Duration::from_secs(60), three),
             trusted_proxies: if trusted {
                 vec!["127.0.0.1/32".parse().expect("net")]
             } else {
@@ -310,7 +310,17 @@ async fn over_its_rate_a_client_gets_429_with_retry_after_and_health_checks_are_
         }
         let limited = get("/hello", "192.0.2.1").await.expect("get");
         assert_eq!(limited.status(), 429);
-        assert_eq!(limited.headers()["retry-after"], "1");
+        // The seconds until the next token, rounded up: a minute less what the requests
+        // since the burst took.
+        let retry_after: u64 = limited.headers()["retry-after"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("seconds");
+        assert!(
+            (30..=60).contains(&retry_after),
+            "Retry-After {retry_after}"
+        );
         assert!(limited.headers().contains_key("x-request-id"));
         let body: serde_json::Value = limited.json().await.expect("json");
         assert_eq!(
@@ -401,10 +411,7 @@ async fn requests_refused_for_their_key_still_count_against_the_rate_limit() {
     std::fs::write(&path, format!("{}\n", key_file_line("the-key"))).expect("write");
     let server = serve_guarded(Guards {
         api_keys: Some(ApiKeys::load(&path, KeyScope::All).expect("keys")),
-        rate_limit: Some(RateLimit::new(
-            NonZeroU32::new(1).expect("1"),
-            NonZeroU32::new(2).expect("2"),
-        )),
+        rate_limit: RateLimit::one_every(Duration::from_secs(60), NonZeroU32::new(2).expect("2")),
         ..Guards::default()
     })
     .await;

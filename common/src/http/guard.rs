@@ -120,6 +120,15 @@ impl RateLimit {
         }
     }
 
+    /// One request every `every` on average, up to `burst` at once; `None` if `every` is
+    /// zero. Slower than one a second: a test's burst stays spent however slow its machine.
+    pub fn one_every(every: Duration, burst: NonZeroU32) -> Option<RateLimit> {
+        let quota = Quota::with_period(every)?.allow_burst(burst);
+        Some(RateLimit {
+            limiter: DefaultKeyedRateLimiter::keyed(quota),
+        })
+    }
+
     /// Ok, or how long until `ip` may send again.
     pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
         use governor::clock::Clock;
@@ -314,5 +323,11 @@ mod tests {
         let wait = limit.check(a).expect_err("over the burst");
         assert!(wait <= Duration::from_secs(1), "{wait:?}");
         assert!(limit.check(b).is_ok());
+
+        let slow = RateLimit::one_every(Duration::from_secs(60), NonZeroU32::MIN).expect("quota");
+        assert!(slow.check(a).is_ok());
+        let wait = slow.check(a).expect_err("over the burst");
+        assert!(wait > Duration::from_secs(50), "{wait:?}");
+        assert!(RateLimit::one_every(Duration::ZERO, NonZeroU32::MIN).is_none());
     }
 }

@@ -647,12 +647,11 @@ mod tests {
         assert_eq!(asked.load(Ordering::Relaxed), 1);
     }
 
-    /// Guards that let a burst of 3 through.
+    /// Guards that let a burst of 3 through, then one request a minute.
     fn burst_of_three() -> Arc<Guards> {
-        let one = NonZeroU32::new(1).expect("1");
         let three = NonZeroU32::new(3).expect("3");
         Arc::new(Guards {
-            rate_limit: Some(RateLimit::new(one, three)),
+            rate_limit: RateLimit::one_every(Duration::from_secs(60), three),
             ..Guards::default()
         })
     }
