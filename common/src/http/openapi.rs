@@ -144,7 +144,8 @@ const GUARD_RESPONSES: [(&str, &str); 2] = [
 
 const DESCRIPTION: &str = "POST a message, get its SHA-256 digest; GET the digest, get the \
 message back. Every error answer is `{\"err_msg\": \"...\"}`. Besides the statuses listed per \
-operation: a method a path does not list answers 405, a path not listed answers 404, and any \
+operation: a method a path does not list answers 405, a path not listed answers 404, a request \
+body not fully sent within the body timeout (MSGHASH_HTTP_BODY_TIMEOUT_MS) answers 408, and any \
 request not answered within 30 s answers 503 with `Retry-After`.";
 
 /// A service's document: its own `routes` (a `#[derive(OpenApi)]` type's `openapi()`, or a
