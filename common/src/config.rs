@@ -346,14 +346,15 @@ pub struct LogArgs {
     /// Log filter, in tracing's EnvFilter syntax (e.g. info,msghash_common=debug).
     #[arg(long, global = true, env = "MSGHASH_LOG", default_value = "info")]
     pub log: String,
-    /// Log 1 in N routine `request` lines (2xx, 3xx, 404); every other 4xx and every 5xx
-    /// line is always logged, and the HTTP metrics count every request. 1: every line.
+    /// Log 1 in N routine `request` lines (2xx, 3xx, 404); other 4xx and 5xx lines are
+    /// not sampled, and the HTTP metrics count every request. 1: every line.
     #[arg(long, global = true, env = "MSGHASH_LOG_SAMPLE", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub log_sample: u32,
-    /// Most routine `request` lines logged per second, process-wide, after the sampling;
-    /// past it they are skipped, and the next line logged counts them (`skipped`). Every
-    /// other 4xx and every 5xx line is always logged. 0: no cap.
+    /// Most routine `request` lines logged per second, process-wide, after the sampling,
+    /// and most lines of client errors (every other 4xx); past a cap they are skipped, and
+    /// the next line of their kind logged counts them (`skipped`). Every 5xx line is
+    /// always logged. 0: no cap.
     #[arg(long, global = true, env = "MSGHASH_LOG_RATE", default_value_t = DEFAULT_LOG_RATE,
           value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
     pub log_rate: u32,

@@ -71,30 +71,41 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// 1 in how many routine `request` lines is logged (see [`set_log_sample`]).
 static LOG_SAMPLE: AtomicU32 = AtomicU32::new(1);
 
-/// Logs only 1 in `n` routine `request` lines (2xx, 3xx, 404: `MSGHASH_LOG_SAMPLE`); every
-/// other 4xx and every 5xx is always logged, and the HTTP metrics always count every
-/// request. 1 (the default) logs every line; 0 is taken as 1. Process-wide.
+/// Logs only 1 in `n` routine `request` lines (2xx, 3xx, 404: `MSGHASH_LOG_SAMPLE`); client
+/// errors (every other 4xx) and server errors (5xx) are not sampled, and the HTTP metrics
+/// always count every request. 1 (the default) logs every line; 0 is taken as 1.
+/// Process-wide.
 pub fn set_log_sample(n: u32) {
     LOG_SAMPLE.store(n.max(1), Ordering::Relaxed);
 }
 
-/// The cap on routine `request` lines per second (see [`set_log_rate`]); `None`: no cap.
-static LOG_RATE: RwLock<Option<RateLimiter>> = RwLock::new(None);
-/// Routine `request` lines not logged because of that cap since the last one logged.
-static OVER_RATE: AtomicU64 = AtomicU64::new(0);
+/// The caps on `request` lines per second (see [`set_log_rate`]); `None`: no cap.
+static LOG_RATE: RwLock<Option<Caps>> = RwLock::new(None);
+/// Lines not logged because of a cap since the last one of their kind was logged: routine
+/// lines, client error lines.
+static OVER_RATE: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
 type RateLimiter = governor::DefaultDirectRateLimiter;
 
-/// Logs at most `per_second` routine `request` lines (2xx, 3xx, 404) per second, process-wide
-/// (`MSGHASH_LOG_RATE`), after [`set_log_sample`]'s sampling; 0: no cap. Past the cap a
-/// line is skipped and counted, and the next routine line logged says how many were
-/// skipped before it (`skipped`). Every other 4xx and every 5xx is always logged, and the
-/// HTTP metrics always count every request.
+/// One cap for the routine lines, one for the client errors' lines.
+struct Caps([RateLimiter; 2]);
+
+/// Logs at most `per_second` routine `request` lines (2xx, 3xx, 404) per second, after
+/// [`set_log_sample`]'s sampling, and at most `per_second` lines of client errors (every
+/// other 4xx), each process-wide (`MSGHASH_LOG_RATE`); 0: no cap. Past a cap a line is
+/// skipped and counted, and the next line of its kind logged says how many were skipped
+/// before it (`skipped`). So a client sending nothing but refused requests (429, 405, 415,
+/// ...) cannot make the log, and a stdout that drains slower than it, its amplifier. Every
+/// 5xx is always logged, and the HTTP metrics always count every request.
 pub fn set_log_rate(per_second: u32) {
-    let limiter = NonZeroU32::new(per_second)
-        .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
-    *LOG_RATE.write().unwrap_or_else(PoisonError::into_inner) = limiter;
-    OVER_RATE.store(0, Ordering::Relaxed);
+    let caps = NonZeroU32::new(per_second).map(|n| {
+        let cap = || governor::RateLimiter::direct(governor::Quota::per_second(n));
+        Caps([cap(), cap()])
+    });
+    *LOG_RATE.write().unwrap_or_else(PoisonError::into_inner) = caps;
+    for over in &OVER_RATE {
+        over.store(0, Ordering::Relaxed);
+    }
 }
 
 /// What to do with the `request` line of an answer with `status`.
@@ -102,7 +113,7 @@ pub fn set_log_rate(per_second: u32) {
 enum Line {
     /// Not logged (sampled out, or over the rate).
     Skip,
-    /// Logged; `skipped` routine lines before it were over the rate.
+    /// Logged; `skipped` lines of its kind before it were over the rate.
     Log { skipped: u64 },
 }
 
@@ -110,11 +121,12 @@ enum Line {
 /// health check or a scrape, logged at debug) is sampled but not capped: it would spend
 /// the cap, and count as skipped, while the default filter does not even show it.
 fn logged(status: u16, probe: bool) -> Line {
-    if !(status < 400 || status == 404) {
+    if status >= 500 {
         return Line::Log { skipped: 0 };
     }
+    let routine = status < 400 || status == 404;
     let n = LOG_SAMPLE.load(Ordering::Relaxed);
-    if n > 1 {
+    if routine && n > 1 {
         thread_local! {
             // Per thread, so the workers do not contend on one counter.
             static ROUTINE: Cell<u32> = const { Cell::new(0) };
@@ -131,14 +143,15 @@ fn logged(status: u16, probe: bool) -> Line {
     if probe {
         return Line::Log { skipped: 0 };
     }
-    let rate = LOG_RATE.read().unwrap_or_else(PoisonError::into_inner);
-    match rate.as_ref() {
+    let kind = usize::from(!routine);
+    let caps = LOG_RATE.read().unwrap_or_else(PoisonError::into_inner);
+    match caps.as_ref() {
         None => Line::Log { skipped: 0 },
-        Some(limiter) if limiter.check().is_ok() => Line::Log {
-            skipped: OVER_RATE.swap(0, Ordering::Relaxed),
+        Some(Caps(caps)) if caps[kind].check().is_ok() => Line::Log {
+            skipped: OVER_RATE[kind].swap(0, Ordering::Relaxed),
         },
         Some(_) => {
-            OVER_RATE.fetch_add(1, Ordering::Relaxed);
+            OVER_RATE[kind].fetch_add(1, Ordering::Relaxed);
             Line::Skip
         }
     }
@@ -810,9 +823,22 @@ mod tests {
         logged(status, false) != Line::Skip
     }
 
+    /// The `skipped` of the next line of `status` that its cap lets through, by `until`.
+    fn next_logged(status: u16, until: Instant) -> u64 {
+        loop {
+            match logged(status, false) {
+                Line::Log { skipped } => return skipped,
+                Line::Skip => {
+                    assert!(Instant::now() < until, "the cap never let a line through");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
     /// Sampling and the rate cap are process-wide: one test sets both, in turn.
     #[test]
-    fn sampling_and_the_rate_cap_keep_every_error_line_and_count_what_they_skip() {
+    fn sampling_and_the_rate_caps_keep_every_server_error_line_and_count_what_they_skip() {
         set_log_rate(0);
         set_log_sample(4);
         let routine = (0..40).filter(|_| is_logged(200)).count();
@@ -841,23 +867,37 @@ mod tests {
         assert_eq!(
             (over, errors),
             (0, 100),
-            "over the cap: routine lines skipped"
+            "over the cap: routine lines skipped, server errors all logged"
+        );
+        // A client's own errors have a cap of their own: a client that sends nothing but
+        // refused requests cannot make every one of them a line, nor take the routine
+        // lines' share.
+        let client_errors: Vec<Line> = (0..100).map(|_| logged(429, false)).collect();
+        assert_eq!(
+            client_errors[..2],
+            [Line::Log { skipped: 0 }, Line::Log { skipped: 0 }],
+            "the client errors' own burst"
+        );
+        assert!(
+            client_errors[2..].iter().all(|l| *l == Line::Skip),
+            "over their cap: client error lines skipped"
+        );
+        assert!(
+            [400, 405, 413, 415].iter().all(|&s| !is_logged(s)),
+            "every 4xx but 404 shares that cap"
         );
         // The next routine line logged says how many were skipped before it. A token
         // comes back every 500 ms; wait for it (bounded), not for a fixed time.
         let until = Instant::now() + Duration::from_secs(5);
-        let next = loop {
-            match logged(200, false) {
-                Line::Log { skipped } => break skipped,
-                Line::Skip => {
-                    assert!(Instant::now() < until, "the cap never let a line through");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
+        let next = next_logged(200, until);
         assert!(
             next >= 200,
             "the 200 skipped lines (and those while waiting) are counted: {next}"
+        );
+        let next_client_error = next_logged(400, until);
+        assert!(
+            next_client_error >= 102,
+            "the skipped client error lines are counted apart: {next_client_error}"
         );
         set_log_rate(0);
         assert!(
