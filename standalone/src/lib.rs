@@ -48,8 +48,9 @@ pub struct Cli {
     #[arg(long, global = true, env = "MSGHASH_BATCH_SIZE", default_value_t = 65_536,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch_size: u64,
-    /// Most appends waiting for the event log's writer; past it a POST is answered 503
-    /// with Retry-After at once (shed) instead of queueing.
+    /// Most appends waiting for the event log's writer (and at most 16 MiB of them; one
+    /// alone always goes); past it a POST is answered 503 with Retry-After at once (shed)
+    /// instead of queueing.
     #[arg(long, global = true, env = "MSGHASH_WRITE_QUEUE",
           default_value_t = msghash_common::adapters::embedded::DEFAULT_WRITE_QUEUE as u64,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

@@ -22,6 +22,9 @@ struct LogInner {
     bound: usize,
     /// Appends sent to the writer and not yet taken off the queue.
     queued: Arc<AtomicUsize>,
+    /// Their bytes (keys and values); past [`WRITE_QUEUE_BYTES`] an append is shed at once
+    /// unless nothing waits.
+    queued_bytes: Arc<AtomicUsize>,
     /// False from a failed append or commit until a probe of the writer works.
     writable: Arc<AtomicBool>,
     /// `None` only while dropping, so that the writer sees the channel close.
@@ -161,6 +164,7 @@ impl EmbeddedLog {
         let (requests, queue) = mpsc::channel();
         let transactions = Arc::new(AtomicU64::new(0));
         let queued = Arc::new(AtomicUsize::new(0));
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let writable = Arc::new(AtomicBool::new(true));
         #[cfg_attr(not(test), allow(unused_mut))]
         let mut writer = Writer {
@@ -174,6 +178,7 @@ impl EmbeddedLog {
             ends: ends_tx,
             transactions: transactions.clone(),
             queued: queued.clone(),
+            queued_bytes: queued_bytes.clone(),
             writable: writable.clone(),
             #[cfg(test)]
             gate: None,
@@ -193,6 +198,7 @@ impl EmbeddedLog {
                 partitions: count,
                 bound: write_queue.max(1),
                 queued,
+                queued_bytes,
                 writable,
                 requests: Some(requests),
                 writer: Some(writer),
@@ -239,9 +245,11 @@ impl EmbeddedLog {
 }
 
 impl LogInner {
-    /// Sends an append unless the log cannot take it now: it cannot write, or
-    /// [`bound`](LogInner::bound) appends are already waiting. Either way the caller is
-    /// turned away at once ([`LogError::Shed`]), so an overload never queues without end.
+    /// Sends an append unless the log cannot take it now: it cannot write,
+    /// [`bound`](LogInner::bound) appends are already waiting, or it would take the bytes
+    /// waiting past [`WRITE_QUEUE_BYTES`] (one append alone always goes). Either way the
+    /// caller is turned away at once ([`LogError::Shed`]), so an overload never queues
+    /// without end, in count or in memory.
     fn send_append(&self, request: Request) -> Result<(), LogError> {
         if !self.writable.load(Ordering::Acquire) {
             return Err(LogError::Shed(
@@ -256,7 +264,19 @@ impl LogInner {
                 self.bound
             )));
         }
+        let size = request.queued_bytes();
+        let before = self.queued_bytes.fetch_add(size, Ordering::AcqRel);
+        if before > 0 && before + size > WRITE_QUEUE_BYTES {
+            self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!(crate::metrics::names::WRITE_SHED_TOTAL).increment(1);
+            return Err(LogError::Shed(format!(
+                "embedded event log write queue is full ({} MiB of appends waiting)",
+                WRITE_QUEUE_BYTES >> 20
+            )));
+        }
         self.send(request).inspect_err(|_| {
+            self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
             self.queued.fetch_sub(1, Ordering::AcqRel);
         })
     }
@@ -683,6 +703,39 @@ mod tests {
         assert_eq!(offsets, vec![0, 1]);
         assert_eq!(log.append(0, &event(3)).await.expect("room again"), 2);
         assert!(log.ready().await.is_ok());
+    }
+
+    /// Large appends fill the queue by their bytes long before its count: past
+    /// [`WRITE_QUEUE_BYTES`] waiting, the next is shed, so large messages posted faster
+    /// than the disk takes them do not pile up in memory. One append larger than the bound
+    /// still goes through when nothing waits.
+    #[tokio::test]
+    async fn a_write_queue_full_of_bytes_sheds_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, open) = paused_log(dir.path(), 4096);
+        let quarter = MessageHashed::new("q".repeat(WRITE_QUEUE_BYTES / 4));
+        let queued: Vec<_> = (0..3)
+            .map(|_| {
+                let (log, event) = (log.clone(), quarter.clone());
+                tokio::spawn(async move { log.append(0, &event).await })
+            })
+            .collect();
+        while log.inner.queued.load(Ordering::Acquire) < 3 {
+            tokio::task::yield_now().await;
+        }
+        // The writer is paused: an answer now can only be the shed.
+        let fourth = tokio::time::timeout(Duration::from_secs(10), log.append(0, &quarter));
+        match fourth.await.expect("shed at once, not queued") {
+            Err(LogError::Shed(e)) => assert!(e.contains("MiB"), "{e}"),
+            other => panic!("expected a shed, got {other:?}"),
+        }
+        drop(open);
+        for append in queued {
+            append.await.expect("join").expect("appended");
+        }
+        let whole = MessageHashed::new("w".repeat(WRITE_QUEUE_BYTES + 1));
+        assert_eq!(log.append(0, &whole).await.expect("alone, it fits"), 3);
+        assert_eq!(log.append(0, &event(0)).await.expect("room again"), 4);
     }
 
     fn two_partitions() -> NonZeroU32 {

@@ -65,8 +65,9 @@
 //!
 //! # Overload and disk errors
 //!
-//! At most `write_queue` appends ([`DEFAULT_WRITE_QUEUE`] by default) wait for the writer;
-//! one more fails at once with [`LogError::Shed`] (counted in `msghash_write_shed_total`),
+//! At most `write_queue` appends ([`DEFAULT_WRITE_QUEUE`] by default), and at most
+//! [`WRITE_QUEUE_BYTES`] of them, wait for the writer; one more fails at once with
+//! [`LogError::Shed`] (counted in `msghash_write_shed_total`),
 //! so an overload is turned away instead of queueing without end. An append whose caller
 //! stopped waiting (its client went away, its deadline passed) before the writer took it
 //! off the queue is skipped; one whose caller goes while its group commits may still be
@@ -169,6 +170,10 @@ pub const MAX_READ_BYTES: usize = 32 * 1024 * 1024;
 /// Most appends waiting for the writer, by default: one full group behind the one being
 /// committed. Past the bound an append is shed at once ([`LogError::Shed`]).
 pub const DEFAULT_WRITE_QUEUE: usize = MAX_GROUP_REQUESTS;
+/// Most bytes of appends (keys and values) waiting for the writer: large messages posted
+/// faster than the disk takes them are shed here instead of piling up in memory. One
+/// append alone always goes, whatever its size (up to the body limit).
+pub const WRITE_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 
 /// redb's page cache of the event log. Its default is 1 GiB; the log is appended at its
 /// end and read once, in order, by the projector soon after, so a small cache holding the

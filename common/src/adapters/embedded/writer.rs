@@ -38,6 +38,16 @@ pub(super) enum Request {
 }
 
 impl Request {
+    /// What an append holds in memory while it waits: its key and value.
+    pub(super) fn queued_bytes(&self) -> usize {
+        match self {
+            Request::Append { key, value, .. } => key.len() + value.len(),
+            _ => 0,
+        }
+    }
+}
+
+impl Request {
     pub(super) fn size(&self) -> usize {
         match self {
             Request::Append { key, value, .. } => key.len() + value.len() + 12,
@@ -89,6 +99,8 @@ pub(super) struct Writer {
     pub(super) transactions: Arc<AtomicU64>,
     /// Appends sent and not yet taken off the queue (the log sheds past its bound).
     pub(super) queued: Arc<AtomicUsize>,
+    /// Their bytes (the log sheds past [`WRITE_QUEUE_BYTES`]).
+    pub(super) queued_bytes: Arc<AtomicUsize>,
     /// Whether the last write worked: false from a failed append or commit until a probe
     /// works.
     pub(super) writable: Arc<AtomicBool>,
@@ -254,6 +266,8 @@ impl Writer {
         match request {
             Request::Append { reply, .. } => {
                 self.queued.fetch_sub(1, Ordering::AcqRel);
+                self.queued_bytes
+                    .fetch_sub(request.queued_bytes(), Ordering::AcqRel);
                 !reply.is_closed()
             }
             _ => true,
