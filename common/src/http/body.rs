@@ -115,9 +115,19 @@ pub async fn read_json<T: DeserializeOwned>(
         .extensions
         .get::<BodyTimeout>()
         .map_or(BODY_TIMEOUT, |t| t.0);
-    let bytes = tokio::time::timeout(timeout, collect_bounded(body, limit))
-        .await
-        .map_err(|_| ApiError::BodyTimeout)??;
+    let mut seen = 0;
+    let collected = tokio::time::timeout(timeout, collect_bounded(body, limit, &mut seen)).await;
+    let bytes = match collected {
+        Ok(bytes) => bytes?,
+        // Still coming, but already over the limit: that is the answer, not the lateness.
+        Err(_) if seen > limit => {
+            return Err(ApiError::PayloadTooLarge {
+                limit,
+                drained: false,
+            })
+        }
+        Err(_) => return Err(ApiError::BodyTimeout),
+    };
     decode_json(&bytes, bad_body)
 }
 
@@ -137,15 +147,17 @@ pub fn decode_json<T: DeserializeOwned>(
     serde_json::from_slice(bytes).map_err(|_| ApiError::BadRequest(bad_body))
 }
 
-async fn collect_bounded(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+/// Reads `body` whole if it is at most `limit` bytes, else drains it (up to
+/// [`DRAIN_LIMIT`]) and refuses it; `seen` counts the bytes received so far, for a caller
+/// that stops waiting.
+async fn collect_bounded(body: Body, limit: usize, seen: &mut usize) -> Result<Vec<u8>, ApiError> {
     let mut body = body;
     let mut buf = Vec::new();
-    let mut seen = 0usize;
     loop {
         let frame = body.frame().await;
         match frame {
             None => break,
-            Some(Err(_)) if seen > limit => {
+            Some(Err(_)) if *seen > limit => {
                 return Err(ApiError::PayloadTooLarge {
                     limit,
                     drained: false,
@@ -156,10 +168,10 @@ async fn collect_bounded(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> 
                 let Ok(data) = frame.into_data() else {
                     continue;
                 };
-                seen = seen.saturating_add(data.len());
-                if seen <= limit {
+                *seen = seen.saturating_add(data.len());
+                if *seen <= limit {
                     buf.extend_from_slice(&data);
-                } else if seen > DRAIN_LIMIT {
+                } else if *seen > DRAIN_LIMIT {
                     return Err(ApiError::PayloadTooLarge {
                         limit,
                         drained: false,
@@ -168,7 +180,7 @@ async fn collect_bounded(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> 
             }
         }
     }
-    if seen > limit {
+    if *seen > limit {
         return Err(ApiError::PayloadTooLarge {
             limit,
             drained: true,
@@ -308,6 +320,30 @@ mod tests {
                 read(request(Some("application/json"), body.into()), 100).await,
                 "{body}"
             );
+        }
+    }
+
+    /// A body past the limit that is still coming when the body timeout ends is refused as
+    /// too large (what it is), not as late; a body under the limit gets the timeout.
+    #[tokio::test]
+    async fn a_body_already_over_the_limit_at_its_timeout_is_413_and_one_under_it_408() {
+        for (sent, expected) in [
+            (
+                2048,
+                ApiError::PayloadTooLarge {
+                    limit: 1024,
+                    drained: false,
+                },
+            ),
+            (512, ApiError::BodyTimeout),
+        ] {
+            use futures::StreamExt;
+            let first = futures::stream::iter([Ok::<_, std::io::Error>(vec![b' '; sent])]);
+            let trickle = Body::from_stream(first.chain(futures::stream::pending()));
+            let mut r = request(Some("application/json"), trickle);
+            r.extensions_mut()
+                .insert(BodyTimeout(Duration::from_millis(100)));
+            assert_eq!(read(r, 1024).await, Err(expected), "{sent} bytes sent");
         }
     }
 
