@@ -6,12 +6,41 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use futures::future::BoxFuture;
-use std::sync::Arc;
-use std::time::Duration;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-/// A readiness check: true when the service's dependencies answer.
-type ReadyCheck = Arc<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>;
+/// How long a readiness check answers the probes that come after it started: a flood of
+/// probes (`/health/ready` is public behind the edge) runs the dependency checks at most
+/// a few times a second, not once per probe, and a change is seen this much later at most.
+const CHECK_FRESH: Duration = Duration::from_millis(250);
+
+/// A readiness check shared by the probes of [`CHECK_FRESH`] since it started.
+type SharedCheck = Shared<BoxFuture<'static, bool>>;
+
+/// The readiness check: true when the service's dependencies answer. Concurrent and
+/// closely following probes share one run of it.
+#[derive(Clone)]
+pub(crate) struct ReadyCheck {
+    check: Arc<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>,
+    last: Arc<Mutex<Option<(Instant, SharedCheck)>>>,
+}
+
+impl ReadyCheck {
+    /// The run of the check that a probe now waits for: the last one if it started within
+    /// [`CHECK_FRESH`], finished or not, else a new one.
+    fn run(&self) -> SharedCheck {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*last {
+            Some((started, run)) if started.elapsed() < CHECK_FRESH => run.clone(),
+            _ => {
+                let run = (self.check)().shared();
+                *last = Some((Instant::now(), run.clone()));
+                run
+            }
+        }
+    }
+}
 
 /// `/health/live` (the process answers) and `/health/ready` (`ready()` says its
 /// dependencies answer; 503 otherwise).
@@ -20,7 +49,10 @@ where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send + 'static,
 {
-    let check: ReadyCheck = Arc::new(move || Box::pin(ready_check()));
+    let check = ReadyCheck {
+        check: Arc::new(move || Box::pin(ready_check())),
+        last: Arc::default(),
+    };
     Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
@@ -54,7 +86,7 @@ pub(crate) async fn live() -> Json<HealthBody> {
     ),
 )]
 pub(crate) async fn ready(State(check): State<ReadyCheck>) -> Response {
-    match tokio::time::timeout(Duration::from_secs(2), check()).await {
+    match tokio::time::timeout(Duration::from_secs(2), check.run()).await {
         Ok(true) => Json(HealthBody {
             status: "ready".into(),
         })
@@ -99,5 +131,56 @@ pub fn log_ready(
             }
             ready.is_ok()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use tower::ServiceExt;
+
+    /// A flood of probes (`/health/ready` is public behind the edge) runs the dependency
+    /// checks a few times, not once per probe, and a change of readiness is still seen.
+    #[tokio::test]
+    async fn concurrent_probes_share_one_check_and_a_change_is_seen_after_it() {
+        let checks = Arc::new(AtomicUsize::new(0));
+        let up = Arc::new(AtomicBool::new(true));
+        let router = health_routes({
+            let (checks, up) = (checks.clone(), up.clone());
+            move || {
+                let (checks, up) = (checks.clone(), up.clone());
+                async move {
+                    checks.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    up.load(Ordering::SeqCst)
+                }
+            }
+        });
+        let probe = |router: Router| async move {
+            let request = Request::get("/health/ready")
+                .body(Body::empty())
+                .expect("request");
+            router.oneshot(request).await.expect("answer").status()
+        };
+        let statuses = futures::future::join_all((0..100).map(|_| probe(router.clone()))).await;
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::OK),
+            "{statuses:?}"
+        );
+        let ran = checks.load(Ordering::SeqCst);
+        assert!(ran <= 2, "100 concurrent probes ran {ran} checks");
+
+        up.store(false, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while probe(router.clone()).await != StatusCode::SERVICE_UNAVAILABLE {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the change was never seen"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
