@@ -129,11 +129,12 @@ impl RateLimit {
         })
     }
 
-    /// Ok, or how long until `ip` may send again.
+    /// Ok, or how long until `ip` may send again. An IPv6 client is its /64: one host
+    /// usually holds a whole /64 and could otherwise take a new bucket with each address.
     pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
         use governor::clock::Clock;
         self.limiter
-            .check_key(&ip)
+            .check_key(&client_key(ip))
             .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()))
     }
 
@@ -141,6 +142,18 @@ impl RateLimit {
     pub fn forget_idle(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+    }
+}
+
+/// The rate limit's key of a client address: an IPv4 address (IPv4-mapped IPv6 ones too)
+/// as it is, an IPv6 one as its /64 network.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
     }
 }
 
@@ -329,5 +342,22 @@ mod tests {
         let wait = slow.check(a).expect_err("over the burst");
         assert!(wait > Duration::from_secs(50), "{wait:?}");
         assert!(RateLimit::one_every(Duration::ZERO, NonZeroU32::MIN).is_none());
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64_and_an_ipv4_mapped_one_its_ipv4_address() {
+        let limit = RateLimit::one_every(Duration::from_secs(60), NonZeroU32::MIN).expect("quota");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert!(limit.check(ip("2001:db8:1:2::1")).is_ok());
+        assert!(
+            limit.check(ip("2001:db8:1:2:ffff::7")).is_err(),
+            "another address of the same /64"
+        );
+        assert!(limit.check(ip("2001:db8:1:3::1")).is_ok(), "another /64");
+        assert!(limit.check(ip("192.0.2.9")).is_ok());
+        assert!(
+            limit.check(ip("::ffff:192.0.2.9")).is_err(),
+            "the same IPv4 client"
+        );
     }
 }
