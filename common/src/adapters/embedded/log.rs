@@ -22,8 +22,8 @@ struct LogInner {
     bound: usize,
     /// Appends sent to the writer and not yet taken off the queue.
     queued: Arc<AtomicUsize>,
-    /// Their bytes (keys and values); past [`WRITE_QUEUE_BYTES`] an append is shed at once
-    /// unless nothing waits.
+    /// Their bytes ([`Request::size`]: keys, values and their fields); past
+    /// [`WRITE_QUEUE_BYTES`] an append is shed at once unless nothing waits.
     queued_bytes: Arc<AtomicUsize>,
     /// False from a failed append or commit until a probe of the writer works.
     writable: Arc<AtomicBool>,
@@ -264,7 +264,7 @@ impl LogInner {
                 self.bound
             )));
         }
-        let size = request.queued_bytes();
+        let size = request.size();
         let before = self.queued_bytes.fetch_add(size, Ordering::AcqRel);
         if before > 0 && before + size > WRITE_QUEUE_BYTES {
             self.queued_bytes.fetch_sub(size, Ordering::AcqRel);

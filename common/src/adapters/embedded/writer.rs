@@ -38,16 +38,7 @@ pub(super) enum Request {
 }
 
 impl Request {
-    /// What an append holds in memory while it waits: its key and value.
-    pub(super) fn queued_bytes(&self) -> usize {
-        match self {
-            Request::Append { key, value, .. } => key.len() + value.len(),
-            _ => 0,
-        }
-    }
-}
-
-impl Request {
+    /// What the request holds in memory while it waits, about: the bytes it will write.
     pub(super) fn size(&self) -> usize {
         match self {
             Request::Append { key, value, .. } => key.len() + value.len() + 12,
@@ -99,7 +90,7 @@ pub(super) struct Writer {
     pub(super) transactions: Arc<AtomicU64>,
     /// Appends sent and not yet taken off the queue (the log sheds past its bound).
     pub(super) queued: Arc<AtomicUsize>,
-    /// Their bytes (the log sheds past [`WRITE_QUEUE_BYTES`]).
+    /// Their [`Request::size`]s (the log sheds past [`WRITE_QUEUE_BYTES`]).
     pub(super) queued_bytes: Arc<AtomicUsize>,
     /// Whether the last write worked: false from a failed append or commit until a probe
     /// works.
@@ -267,7 +258,7 @@ impl Writer {
             Request::Append { reply, .. } => {
                 self.queued.fetch_sub(1, Ordering::AcqRel);
                 self.queued_bytes
-                    .fetch_sub(request.queued_bytes(), Ordering::AcqRel);
+                    .fetch_sub(request.size(), Ordering::AcqRel);
                 !reply.is_closed()
             }
             _ => true,
