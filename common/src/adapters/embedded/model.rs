@@ -6,14 +6,16 @@
 //! # Durability
 //!
 //! The read model is a projection of the log, whose appends are each durable before their
-//! 201. So `apply` commits small batches with [`Durability::None`] (visible to readers at
-//! once; redb writes the pages later) and makes its commits durable only when
-//! [`DURABLE_EVERY`] has passed since the last durable one, when [`DURABLE_BYTES`] of rows
-//! are pending, for a batch of [`DURABLE_BATCH_ROWS`] rows or more, and at
-//! [`ReadModel::sync`], which the projector calls whenever a poll finds nothing for
-//! 200 ms and when it (or a replay) stops. The leaves that many small batches of random
-//! digests dirty are then written and fsynced once instead of once per batch
-//! (docs/performance.md, item 18).
+//! 201. So `apply` keeps small batches in memory (their rows in a sorted map that reads
+//! and listings look at before the file, their offsets raised at once: visible to readers
+//! and the barrier as soon as `apply` returns) and writes them to the file in one durable
+//! commit only when [`DURABLE_EVERY`] has passed since the last one, when
+//! [`DURABLE_BYTES`] of rows are pending, for a batch of [`DURABLE_BATCH_ROWS`] rows or
+//! more, at [`ReadModel::sync`] (which the projector calls whenever a poll finds nothing
+//! for 200 ms and when it, or a replay, stops) and when the last clone of the model is
+//! dropped. A second of a busy projector's rows then costs one commit, written in key
+//! order, instead of a copy-on-write commit per batch (docs/performance.md, items 18 and
+//! 22).
 //!
 //! - A crash (kill -9, power) takes back what was applied since the last durable commit
 //!   (at most a second of a busy projector's work); rows and applied offsets go back
@@ -21,14 +23,13 @@
 //!   compares each partition's first record with the model's applied offset and rewinds
 //!   the group to it (the same guard that catches up a lost Cassandra keyspace, whose
 //!   commit log is itself synced only every 10 s by default).
-//! - Closing the file (a clean shutdown) makes the pending commits durable.
-//! - A failure that closes the handle (an I/O error, in `apply` or in a read) may lose
-//!   them in a live process, since redb does not write them at a close after an I/O
-//!   error. So the model keeps the rows and offsets of its commits since the last durable
-//!   one in memory, and the reopen writes them again, durably, before anyone reads from
-//!   the new handle: a reader never sees an applied offset whose row is missing.
+//! - A failed durable commit (an I/O error) closes the handle and leaves the rows and
+//!   offsets in memory; the reopen writes them, durably, before anyone reads from the new
+//!   handle, and while the file cannot be opened nothing is answered from memory: a
+//!   reader never sees an applied offset whose row is missing.
 
 use super::*;
+use std::collections::BTreeMap;
 
 /// At most this long between two durable commits of `apply` (see the module doc).
 pub const DURABLE_EVERY: Duration = Duration::from_secs(1);
@@ -58,34 +59,78 @@ pub struct EmbeddedModel {
     /// retry commits again, and commits that a failure took back are written again by the
     /// reopen before a reader gets the new handle.
     applied: Arc<std::sync::RwLock<HashMap<u32, Offset>>>,
-    /// What `apply` committed since its last durable commit.
+    /// What `apply` took since its last durable commit: the offsets, and when to commit.
     pending: Arc<std::sync::Mutex<Pending>>,
+    /// The rows of `pending`, not in the file yet.
+    unwritten: Arc<Unwritten>,
+    /// Writes what is pending when the last clone is dropped.
+    _flush: Arc<FlushOnDrop>,
 }
 
-/// The rows and offsets committed with [`Durability::None`] since the last durable commit:
-/// written again, durably, when the handle is opened again after a failure.
+/// Held by every clone of a model: when the last one goes (a clean shutdown, a generation
+/// dropped), what is pending is written durably if the file is open, as a close of the
+/// file made the commits of [`Durability::None`] durable before.
+struct FlushOnDrop {
+    store: Arc<Reopenable>,
+    pending: Arc<std::sync::Mutex<Pending>>,
+    unwritten: Arc<Unwritten>,
+}
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        let Some(db) = self.store.open_now() else {
+            return;
+        };
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = write_durably(&db, &mut pending, &self.unwritten, None) {
+            tracing::warn!(
+                file = %self.store.file().display(),
+                error = %e,
+                "could not write the read model's last rows; the projector applies them again"
+            );
+        }
+    }
+}
+
+/// What `apply` took since the last durable commit, besides the rows (in [`Unwritten`]):
+/// the applied offsets to commit with them, and what decides when to.
 struct Pending {
     since: std::time::Instant,
     /// [`DURABLE_EVERY`], shorter or longer in tests.
     every: Duration,
-    rows: Vec<(Digest, String)>,
+    /// The rows' bytes (messages, plus [`ROW_OVERHEAD`] each).
     bytes: usize,
     applied: Vec<(u32, Offset)>,
 }
+
+/// The rows applied since the last durable commit, not yet in the file: readers look here
+/// before the file. Only `apply`, `sync` and the reopen write it, each holding the
+/// [`Pending`] lock first; they clear it only after the commit that wrote its rows.
+type Unwritten = std::sync::RwLock<BTreeMap<Digest, String>>;
 
 impl Pending {
     fn new(every: Duration) -> Pending {
         Pending {
             since: std::time::Instant::now(),
             every,
-            rows: Vec::new(),
             bytes: 0,
             applied: Vec::new(),
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.rows.is_empty() && self.applied.is_empty()
+        self.bytes == 0 && self.applied.is_empty()
+    }
+
+    /// Whether a batch of `rows` rows and `bytes` bytes is committed durably, with
+    /// everything pending (see the module doc).
+    fn durable_with(&self, rows: usize, bytes: usize) -> bool {
+        rows >= DURABLE_BATCH_ROWS
+            || self.since.elapsed() >= self.every
+            || self.bytes + bytes >= DURABLE_BYTES
     }
 
     /// After a durable commit: nothing pending.
@@ -95,9 +140,9 @@ impl Pending {
 }
 
 /// Writes `rows` and raises the applied offsets to `applied` in `txn`: both or neither.
-fn write_rows(
+fn write_rows<'a>(
     txn: &WriteTransaction,
-    rows: &[(Digest, String)],
+    rows: impl IntoIterator<Item = (&'a Digest, &'a String)>,
     applied: &[(u32, Offset)],
 ) -> Result<(), redb::Error> {
     let mut messages = txn.open_table(MESSAGES)?;
@@ -115,15 +160,41 @@ fn write_rows(
     Ok(())
 }
 
-/// Writes `pending` again on `db`, a handle just opened again that may lack it, in one
-/// durable transaction.
-fn write_again(db: &Database, pending: &mut Pending) -> Result<(), redb::Error> {
-    if pending.is_empty() {
+/// Writes the unwritten rows and the pending offsets, with `batch` after them, to `db` in
+/// one durable transaction, then clears them: a durable `apply`, a `sync`, the reopen
+/// after a failure and the last drop. The rows stay readable in `unwritten` until the
+/// commit has returned, and are in the file from then on.
+fn write_durably(
+    db: &Database,
+    pending: &mut Pending,
+    unwritten: &Unwritten,
+    batch: Option<&ProjectionBatch>,
+) -> Result<(), redb::Error> {
+    if pending.is_empty() && batch.is_none_or(ProjectionBatch::is_empty) {
         return Ok(());
     }
     let txn = begin_durable(db)?;
-    write_rows(&txn, &pending.rows, &pending.applied)?;
+    {
+        let rows = unwritten
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        write_rows(&txn, rows.iter(), &pending.applied)?;
+    }
+    if let Some(batch) = batch {
+        write_rows(
+            &txn,
+            batch.messages.iter().map(|(d, m)| (d, m)),
+            &batch.applied,
+        )?;
+    }
     txn.commit()?;
+    // Freed after the lock is let go: readers wait only for the swap.
+    let written = std::mem::take(
+        &mut *unwritten
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    drop(written);
     pending.clear();
     Ok(())
 }
@@ -166,21 +237,29 @@ impl EmbeddedModel {
         txn.commit().map_err(|e| storage(e.into()))?;
         let applied = stored_applied(&db).map_err(storage)?;
         let pending = Arc::new(std::sync::Mutex::new(Pending::new(DURABLE_EVERY)));
-        let kept = pending.clone();
-        // Runs on a handle opened again after a failure, before anyone else uses it.
+        let unwritten = Arc::new(Unwritten::default());
+        let (kept, rows) = (pending.clone(), unwritten.clone());
+        // Runs on a handle opened again after a failure, before anyone else uses it: the
+        // rows and offsets a failed commit left unwritten (or took back) go in first.
         let rewrite = move |db: &Database| {
             let mut kept = kept
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            write_again(db, &mut kept)
+            write_durably(db, &mut kept, &rows, None)
         };
+        let store =
+            Arc::new(Reopenable::new(file, MODEL_CACHE_BYTES, db).on_reopen(Box::new(rewrite)));
         Ok(EmbeddedModel {
-            store: Arc::new(
-                Reopenable::new(file, MODEL_CACHE_BYTES, db).on_reopen(Box::new(rewrite)),
-            ),
+            _flush: Arc::new(FlushOnDrop {
+                store: store.clone(),
+                pending: pending.clone(),
+                unwritten: unwritten.clone(),
+            }),
+            store,
             generation,
             applied: Arc::new(std::sync::RwLock::new(applied)),
             pending,
+            unwritten,
         })
     }
 
@@ -230,6 +309,29 @@ impl EmbeddedModel {
         }
     }
 
+    /// Takes `batch` into memory: its rows into `unwritten`, its offsets into `pending`.
+    fn keep(&self, pending: &mut Pending, batch: &ProjectionBatch, bytes: usize) {
+        let mut rows = self
+            .unwritten
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (digest, message) in &batch.messages {
+            rows.insert(*digest, message.clone());
+        }
+        drop(rows);
+        pending.bytes += bytes;
+        pending.applied.extend_from_slice(&batch.applied);
+    }
+
+    /// The message of `digest` if it was applied and is not in the file yet.
+    fn unwritten_row(&self, digest: &Digest) -> Option<String> {
+        self.unwritten
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(digest)
+            .cloned()
+    }
+
     /// Raises the remembered applied offsets to those of a batch just committed.
     fn remember_applied(&self, applied: &[(u32, Offset)]) {
         let mut known = self
@@ -261,46 +363,45 @@ impl ReadModel for EmbeddedModel {
         if batch.is_empty() {
             return Ok(());
         }
-        let applied = batch.applied.clone();
-        let mut batch = batch.clone();
+        let bytes: usize = batch
+            .messages
+            .iter()
+            .map(|(_, m)| m.len() + ROW_OVERHEAD)
+            .sum();
+        // Most batches only go to memory: on this thread, unless the file must be opened
+        // again or a durable commit holds the lock (then on the blocking pool, below).
+        if self.store.open_now().is_some() {
+            if let Ok(mut pending) = self.pending.try_lock() {
+                if !pending.durable_with(batch.messages.len(), bytes) {
+                    self.keep(&mut pending, batch, bytes);
+                    drop(pending);
+                    self.remember_applied(&batch.applied);
+                    return Ok(());
+                }
+            }
+        }
+        let mut owned = batch.clone();
         // In key order, each insert descends next to the previous one: the pages it
         // reads and dirties are the ones just used (docs/performance.md).
-        batch
+        owned
             .messages
             .sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        let pending = self.pending.clone();
+        let model = self.clone();
         self.blocking(move |db| {
-            let mut pending = pending
+            let mut pending = model
+                .pending
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let bytes: usize = batch
-                .messages
-                .iter()
-                .map(|(_, m)| m.len() + ROW_OVERHEAD)
-                .sum();
-            let durable = batch.messages.len() >= DURABLE_BATCH_ROWS
-                || pending.since.elapsed() >= pending.every
-                || pending.bytes + bytes >= DURABLE_BYTES;
-            let mut txn = db.begin_write().map_err(model_unavailable)?;
-            let durability = if durable {
-                Durability::Immediate
+            if pending.durable_with(owned.messages.len(), bytes) {
+                write_durably(db, &mut pending, &model.unwritten, Some(&owned))
+                    .map_err(model_unavailable)
             } else {
-                Durability::None
-            };
-            txn.set_durability(durability).map_err(model_unavailable)?;
-            write_rows(&txn, &batch.messages, &batch.applied).map_err(model_unavailable)?;
-            txn.commit().map_err(model_unavailable)?;
-            if durable {
-                pending.clear();
-            } else {
-                pending.bytes += bytes;
-                pending.applied.extend_from_slice(&batch.applied);
-                pending.rows.append(&mut batch.messages);
+                model.keep(&mut pending, &owned, bytes);
+                Ok(())
             }
-            Ok(())
         })
         .await?;
-        self.remember_applied(&applied);
+        self.remember_applied(&batch.applied);
         Ok(())
     }
 
@@ -316,31 +417,23 @@ impl ReadModel for EmbeddedModel {
         if nothing_pending {
             return Ok(());
         }
-        // Closed by a failure: the reopen writes what is pending again, durably (the
+        // Closed by a failure: the reopen writes what is pending, durably (the
         // `on_reopen` hook); reopening from here would walk the file at every idle poll
         // while the disk still fails.
         let Some(db) = self.store.open_now() else {
             return Ok(());
         };
-        let store = self.store.clone();
+        let model = self.clone();
         tokio::task::spawn_blocking(move || {
-            let mut pending = pending
+            let mut pending = model
+                .pending
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if pending.is_empty() {
-                return Ok(());
-            }
-            // On this handle the rows are there: an empty durable commit makes every
-            // commit before it durable.
-            let synced = begin_durable(&db).and_then(|txn| Ok(txn.commit()?));
-            match synced {
-                Ok(()) => {
-                    pending.clear();
-                    Ok(())
-                }
+            match write_durably(&db, &mut pending, &model.unwritten, None) {
+                Ok(()) => Ok(()),
                 Err(e) => {
                     drop(pending);
-                    store.discard(&db);
+                    model.store.discard(&db);
                     Err(model_unavailable(e))
                 }
             }
@@ -350,8 +443,21 @@ impl ReadModel for EmbeddedModel {
     }
 
     async fn get(&self, digest: &Digest) -> Result<Option<String>, ModelError> {
+        // Only while the file is open: a model whose file cannot be opened again answers
+        // nothing, not a few rows from memory.
+        if self.store.open_now().is_some() {
+            if let Some(message) = self.unwritten_row(digest) {
+                return Ok(Some(message));
+            }
+        }
         let digest = *digest;
+        let model = self.clone();
         self.point_read(move |db| {
+            // Written (and cleared here) since the look above: now in the file. Or put
+            // here by a reopen's failed write: still here.
+            if let Some(message) = model.unwritten_row(&digest) {
+                return Ok(Some(message));
+            }
             let txn = db.begin_read().map_err(model_unavailable)?;
             let messages = txn.open_table(MESSAGES).map_err(model_unavailable)?;
             let message = messages
@@ -387,7 +493,21 @@ impl ReadModel for EmbeddedModel {
             return Ok(Vec::new());
         }
         let after = after.copied();
+        let model = self.clone();
         self.blocking(move |db| {
+            // The rows not in the file yet, looked at first: one written meanwhile is in
+            // the file by the time the file is read (cleared only after its commit).
+            let unwritten: Vec<Digest> = {
+                let rows = model
+                    .unwritten
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+                rows.range((start, Bound::Unbounded))
+                    .map(|(digest, _)| *digest)
+                    .take(limit)
+                    .collect()
+            };
             let txn = db.begin_read().map_err(model_unavailable)?;
             let messages = txn.open_table(MESSAGES).map_err(model_unavailable)?;
             let start = after
@@ -404,6 +524,12 @@ impl ReadModel for EmbeddedModel {
                 let digest = Digest::from_bytes(key.value())
                     .ok_or_else(|| ModelError::Corrupt("stored digest is not 32 bytes".into()))?;
                 digests.push(digest);
+            }
+            if !unwritten.is_empty() {
+                digests.extend(unwritten);
+                digests.sort_unstable();
+                digests.dedup();
+                digests.truncate(limit);
             }
             Ok(digests)
         })
@@ -504,6 +630,67 @@ mod tests {
         model.sync().await.expect("sync");
         let (_image, crashed) = crash_image(&model);
         holds(&crashed, &["three"], Some(4)).await;
+    }
+
+    /// Rows applied since the last durable commit are in memory only (a kill -9 leaves the
+    /// file without them), yet reads, listings and the barrier see them at once, merged
+    /// with those of the file; a sync writes them, and they read the same from there.
+    #[tokio::test]
+    async fn rows_in_memory_are_read_and_listed_with_those_in_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = open_untimed(dir.path());
+        let old = ["a", "b", "c", "d"];
+        let new = ["e", "f", "g", "h"];
+        model.apply(&batch(&old, (0, 0))).await.expect("apply");
+        model.sync().await.expect("sync");
+        model.apply(&batch(&new, (0, 1))).await.expect("apply");
+
+        let (_image, crashed) = crash_image(&model);
+        holds(&crashed, &old, Some(0)).await;
+        for message in new {
+            let found = crashed.get(&Digest::of(message)).await.expect("get");
+            assert_eq!(found, None, "{message} reached the file before a sync");
+        }
+
+        let mut all: Vec<Digest> = old.iter().chain(&new).map(|m| Digest::of(m)).collect();
+        all.sort_unstable();
+        for synced in [false, true] {
+            if synced {
+                model.sync().await.expect("sync");
+                let (_image, crashed) = crash_image(&model);
+                holds(&crashed, &[old, new].concat(), Some(1)).await;
+            }
+            holds(&model, &[old, new].concat(), Some(1)).await;
+            assert_eq!(model.list(None, 100).await.expect("list"), all);
+            // Pages of 3 (the file's and memory's rows interleave): each row once, in order.
+            let mut paged = Vec::new();
+            loop {
+                let page = model.list(paged.last(), 3).await.expect("list");
+                if page.is_empty() {
+                    break;
+                }
+                assert!(page.len() <= 3, "a page of {} rows", page.len());
+                paged.extend(page);
+            }
+            assert_eq!(paged, all, "paged listing, synced: {synced}");
+        }
+    }
+
+    /// A clean close (the last clone of the model dropped) writes what is in memory.
+    #[tokio::test]
+    async fn the_last_clone_dropped_writes_the_rows_in_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = open_untimed(dir.path());
+        model
+            .apply(&batch(&["closed"], (0, 5)))
+            .await
+            .expect("apply");
+        let clone = model.clone();
+        drop(model);
+        holds(&clone, &["closed"], Some(5)).await;
+        drop(clone);
+        let reopened = EmbeddedModel::open(dir.path()).expect("open again");
+        holds(&reopened, &["closed"], Some(5)).await;
     }
 
     #[tokio::test]
