@@ -155,7 +155,8 @@ fn dead_letter_backoff() -> ExponentialBuilder {
 /// The retry policy of the projection's writes: quick at first, then every 2 s, forever.
 /// At the end of a projection's turn (a stop, a switch of generation), `model` keeps
 /// nothing deferred (`ReadModel::sync`); bounded, so a stuck disk cannot hold up a stop
-/// (closing the file makes the deferred commits durable too, unless the disk failed).
+/// (the embedded model's last handle, when dropped, also writes what it kept in memory,
+/// unless a failure closed its file).
 pub(crate) async fn sync_at_stop(model: &dyn ReadModel, generation: Generation) {
     match tokio::time::timeout(SYNC_AT_STOP, model.sync()).await {
         Ok(Ok(())) => {}

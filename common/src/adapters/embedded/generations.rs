@@ -181,9 +181,14 @@ impl ModelGenerations for EmbeddedGenerations {
                     "generation {generation} is active; it cannot be dropped"
                 )));
             }
-            if let Ok(mut opened) = this.opened.lock() {
-                opened.remove(&generation);
-            }
+            // Dropped after the lock is let go and the file is gone: the last handle's drop
+            // writes the rows it kept in memory (to the unlinked file), which must not hold
+            // up `open` of another generation.
+            let _removed = this
+                .opened
+                .lock()
+                .ok()
+                .and_then(|mut opened| opened.remove(&generation));
             // A handle still open elsewhere keeps reading the unlinked file until it closes.
             let file = this.dir.join(model_file(generation));
             match std::fs::remove_file(&file) {

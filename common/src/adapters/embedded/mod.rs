@@ -34,9 +34,9 @@
 //! - `end_offset` and subscribers only see committed records, so nothing read can vanish;
 //! - `Subscription::commit` returns after its commit, so a group position never points
 //!   past records that a crash could take back.
-//! - The read model is the exception: `ReadModel::apply` writes rows and offsets in one
-//!   transaction (both or neither survive), but makes its commits durable only about once
-//!   a second ([`model`]'s doc says how). A crash takes both back together and the
+//! - The read model is the exception: `ReadModel::apply` keeps small batches in memory
+//!   and writes rows and offsets to the file together, in one durable transaction, about
+//!   once a second ([`model`]'s doc says how). A crash takes both back together and the
 //!   projector applies those records again; nothing acknowledged is lost, since the log
 //!   holds them.
 //!
@@ -341,9 +341,8 @@ fn check_layout(meta: &mut redb::Table<'_, &str, u64>, file: &Path) -> Result<()
 ///
 /// After a write fails with an I/O error (disk full, EIO), redb refuses every later
 /// operation on that handle (`PreviousIo`) until it is closed; the file itself is intact at
-/// its last durable transaction (the failed one is aborted; so may be the ones committed
-/// with [`Durability::None`] since, which the read model writes again: `on_reopen`). So
-/// the one who saw the
+/// its last durable transaction (the failed one is aborted, and the read model writes the
+/// rows it still holds in memory at the reopen: `on_reopen`). So the one who saw the
 /// failure [`discard`](Reopenable::discard)s the handle, and the next
 /// [`get`](Reopenable::get) opens the file again, which recovers it. Opening fails (and is
 /// tried again on the next `get`) while an old handle is still held by an operation in
@@ -370,8 +369,8 @@ impl Reopenable {
 
     /// `hook` runs on each handle opened again, while the handle's lock is held, before
     /// anyone gets it; if it fails, the handle is closed and the open fails (and is tried
-    /// again on the next `get`). The read model writes again what a failure may have taken
-    /// back with it.
+    /// again on the next `get`). The read model writes the rows it holds in memory, which a
+    /// failed commit left unwritten.
     pub(super) fn on_reopen(mut self, hook: Box<ReopenHook>) -> Reopenable {
         self.on_reopen = Some(hook);
         self

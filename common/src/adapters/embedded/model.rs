@@ -37,8 +37,9 @@ pub const DURABLE_EVERY: Duration = Duration::from_secs(1);
 /// two durable commits: what the model keeps in memory to write again after a failure is
 /// bounded.
 pub const DURABLE_BYTES: usize = 4 * 1024 * 1024;
-/// What a kept row costs in memory besides its message (digest, `String`, allocation).
-const ROW_OVERHEAD: usize = 80;
+/// What a kept row costs in memory besides its message: the digest and the `String` in a
+/// B-tree map's node, and the message's allocation.
+const ROW_OVERHEAD: usize = 112;
 /// A batch of at least this many rows commits durably: it dirties most leaves anyway and
 /// its fsync is shared by all its rows (a replay's or a catching-up projector's batches;
 /// live POSTs come in batches of tens to hundreds). Measured: non-durable commits of
@@ -50,14 +51,14 @@ pub const DURABLE_BATCH_ROWS: usize = 4096;
 pub struct EmbeddedModel {
     store: Arc<Reopenable>,
     generation: Generation,
-    /// The applied offsets as of the last commit that returned, per partition: the
+    /// The applied offsets as of the last batch `apply` took, per partition: the
     /// read-your-writes barrier asks for them on every miss, so they are answered from
     /// memory while the file is open (after a failure closed it, from the file, which
-    /// opens it again or fails). Read from the file at open, raised after each successful
-    /// commit (never lowered), so they are never ahead of what readers see: a commit that
-    /// failed after reaching the disk only leaves them behind it until the projector's
-    /// retry commits again, and commits that a failure took back are written again by the
-    /// reopen before a reader gets the new handle.
+    /// opens it again or fails). Read from the file at open, raised once a batch's rows
+    /// are readable, in memory or in the file (never lowered), so they are never ahead of
+    /// what readers see: a durable commit that failed leaves them behind until the
+    /// projector's retry goes through, and rows kept in memory are written by the reopen
+    /// before a reader gets the new handle.
     applied: Arc<std::sync::RwLock<HashMap<u32, Offset>>>,
     /// What `apply` took since its last durable commit: the offsets, and when to commit.
     pending: Arc<std::sync::Mutex<Pending>>,
@@ -68,8 +69,9 @@ pub struct EmbeddedModel {
 }
 
 /// Held by every clone of a model: when the last one goes (a clean shutdown, a generation
-/// dropped), what is pending is written durably if the file is open, as a close of the
-/// file made the commits of [`Durability::None`] durable before.
+/// dropped), what is pending is written durably if the file is open. On the thread that
+/// drops it: the projector syncs when it stops, so at shutdown there is mostly nothing
+/// left to write; `drop_generation` drops its handle on the blocking pool.
 struct FlushOnDrop {
     store: Arc<Reopenable>,
     pending: Arc<std::sync::Mutex<Pending>>,
@@ -78,13 +80,21 @@ struct FlushOnDrop {
 
 impl Drop for FlushOnDrop {
     fn drop(&mut self) {
-        let Some(db) = self.store.open_now() else {
-            return;
-        };
         let mut pending = self
             .pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(db) = self.store.open_now() else {
+            if !pending.is_empty() {
+                tracing::warn!(
+                    file = %self.store.file().display(),
+                    bytes = pending.bytes,
+                    "the read model's file is closed after a failure: its last rows are not \
+                     written; the projector applies them again"
+                );
+            }
+            return;
+        };
         if let Err(e) = write_durably(&db, &mut pending, &self.unwritten, None) {
             tracing::warn!(
                 file = %self.store.file().display(),
@@ -107,9 +117,19 @@ struct Pending {
 }
 
 /// The rows applied since the last durable commit, not yet in the file: readers look here
-/// before the file. Only `apply`, `sync` and the reopen write it, each holding the
-/// [`Pending`] lock first; they clear it only after the commit that wrote its rows.
+/// before the file. Only `apply`, `sync`, the reopen and the last drop write it, each
+/// holding the [`Pending`] lock first; they clear it only after the commit that wrote its
+/// rows.
 type Unwritten = std::sync::RwLock<BTreeMap<Digest, String>>;
+
+/// The message of `digest` if it was applied and is not in the file yet.
+fn unwritten_row(unwritten: &Unwritten, digest: &Digest) -> Option<String> {
+    unwritten
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(digest)
+        .cloned()
+}
 
 impl Pending {
     fn new(every: Duration) -> Pending {
@@ -311,25 +331,16 @@ impl EmbeddedModel {
 
     /// Takes `batch` into memory: its rows into `unwritten`, its offsets into `pending`.
     fn keep(&self, pending: &mut Pending, batch: &ProjectionBatch, bytes: usize) {
+        // Copied before the lock: readers wait only for the inserts.
+        let copied = batch.messages.clone();
         let mut rows = self
             .unwritten
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (digest, message) in &batch.messages {
-            rows.insert(*digest, message.clone());
-        }
+        rows.extend(copied);
         drop(rows);
         pending.bytes += bytes;
         pending.applied.extend_from_slice(&batch.applied);
-    }
-
-    /// The message of `digest` if it was applied and is not in the file yet.
-    fn unwritten_row(&self, digest: &Digest) -> Option<String> {
-        self.unwritten
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(digest)
-            .cloned()
     }
 
     /// Raises the remembered applied offsets to those of a batch just committed.
@@ -443,19 +454,14 @@ impl ReadModel for EmbeddedModel {
     }
 
     async fn get(&self, digest: &Digest) -> Result<Option<String>, ModelError> {
-        // Only while the file is open: a model whose file cannot be opened again answers
-        // nothing, not a few rows from memory.
-        if self.store.open_now().is_some() {
-            if let Some(message) = self.unwritten_row(digest) {
-                return Ok(Some(message));
-            }
-        }
         let digest = *digest;
-        let model = self.clone();
+        let unwritten = self.unwritten.clone();
+        // Memory first, then the file: a row leaves memory only after the commit that
+        // wrote it returned. Only with the file open (`point_read` opens it again first if
+        // need be, which writes the rows in memory): a model whose file cannot be opened
+        // again answers nothing, not a few rows from memory.
         self.point_read(move |db| {
-            // Written (and cleared here) since the look above: now in the file. Or put
-            // here by a reopen's failed write: still here.
-            if let Some(message) = model.unwritten_row(&digest) {
+            if let Some(message) = unwritten_row(&unwritten, &digest) {
                 return Ok(Some(message));
             }
             let txn = db.begin_read().map_err(model_unavailable)?;
@@ -493,13 +499,12 @@ impl ReadModel for EmbeddedModel {
             return Ok(Vec::new());
         }
         let after = after.copied();
-        let model = self.clone();
+        let unwritten = self.unwritten.clone();
         self.blocking(move |db| {
             // The rows not in the file yet, looked at first: one written meanwhile is in
             // the file by the time the file is read (cleared only after its commit).
             let unwritten: Vec<Digest> = {
-                let rows = model
-                    .unwritten
+                let rows = unwritten
                     .read()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let start = after.map_or(Bound::Unbounded, Bound::Excluded);
@@ -643,7 +648,11 @@ mod tests {
         let new = ["e", "f", "g", "h"];
         model.apply(&batch(&old, (0, 0))).await.expect("apply");
         model.sync().await.expect("sync");
-        model.apply(&batch(&new, (0, 1))).await.expect("apply");
+        // "a" again, as after a re-applied record: in memory and in the file, listed once.
+        model
+            .apply(&batch(&["a", "e", "f", "g", "h"], (0, 1)))
+            .await
+            .expect("apply");
 
         let (_image, crashed) = crash_image(&model);
         holds(&crashed, &old, Some(0)).await;
@@ -707,12 +716,11 @@ mod tests {
         holds(&crashed, &["at once"], Some(0)).await;
     }
 
-    /// A failure closed the handle, and the commits since the last durable one did not
-    /// survive it (redb does not write them at a close after an I/O error): the reopen
-    /// writes them again before anyone reads, so no reader sees an applied offset whose
-    /// row is missing, and they are durable from then on.
+    /// A failure closed the handle while rows were kept in memory, and the file is at its
+    /// last durable commit: the reopen writes them before anyone reads, so no reader sees
+    /// an applied offset whose row is missing, and they are durable from then on.
     #[tokio::test]
-    async fn commits_lost_with_a_failed_handle_are_written_again_by_the_reopen() {
+    async fn rows_in_memory_when_a_failure_closes_the_handle_are_written_by_the_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let model = open_untimed(dir.path());
         model.apply(&batch(&["kept"], (0, 0))).await.expect("apply");
