@@ -80,11 +80,11 @@ struct FlushOnDrop {
 
 impl Drop for FlushOnDrop {
     fn drop(&mut self) {
-        let mut pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(db) = self.store.open_now() else {
+            let pending = self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if !pending.is_empty() {
                 tracing::warn!(
                     file = %self.store.file().display(),
@@ -95,7 +95,7 @@ impl Drop for FlushOnDrop {
             }
             return;
         };
-        if let Err(e) = write_durably(&db, &mut pending, &self.unwritten, None) {
+        if let Err(e) = write_kept(&db, &self.pending, &self.unwritten) {
             tracing::warn!(
                 file = %self.store.file().display(),
                 error = %e,
@@ -219,6 +219,19 @@ fn write_durably(
     Ok(())
 }
 
+/// [`write_durably`] of what is kept, taking the lock: a `sync`, the reopen after a
+/// failure and the last drop.
+fn write_kept(
+    db: &Database,
+    pending: &std::sync::Mutex<Pending>,
+    unwritten: &Unwritten,
+) -> Result<(), redb::Error> {
+    let mut pending = pending
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    write_durably(db, &mut pending, unwritten, None)
+}
+
 pub(super) fn model_unavailable(e: impl Into<redb::Error>) -> ModelError {
     ModelError::unavailable("embedded read model", e.into())
 }
@@ -261,12 +274,7 @@ impl EmbeddedModel {
         let (kept, rows) = (pending.clone(), unwritten.clone());
         // Runs on a handle opened again after a failure, before anyone else uses it: the
         // rows and offsets a failed commit left unwritten (or took back) go in first.
-        let rewrite = move |db: &Database| {
-            let mut kept = kept
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            write_durably(db, &mut kept, &rows, None)
-        };
+        let rewrite = move |db: &Database| write_kept(db, &kept, &rows);
         let store =
             Arc::new(Reopenable::new(file, MODEL_CACHE_BYTES, db).on_reopen(Box::new(rewrite)));
         Ok(EmbeddedModel {
@@ -392,11 +400,6 @@ impl ReadModel for EmbeddedModel {
             }
         }
         let mut owned = batch.clone();
-        // In key order, each insert descends next to the previous one: the pages it
-        // reads and dirties are the ones just used (docs/performance.md).
-        owned
-            .messages
-            .sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         let model = self.clone();
         self.blocking(move |db| {
             let mut pending = model
@@ -404,6 +407,11 @@ impl ReadModel for EmbeddedModel {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if pending.durable_with(owned.messages.len(), bytes) {
+                // In key order, each insert descends next to the previous one: the pages
+                // it reads and dirties are the ones just used (docs/performance.md).
+                owned
+                    .messages
+                    .sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
                 write_durably(db, &mut pending, &model.unwritten, Some(&owned))
                     .map_err(model_unavailable)
             } else {
@@ -436,14 +444,9 @@ impl ReadModel for EmbeddedModel {
         };
         let model = self.clone();
         tokio::task::spawn_blocking(move || {
-            let mut pending = model
-                .pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match write_durably(&db, &mut pending, &model.unwritten, None) {
+            match write_kept(&db, &model.pending, &model.unwritten) {
                 Ok(()) => Ok(()),
                 Err(e) => {
-                    drop(pending);
                     model.store.discard(&db);
                     Err(model_unavailable(e))
                 }
