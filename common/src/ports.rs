@@ -222,7 +222,7 @@ pub trait ReadModel: Send + Sync + 'static {
     async fn apply(&self, batch: &ProjectionBatch) -> Result<(), ModelError>;
 
     /// Makes what `apply` committed durable now, for an adapter that defers it (the
-    /// embedded model makes small batches durable about once a second). The projector
+    /// embedded model makes small batches durable every few seconds). The projector
     /// calls it when a poll finds nothing and at the end of each turn (a stop, a switch of
     /// generation), and a replay when it ends. Until then a crash may take
     /// back rows together with their applied offsets, never one without the other.

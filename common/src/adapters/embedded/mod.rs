@@ -35,8 +35,8 @@
 //! - `Subscription::commit` returns after its commit, so a group position never points
 //!   past records that a crash could take back.
 //! - The read model is the exception: `ReadModel::apply` keeps small batches in memory
-//!   and writes rows and offsets to the file together, in one durable transaction, about
-//!   once a second ([`model`]'s doc says how). A crash takes both back together and the
+//!   and writes rows and offsets to the file together, in one durable transaction, every
+//!   few seconds ([`model`]'s doc says how). A crash takes both back together and the
 //!   projector applies those records again; nothing acknowledged is lost, since the log
 //!   holds them.
 //!

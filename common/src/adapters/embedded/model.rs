@@ -13,12 +13,13 @@
 //! [`DURABLE_BYTES`] of rows are pending, for a batch of [`DURABLE_BATCH_ROWS`] rows or
 //! more, at [`ReadModel::sync`] (which the projector calls whenever a poll finds nothing
 //! for 200 ms and when it, or a replay, stops) and when the last clone of the model is
-//! dropped. A second of a busy projector's rows then costs one commit, written in key
-//! order, instead of a copy-on-write commit per batch (docs/performance.md, items 18 and
-//! 22).
+//! dropped. Three seconds of a busy projector's rows then cost one commit, written in
+//! key order, instead of a copy-on-write commit per batch (docs/performance.md, items 18,
+//! 22 and 23).
 //!
 //! - A crash (kill -9, power) takes back what was applied since the last durable commit
-//!   (at most a second of a busy projector's work); rows and applied offsets go back
+//!   (at most three seconds of a busy projector's work, which it projects again in well
+//!   under a second); rows and applied offsets go back
 //!   together. The projector then applies those records again: its `Continuity` guard
 //!   compares each partition's first record with the model's applied offset and rewinds
 //!   the group to it (the same guard that catches up a lost Cassandra keyspace, whose
@@ -31,12 +32,16 @@
 use super::*;
 use std::collections::BTreeMap;
 
-/// At most this long between two durable commits of `apply` (see the module doc).
-pub const DURABLE_EVERY: Duration = Duration::from_secs(1);
+/// At most this long between two durable commits of `apply` (see the module doc). Each
+/// commit rewrites every leaf its random digests fall in, so in a large model a longer
+/// interval writes each leaf for more rows: 3 s gave about a third more POSTs a second than
+/// 1 s on a model of 755,000 rows, and 5 s no more than 3 while holding more memory
+/// (docs/performance.md, item 23).
+pub const DURABLE_EVERY: Duration = Duration::from_secs(3);
 /// At most this many bytes of rows (messages, plus [`ROW_OVERHEAD`] each) applied between
 /// two durable commits: what the model keeps in memory to write again after a failure is
 /// bounded.
-pub const DURABLE_BYTES: usize = 4 * 1024 * 1024;
+pub const DURABLE_BYTES: usize = 16 * 1024 * 1024;
 /// What a kept row costs in memory besides its message: the digest and the `String` in a
 /// B-tree map's node, and the message's allocation.
 const ROW_OVERHEAD: usize = 112;
