@@ -661,3 +661,89 @@ async fn model_round_trips_empty_and_unicode_messages_byte_exact() {
         assert_eq!(got.as_deref().map(str::as_bytes), Some(s.as_bytes()));
     }
 }
+
+/// The read model's durable commit fails (its disk is full) while rows applied since the
+/// last one are kept in memory: the failure is an error worth a retry, no reader sees an
+/// applied offset whose row is missing, and once the disk takes writes again the rows are
+/// read back and are durable (in what a kill -9 would leave), without a new handle.
+///
+/// Needs root: it mounts a small tmpfs and fills it.
+#[tokio::test]
+async fn a_failed_durable_commit_keeps_the_rows_in_memory_until_the_disk_takes_writes() {
+    use msghash_common::adapters::embedded::MODEL_FILE;
+    use msghash_common::ports::ModelError;
+    use msghash_testkit::tmpfs::{fill, Tmpfs};
+
+    let root = tempfile::tempdir().expect("tempdir");
+    let tmpfs = Tmpfs::mount(&root.path().join("model"), "8m");
+    // Durable by size or by `sync` only, so that the test says when the commit happens.
+    let model = EmbeddedModel::open(tmpfs.dir())
+        .expect("open model")
+        .durable_every(Duration::from_secs(3600));
+    let row = |i: usize| format!("kept {i} {}", "x".repeat(4096));
+    let durable = row(0);
+    let first = ProjectionBatch {
+        messages: vec![(Digest::of(&durable), durable.clone())],
+        applied: vec![(0, 0)],
+    };
+    model.apply(&first).await.expect("apply");
+    model.sync().await.expect("sync");
+
+    // Ten small batches, 400 rows of 4 KiB in all: kept in memory, the file untouched.
+    let kept: Vec<String> = (1..=400).map(row).collect();
+    for (i, rows) in kept.chunks(40).enumerate() {
+        let batch = ProjectionBatch {
+            messages: rows.iter().map(|m| (Digest::of(m), m.clone())).collect(),
+            applied: vec![(0, i as Offset + 1)],
+        };
+        model.apply(&batch).await.expect("apply, in memory");
+    }
+    assert_eq!(model.applied_offset(0).await.expect("applied"), Some(10));
+
+    let filler = tmpfs.dir().join("filler");
+    let filled = fill(&filler);
+    eprintln!("filled the tmpfs with {filled} bytes");
+    match model.sync().await {
+        Err(ModelError::Unavailable { .. }) => {}
+        other => panic!("a durable commit on a full disk must fail as unavailable: {other:?}"),
+    }
+
+    // While the disk is full: an error (the file is being opened again, which must write
+    // the kept rows first) or the row, never an applied offset without its row.
+    for message in [&durable, &kept[0], &kept[399]] {
+        let found = model.get(&Digest::of(message)).await;
+        assert!(
+            !matches!(found, Ok(None)),
+            "a row applied before the failure read as missing"
+        );
+    }
+    if let Ok(offset) = model.applied_offset(0).await {
+        assert_eq!(offset, Some(10), "the applied offset went back");
+        for message in &kept {
+            let found = model.get(&Digest::of(message)).await.expect("get");
+            assert_eq!(found.as_deref(), Some(message.as_str()));
+        }
+    }
+
+    // Space again: the next read opens the file again, which writes the kept rows durably
+    // first (no sync here), and every row is read back.
+    std::fs::remove_file(&filler).expect("free the tmpfs");
+    assert_eq!(model.applied_offset(0).await.expect("applied"), Some(10));
+    for message in std::iter::once(&durable).chain(&kept) {
+        let found = model.get(&Digest::of(message)).await.expect("get");
+        assert_eq!(
+            found.as_deref(),
+            Some(message.as_str()),
+            "a kept row was lost"
+        );
+    }
+    let image = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(model.path(), image.path().join(MODEL_FILE)).expect("copy the file");
+    let crashed = EmbeddedModel::open(image.path()).expect("open the crash image");
+    assert_eq!(crashed.applied_offset(0).await.expect("applied"), Some(10));
+    for message in [&durable, &kept[0], &kept[399]] {
+        let found = crashed.get(&Digest::of(message)).await.expect("get");
+        assert_eq!(found.as_deref(), Some(message.as_str()), "not durable");
+    }
+    drop(model);
+}

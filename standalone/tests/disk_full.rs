@@ -7,67 +7,13 @@
 
 mod support;
 
+use msghash_testkit::tmpfs::{fill, Tmpfs};
 use reqwest::StatusCode;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 use support::Msghash;
 
 /// Long enough that a test hitting it has failed; results are asserted, not durations.
 const GENEROUS: Duration = Duration::from_secs(60);
-
-/// A tmpfs mounted on a directory, unmounted when dropped (also when the test fails).
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).expect("mount point");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("mount runs");
-        assert!(
-            out.status.success(),
-            "this test mounts a small tmpfs to fill it and needs root (CAP_SYS_ADMIN); \
-             `mount -t tmpfs` was refused: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Tmpfs {
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let out = Command::new("umount").arg(&self.dir).output();
-        if !out.as_ref().is_ok_and(|o| o.status.success()) {
-            // Still busy (a process not reaped yet): detach it now, it goes when unused.
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
-    }
-}
-
-/// Writes `path` until the file system refuses; returns the bytes written.
-fn fill(path: &Path) -> u64 {
-    let mut file = std::fs::File::create(path).expect("filler file");
-    let chunk = vec![0xa5u8; 64 * 1024];
-    let mut written = 0u64;
-    loop {
-        match file.write(&chunk) {
-            Ok(0) => break,
-            Ok(n) => written += n as u64,
-            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
-            Err(e) => panic!("filling the tmpfs: {e}"),
-        }
-    }
-    let _ = file.sync_all();
-    written
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_answers_503_and_not_ready_then_recovers_without_a_restart() {
@@ -75,7 +21,7 @@ async fn a_full_disk_answers_503_and_not_ready_then_recovers_without_a_restart()
     let data = cwd.path().join("data");
     // Declared before msghash, so dropped after it: the process is gone before the umount.
     let tmpfs = Tmpfs::mount(&data, "24m");
-    let data_dir = tmpfs.dir.to_string_lossy().into_owned();
+    let data_dir = tmpfs.dir().to_string_lossy().into_owned();
     let mut m = Msghash::start(
         cwd.path(),
         &[
@@ -96,7 +42,7 @@ async fn a_full_disk_answers_503_and_not_ready_then_recovers_without_a_restart()
         acknowledged.push((answer.digest().expect("digest").to_owned(), message));
     }
 
-    let filler = tmpfs.dir.join("filler");
+    let filler = tmpfs.dir().join("filler");
     let filled = fill(&filler);
     eprintln!("filled the tmpfs with {filled} bytes");
 

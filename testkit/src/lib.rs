@@ -8,7 +8,8 @@
 //! - [`load`]: readers and a writer hammering a router while something else happens;
 //! - [`process`]: a service binary run as its own process on port 0;
 //! - [`stack`]: `scripts/dev-stack` (single or `--cluster`) run by a test;
-//! - [`slow`]: slow clients that trickle a request head or body a byte at a time.
+//! - [`slow`]: slow clients that trickle a request head or body a byte at a time;
+//! - [`tmpfs`]: a small tmpfs to fill until a write fails (the disk-full tests).
 //!
 //! A test that needs a server and finds none fails with a line saying how to get one; it is
 //! never skipped.
@@ -21,3 +22,4 @@ pub mod router;
 pub mod servers;
 pub mod slow;
 pub mod stack;
+pub mod tmpfs;
