@@ -186,8 +186,10 @@ const LOG_CACHE_BYTES: usize = 8 * 1024 * 1024;
 /// are also in the query's own cache, `MSGHASH_CACHE_BYTES`). Measured with a 1M-event
 /// replay: 256 MiB was 5-10 % faster and held about 460 MiB more; 32, 24 and 12 MiB
 /// projected and replayed at the same rate, and under a long POST load on a large model
-/// 24 MiB held 15-20 MiB more than 12 (docs/performance.md, items 10 and 21).
-const MODEL_CACHE_BYTES: usize = 16 * 1024 * 1024;
+/// 24 MiB held 15-20 MiB more than 12 (docs/performance.md, items 10 and 21). Since the
+/// durable commits every 3 s, 8 MiB: 16 peaked at 67 MiB resident during a commit under
+/// POSTs, 8 at 49, with as many POSTs a second (item 24).
+const MODEL_CACHE_BYTES: usize = 8 * 1024 * 1024;
 /// redb's page cache of the generations catalog, a handful of rows.
 const CATALOG_CACHE_BYTES: usize = 1024 * 1024;
 
