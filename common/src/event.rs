@@ -7,7 +7,7 @@
 
 use crate::Digest;
 use serde::{Deserialize, Serialize};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// The only envelope version this build writes.
 pub const EVENT_VERSION: u32 = 1;
@@ -36,7 +36,11 @@ impl MessageHashed {
 
     /// The record value.
     pub fn encode(&self) -> Vec<u8> {
-        let received_at = humantime::format_rfc3339_millis(self.received_at).to_string();
+        // RFC 3339 holds years 1970 (here) to 9999: a clock outside them is written as the
+        // nearest time it can hold, never a panic in the POST that reads it.
+        let last = SystemTime::UNIX_EPOCH + Duration::from_millis(253_402_300_799_999);
+        let at = self.received_at.clamp(SystemTime::UNIX_EPOCH, last);
+        let received_at = humantime::format_rfc3339_millis(at).to_string();
         let envelope = EnvelopeOut {
             v: EVENT_VERSION,
             message: &self.message,
@@ -110,7 +114,6 @@ pub enum DecodeError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn event(message: &str) -> MessageHashed {
         MessageHashed {
@@ -126,6 +129,28 @@ mod tests {
             let e = event(m);
             let back = MessageHashed::decode(Some(e.key()), Some(&e.encode())).expect("decodes");
             assert_eq!(back, e);
+        }
+    }
+
+    /// A clock outside what RFC 3339 can write (before 1970, after 9999) must not panic
+    /// the POST that reads it, nor write a record that the projector cannot read back:
+    /// the time is written as the nearest one it can hold.
+    #[test]
+    fn a_clock_outside_rfc_3339_is_written_as_the_nearest_time_it_can_hold() {
+        let before_1970 = SystemTime::UNIX_EPOCH - Duration::from_secs(86_400);
+        let year_10000 = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_800 + 86_400);
+        for (at, written) in [
+            (before_1970, "1970-01-01T00:00:00.000Z"),
+            (year_10000, "9999-12-31T23:59:59.999Z"),
+        ] {
+            let e = MessageHashed {
+                received_at: at,
+                ..event("foo")
+            };
+            let value: serde_json::Value = serde_json::from_slice(&e.encode()).expect("json");
+            assert_eq!(value["received_at"], written);
+            let back = MessageHashed::decode(Some(e.key()), Some(&e.encode())).expect("decodes");
+            assert_eq!(back.message, "foo");
         }
     }
 
