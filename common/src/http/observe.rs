@@ -11,6 +11,9 @@
 //! - [`TimeoutLayer`] bounds a whole request, so a stalled handler cannot hold a task (the
 //!   body's own deadline is [`super::BodyTimeout`], checked where the body is read); its
 //!   bare 503 gets the JSON `{"err_msg"}` body and `Retry-After`;
+//! - a handler that panics (routed, or a front's) answers 500 with the fixed
+//!   `{"err_msg":"Internal server error"}`, never the panic's text, and the connection goes
+//!   on; the error line names the service, the panic hook writes the panic to stderr;
 //! - every answer carries `Strict-Transport-Security` and `X-Content-Type-Options: nosniff`,
 //!   and `Cache-Control: no-store` unless the handler said otherwise (a found message is
 //!   immutable);
@@ -37,13 +40,14 @@ use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use futures::future::{BoxFuture, Either};
+use futures::future::{BoxFuture, Either, FutureExt};
 use metrics::{Counter, Histogram};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::{ready, Ready};
 use std::num::NonZeroU32;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::task::{Context as TaskContext, Poll};
@@ -326,7 +330,10 @@ async fn record(State(service): State<&'static str>, mut request: Request, next:
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let response = match super::guard::refusal(&request) {
         Some(refused) => refused,
-        None => next.run(request).instrument(span.clone()).await,
+        None => AssertUnwindSafe(next.run(request).instrument(span.clone()))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| panicked(service)),
     };
     let route = matched
         .as_ref()
@@ -494,13 +501,20 @@ where
                     if let Some(refused) = refused {
                         return Either::Left(ready(Ok(finish(service, route, started, refused))));
                     }
-                    let answer = handle(request);
+                    let answer = catch_unwind(AssertUnwindSafe(|| handle(request)));
                     return Either::Right(Either::Left(Box::pin(async move {
+                        let Ok(answer) = answer else {
+                            return Ok(finish(service, route, started, panicked(service)));
+                        };
                         // The same bound as the routed requests' timeout layer, whatever the
                         // handler's own deadlines are set to: past it, the same 503.
-                        let answer = tokio::time::timeout(REQUEST_TIMEOUT, answer)
-                            .await
-                            .unwrap_or_else(|_| StatusCode::SERVICE_UNAVAILABLE.into_response());
+                        let answer = tokio::time::timeout(
+                            REQUEST_TIMEOUT,
+                            AssertUnwindSafe(answer).catch_unwind(),
+                        )
+                        .await
+                        .unwrap_or_else(|_| Ok(StatusCode::SERVICE_UNAVAILABLE.into_response()))
+                        .unwrap_or_else(|_| panicked(service));
                         Ok(finish(service, route, started, answer))
                     })));
                 }
@@ -509,7 +523,8 @@ where
                 if let Some(route) = route(&request) {
                     let answer = match super::guard::refusal(&request) {
                         Some(refused) => Some(refused),
-                        None => answer(&request),
+                        None => catch_unwind(AssertUnwindSafe(|| answer(&request)))
+                            .unwrap_or_else(|_| Some(panicked(front.service))),
                     };
                     if let Some(answer) = answer {
                         let started = start(&mut request);
@@ -533,6 +548,14 @@ where
 }
 
 type RouterFuture = <Router as tower::Service<Request>>::Future;
+
+/// The answer to a request whose handler panicked: 500 with the fixed sentence, never the
+/// panic's text (the panic hook has written it to stderr, and the error line says which
+/// service). The connection and the server go on.
+fn panicked(service: &'static str) -> Response {
+    tracing::error!(service, "a request's handler panicked; answered 500");
+    ApiError::Internal.into_response()
+}
 
 /// A 503 without a body (the timeout layer's) becomes [`ApiError::Unavailable`], so a client
 /// sees the same JSON error and `Retry-After` as from any other 503.
@@ -625,6 +648,58 @@ mod tests {
             .await
             .expect("body");
         String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    async fn routed_panic() -> &'static str {
+        panic!("secret detail of a routed handler")
+    }
+
+    async fn front_panic() -> Response {
+        panic!("secret detail of a front's handler")
+    }
+
+    /// A handler that panics (a bug, or a store that panics on data it cannot read) answers
+    /// 500 with the fixed sentence, never the panic's text nor a dropped connection, whether
+    /// it was routed or answered by a front; the next request is served as usual.
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_without_its_text() {
+        let routed = observe(
+            Router::new()
+                .route("/boom", get(routed_panic))
+                .route("/fine", get(|| async { "fine" })),
+            "unit",
+        );
+        let handled = Front::handler(
+            "unit",
+            |request| (request.uri().path() == "/handled").then_some("/handled"),
+            |_| front_panic(),
+        );
+        let answered = Front::new(
+            "unit",
+            |request| (request.uri().path() == "/answered").then_some("/answered"),
+            |_| -> Option<Response> { panic!("secret detail of a front's answer") },
+        );
+        let service = fronted(Some(handled.with(answered)), routed);
+        for path in ["/boom", "/handled", "/answered"] {
+            let request = Request::builder()
+                .uri(path)
+                .body(Body::empty())
+                .expect("request");
+            let answer = service.clone().oneshot(request).await.expect("answer");
+            assert_eq!(answer.status(), StatusCode::INTERNAL_SERVER_ERROR, "{path}");
+            assert!(answer.headers().contains_key(&REQUEST_ID), "{path}");
+            assert_eq!(
+                body_of(answer).await,
+                r#"{"err_msg":"Internal server error"}"#,
+                "{path}"
+            );
+        }
+        let request = Request::builder()
+            .uri("/fine")
+            .body(Body::empty())
+            .expect("request");
+        let answer = service.oneshot(request).await.expect("answer");
+        assert_eq!(answer.status(), StatusCode::OK);
     }
 
     #[tokio::test]
