@@ -436,6 +436,10 @@ async fn embedded_generations_conform() {
         !dir.path().join("readmodel.redb").exists(),
         "dropped file deleted"
     );
+    assert!(
+        !dir.path().join("readmodel.rows").exists(),
+        "dropped rows deleted"
+    );
     // The catalog survives a reopen.
     let reopened = EmbeddedGenerations::open(dir.path()).expect("reopen");
     assert_eq!(reopened.state().await.expect("state").active, 1);

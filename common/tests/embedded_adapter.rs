@@ -1,7 +1,7 @@
 //! The embedded (redb) adapters: offsets, group commit, reopen, subscriptions and their
 //! wake-ups, file locking across handles and processes, kill -9, and the read model.
 
-use msghash_common::adapters::embedded::{EmbeddedError, EmbeddedLog, EmbeddedModel};
+use msghash_common::adapters::embedded::{rows_dir, EmbeddedError, EmbeddedLog, EmbeddedModel};
 use msghash_common::ports::{LogError, LogRecord, Subscription};
 use msghash_common::{
     partition_for, Digest, EventLog, MessageHashed, Offset, ProjectionBatch, ReadModel,
@@ -739,6 +739,7 @@ async fn a_failed_durable_commit_keeps_the_rows_in_memory_until_the_disk_takes_w
     }
     let image = tempfile::tempdir().expect("tempdir");
     std::fs::copy(model.path(), image.path().join(MODEL_FILE)).expect("copy the file");
+    msghash_testkit::files::copy_tree(model.rows_path(), &image.path().join(rows_dir(0)));
     let crashed = EmbeddedModel::open(image.path()).expect("open the crash image");
     assert_eq!(crashed.applied_offset(0).await.expect("applied"), Some(10));
     for message in [&durable, &kept[0], &kept[399]] {

@@ -15,13 +15,15 @@ use tokio::time::{sleep, Instant};
 
 const PARTITIONS: NonZeroU32 = NonZeroU32::new(2).unwrap();
 
-/// What a kill -9 would leave of the read model in `dir` right now (the bytes of its file:
-/// the page cache), opened on its own; `None` when the copy caught a commit half-way (a
+/// What a kill -9 would leave of the read model in `dir` right now (the bytes of its file
+/// and rows: the page cache), opened on its own; `None` when the copy caught a commit half-way (a
 /// copy is not one instant, as a kill is).
 fn crash_image(dir: &Path) -> Option<(tempfile::TempDir, EmbeddedModel)> {
     let image = tempfile::tempdir().expect("tempdir");
     let file = msghash_common::adapters::embedded::model_file(0);
     std::fs::copy(dir.join(&file), image.path().join(&file)).expect("copy the model");
+    let rows = msghash_common::adapters::embedded::rows_dir(0);
+    msghash_testkit::files::copy_tree(&dir.join(&rows), &image.path().join(&rows));
     let model = EmbeddedModel::open(image.path()).ok()?;
     Some((image, model))
 }

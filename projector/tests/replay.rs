@@ -291,7 +291,13 @@ async fn embedded_replay_under_load() {
         .filter(|f| f.starts_with("readmodel"))
         .collect();
     files.sort();
-    assert_eq!(files, vec!["readmodel-g2.redb".to_owned()]);
+    assert_eq!(
+        files,
+        vec![
+            "readmodel-g2.redb".to_owned(),
+            "readmodel-g2.rows".to_owned()
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -600,6 +606,7 @@ async fn embedded_lost_read_model_is_rebuilt() {
         for file in ["readmodel.redb", "generations.redb"] {
             std::fs::remove_file(path.join(file)).expect("delete the read model");
         }
+        std::fs::remove_dir_all(path.join("readmodel.rows")).expect("delete its rows");
         Arc::new(EmbeddedGenerations::open(&path).expect("generations"))
             as Arc<dyn ModelGenerations>
     })

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     msghash_common::service::limit_malloc_arenas();
+    msghash_common::service::map_large_allocations_apart();
     let cli = match msghash::Cli::try_parse_args() {
         Ok(cli) => cli,
         Err(e) => {

@@ -962,7 +962,13 @@ async fn replay_beside_the_server_under_load_and_after_a_kill() {
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .filter(|f| f.starts_with("readmodel"))
         .collect();
-    assert_eq!(files, HashSet::from(["readmodel-g2.redb".to_owned()]));
+    assert_eq!(
+        files,
+        HashSet::from([
+            "readmodel-g2.redb".to_owned(),
+            "readmodel-g2.rows".to_owned()
+        ])
+    );
 }
 
 /// `openssl s_client` offering only `version` (e.g. `-tls1_1`) to the server: its output.

@@ -16,6 +16,7 @@
 
 pub mod exposition;
 pub mod fakes;
+pub mod files;
 pub mod load;
 pub mod process;
 pub mod router;

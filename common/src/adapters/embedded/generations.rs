@@ -189,17 +189,28 @@ impl ModelGenerations for EmbeddedGenerations {
                 .lock()
                 .ok()
                 .and_then(|mut opened| opened.remove(&generation));
-            // A handle still open elsewhere keeps reading the unlinked file until it closes.
+            // A handle still open elsewhere keeps reading the unlinked files until it
+            // closes. The file first: without it the rows are never opened again.
             let file = this.dir.join(model_file(generation));
-            match std::fs::remove_file(&file) {
-                Ok(()) => sync_dir(&this.dir),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(ModelError::unavailable(
-                        format!("cannot delete {}", file.display()),
-                        e,
-                    ))
+            let rows = this.dir.join(rows_dir(generation));
+            let mut removed = false;
+            for (path, result) in [
+                (&file, std::fs::remove_file(&file)),
+                (&rows, std::fs::remove_dir_all(&rows)),
+            ] {
+                match result {
+                    Ok(()) => removed = true,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(ModelError::unavailable(
+                            format!("cannot delete {}", path.display()),
+                            e,
+                        ))
+                    }
                 }
+            }
+            if removed {
+                sync_dir(&this.dir);
             }
             this.write(|txn| {
                 txn.open_table(GENERATION_FILES)?.remove(generation)?;

@@ -118,12 +118,14 @@
 mod generations;
 mod log;
 mod model;
+mod rows;
 mod segment;
 mod writer;
 
 pub use generations::{EmbeddedGenerations, GENERATIONS_FILE};
 pub use log::EmbeddedLog;
 pub use model::{model_file, EmbeddedModel};
+pub use rows::rows_dir;
 use segment::Segment;
 pub use segment::SEGMENT_FILE;
 
@@ -181,15 +183,10 @@ pub const WRITE_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// more after a POST load for the same rate; 4 MiB cost about a tenth of the POST rate
 /// (docs/performance.md).
 const LOG_CACHE_BYTES: usize = 8 * 1024 * 1024;
-/// redb's page cache of a read-model generation: digests are random, so inserts and reads
-/// touch any leaf; the cache keeps the branch pages and the hottest leaves (found messages
-/// are also in the query's own cache, `MSGHASH_CACHE_BYTES`). Measured with a 1M-event
-/// replay: 256 MiB was 5-10 % faster and held about 460 MiB more; 32, 24 and 12 MiB
-/// projected and replayed at the same rate, and under a long POST load on a large model
-/// 24 MiB held 15-20 MiB more than 12 (docs/performance.md, items 10 and 21). Since the
-/// durable commits every 3 s, 8 MiB: 16 peaked at 67 MiB resident during a commit under
-/// POSTs, 8 at 49, with as many POSTs a second (item 24).
-const MODEL_CACHE_BYTES: usize = 8 * 1024 * 1024;
+/// redb's page cache of a read-model generation's file, which holds only its applied
+/// offsets and layout since the rows moved to fjall (docs/performance.md, item 26; it was
+/// 8 MiB for the rows before, items 10, 21 and 24).
+const MODEL_CACHE_BYTES: usize = 1024 * 1024;
 /// redb's page cache of the generations catalog, a handful of rows.
 const CATALOG_CACHE_BYTES: usize = 1024 * 1024;
 

@@ -8,19 +8,18 @@
 //! The read model is a projection of the log, whose appends are each durable before their
 //! 201. So `apply` keeps small batches in memory (their rows in a sorted map that reads
 //! and listings look at before the file, their offsets raised at once: visible to readers
-//! and the barrier as soon as `apply` returns) and writes them to the file in one durable
-//! commit only when [`DURABLE_EVERY`] has passed since the last one, when
+//! and the barrier as soon as `apply` returns) and writes them (the rows to fjall, the
+//! offsets to the redb file: [`super::rows`]) in one durable commit only when [`DURABLE_EVERY`] has passed since the last one, when
 //! [`DURABLE_BYTES`] of rows are pending, for a batch of [`DURABLE_BATCH_ROWS`] rows or
 //! more, at [`ReadModel::sync`] (which the projector calls whenever a poll finds nothing
 //! for 200 ms and when it, or a replay, stops) and when the last clone of the model is
-//! dropped. Three seconds of a busy projector's rows then cost one commit, written in
-//! key order, instead of a copy-on-write commit per batch (docs/performance.md, items 18,
-//! 22 and 23).
+//! dropped. A second of a busy projector's rows then costs one commit, written in key
+//! order, instead of one per batch (docs/performance.md, items 18, 22, 23 and 26).
 //!
 //! - A crash (kill -9, power) takes back what was applied since the last durable commit
-//!   (at most three seconds of a busy projector's work, which it projects again in well
-//!   under a second); rows and applied offsets go back
-//!   together. The projector then applies those records again: its `Continuity` guard
+//!   (at most a second of a busy projector's work, which it projects again in a fraction
+//!   of a second); the applied offsets go back with the rows (rows persisted without
+//!   their offsets may stay: applied again, they change nothing). The projector then applies those records again: its `Continuity` guard
 //!   compares each partition's first record with the model's applied offset and rewinds
 //!   the group to it (the same guard that catches up a lost Cassandra keyspace, whose
 //!   commit log is itself synced only every 10 s by default).
@@ -29,24 +28,25 @@
 //!   handle, and while the file cannot be opened nothing is answered from memory: a
 //!   reader never sees an applied offset whose row is missing.
 
+use super::rows::{rows_dir, Rows};
 use super::*;
 use std::collections::BTreeMap;
 
-/// At most this long between two durable commits of `apply` (see the module doc). Each
-/// commit rewrites every leaf its random digests fall in, so in a large model a longer
-/// interval writes each leaf for more rows: 3 s gave about a third more POSTs a second than
-/// 1 s on a model of 755,000 rows, and 5 s no more than 3 while holding more memory
-/// (docs/performance.md, item 23).
-pub const DURABLE_EVERY: Duration = Duration::from_secs(3);
+/// At most this long between two durable commits of `apply` (see the module doc). While
+/// the rows were in the redb file, each commit rewrote every leaf its random digests fell
+/// in, and 3 s gave a third more POSTs a second than 1 s on a large model (item 23); in
+/// fjall a commit costs about the same per row however often it comes, so a second: a
+/// third of the rows in memory under a load, and of what a crash takes back
+/// (docs/performance.md, item 26).
+pub const DURABLE_EVERY: Duration = Duration::from_secs(1);
 /// At most this many bytes of rows (messages, plus [`ROW_OVERHEAD`] each) applied between
 /// two durable commits: what the model keeps in memory to write again after a failure is
 /// bounded.
-pub const DURABLE_BYTES: usize = 16 * 1024 * 1024;
+pub const DURABLE_BYTES: usize = 4 * 1024 * 1024;
 /// What a kept row costs in memory besides its message: the digest and the `String` in a
 /// B-tree map's node, and the message's allocation.
 const ROW_OVERHEAD: usize = 112;
-/// A batch of at least this many rows commits durably: it dirties most leaves anyway and
-/// its fsync is shared by all its rows (a replay's or a catching-up projector's batches;
+/// A batch of at least this many rows commits durably: its fsync is shared by all its rows (a replay's or a catching-up projector's batches;
 /// live POSTs come in batches of tens to hundreds). Measured: non-durable commits of
 /// 65,536-row batches made a 1M-event replay slower and held more memory.
 pub const DURABLE_BATCH_ROWS: usize = 4096;
@@ -69,6 +69,8 @@ pub struct EmbeddedModel {
     pending: Arc<std::sync::Mutex<Pending>>,
     /// The rows of `pending`, not in the file yet.
     unwritten: Arc<Unwritten>,
+    /// The rows written (the redb file keeps the applied offsets).
+    rows: Arc<Rows>,
     /// Writes what is pending when the last clone is dropped.
     _flush: Arc<FlushOnDrop>,
 }
@@ -81,6 +83,7 @@ struct FlushOnDrop {
     store: Arc<Reopenable>,
     pending: Arc<std::sync::Mutex<Pending>>,
     unwritten: Arc<Unwritten>,
+    rows: Arc<Rows>,
 }
 
 impl Drop for FlushOnDrop {
@@ -100,7 +103,7 @@ impl Drop for FlushOnDrop {
             }
             return;
         };
-        if let Err(e) = write_kept(&db, &self.pending, &self.unwritten) {
+        if let Err(e) = write_kept(&db, &self.pending, &self.unwritten, &self.rows) {
             tracing::warn!(
                 file = %self.store.file().display(),
                 error = %e,
@@ -164,16 +167,8 @@ impl Pending {
     }
 }
 
-/// Writes `rows` and raises the applied offsets to `applied` in `txn`: both or neither.
-fn write_rows<'a>(
-    txn: &WriteTransaction,
-    rows: impl IntoIterator<Item = (&'a Digest, &'a String)>,
-    applied: &[(u32, Offset)],
-) -> Result<(), redb::Error> {
-    let mut messages = txn.open_table(MESSAGES)?;
-    for (digest, message) in rows {
-        messages.insert(digest.as_bytes(), message.as_str())?;
-    }
+/// Raises the applied offsets to `applied` in `txn`.
+fn write_applied(txn: &WriteTransaction, applied: &[(u32, Offset)]) -> Result<(), redb::Error> {
     let mut offsets = txn.open_table(PROJECTION_OFFSETS)?;
     for &(partition, offset) in applied {
         let current = offsets.get(partition)?.map(|v| v.value());
@@ -185,32 +180,35 @@ fn write_rows<'a>(
     Ok(())
 }
 
-/// Writes the unwritten rows and the pending offsets, with `batch` after them, to `db` in
-/// one durable transaction, then clears them: a durable `apply`, a `sync`, the reopen
-/// after a failure and the last drop. The rows stay readable in `unwritten` until the
-/// commit has returned, and are in the file from then on.
+/// Writes the unwritten rows, with `batch`'s after them, to `rows` and persists them, then
+/// raises the applied offsets (pending and `batch`'s) in one durable transaction of `db`,
+/// then clears what was pending: a durable `apply`, a `sync`, the reopen after a failure
+/// and the last drop. The rows stay readable in `unwritten` until the commit has returned,
+/// and are in `rows` from then on. A crash between the two commits leaves rows without
+/// their offsets (applied again), never an offset without its row.
 fn write_durably(
     db: &Database,
     pending: &mut Pending,
     unwritten: &Unwritten,
+    rows: &Rows,
     batch: Option<&ProjectionBatch>,
 ) -> Result<(), redb::Error> {
     if pending.is_empty() && batch.is_none_or(ProjectionBatch::is_empty) {
         return Ok(());
     }
-    let txn = begin_durable(db)?;
     {
-        let rows = unwritten
+        let kept = unwritten
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        write_rows(&txn, rows.iter(), &pending.applied)?;
+        let batched = batch
+            .into_iter()
+            .flat_map(|b| b.messages.iter().map(|(d, m)| (d, m)));
+        rows.write(kept.iter().chain(batched))?;
     }
+    let txn = begin_durable(db)?;
+    write_applied(&txn, &pending.applied)?;
     if let Some(batch) = batch {
-        write_rows(
-            &txn,
-            batch.messages.iter().map(|(d, m)| (d, m)),
-            &batch.applied,
-        )?;
+        write_applied(&txn, &batch.applied)?;
     }
     txn.commit()?;
     // Freed after the lock is let go: readers wait only for the swap.
@@ -230,11 +228,98 @@ fn write_kept(
     db: &Database,
     pending: &std::sync::Mutex<Pending>,
     unwritten: &Unwritten,
+    rows: &Rows,
 ) -> Result<(), redb::Error> {
     let mut pending = pending
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    write_durably(db, &mut pending, unwritten, None)
+    write_durably(db, &mut pending, unwritten, rows, None)
+}
+
+/// The read model's layout: 2 = the rows in a fjall directory beside the file
+/// ([`rows_dir`]), the applied offsets in the file.
+const MODEL_LAYOUT_VERSION: u64 = 2;
+/// Layout 1: the rows in the file's `messages` table; moved to the rows' directory on open.
+const MODEL_LAYOUT_ROWS_IN_FILE: u64 = 1;
+/// Rows moved per persist when a layout-1 file is opened.
+const MIGRATE_CHUNK_ROWS: usize = 65_536;
+
+/// Checks or records the model's layout in `meta`; a layout-1 file's rows are moved to
+/// `rows` first, in `txn`, which the caller commits (see [`migrate_rows`]). Returns
+/// whether they were.
+fn check_model_layout(
+    txn: &WriteTransaction,
+    meta: &mut redb::Table<'_, &str, u64>,
+    file: &Path,
+    rows: &Rows,
+) -> Result<bool, EmbeddedError> {
+    let storage = |e: redb::Error| EmbeddedError::storage(file, e);
+    let found = meta
+        .get(META_LAYOUT)
+        .map_err(|e| storage(e.into()))?
+        .map(|v| v.value());
+    match found {
+        Some(MODEL_LAYOUT_VERSION) => Ok(false),
+        None | Some(MODEL_LAYOUT_ROWS_IN_FILE) => {
+            let migrated = found.is_some();
+            if migrated {
+                migrate_rows(txn, file, rows)?;
+            }
+            meta.insert(META_LAYOUT, MODEL_LAYOUT_VERSION)
+                .map_err(|e| storage(e.into()))?;
+            Ok(migrated)
+        }
+        Some(found) => Err(EmbeddedError::UnsupportedLayout {
+            file: file.to_path_buf(),
+            found,
+            expected: MODEL_LAYOUT_VERSION,
+        }),
+    }
+}
+
+/// Copies the rows of a layout-1 file (its `messages` table) to `rows`, persisted, and
+/// deletes the table in `txn`. Until the caller commits `txn` with the new layout the old
+/// one stands, so a crash in between only means copying them again (the same rows).
+fn migrate_rows(txn: &WriteTransaction, file: &Path, rows: &Rows) -> Result<(), EmbeddedError> {
+    let storage = |e: redb::Error| EmbeddedError::storage(file, e);
+    let started = std::time::Instant::now();
+    let mut moved = 0usize;
+    {
+        let messages = txn.open_table(MESSAGES).map_err(|e| storage(e.into()))?;
+        let mut chunk: Vec<(Digest, String)> = Vec::with_capacity(MIGRATE_CHUNK_ROWS);
+        let mut entries = messages.iter().map_err(|e| storage(e.into()))?;
+        loop {
+            let entry = entries.next().transpose().map_err(|e| storage(e.into()))?;
+            let done = entry.is_none();
+            if let Some((key, value)) = entry {
+                // The key type is 32 bytes wide: this cannot fail on an intact file.
+                let digest = Digest::from_bytes(key.value()).ok_or_else(|| {
+                    storage(redb::Error::Corrupted(
+                        "a stored digest is not 32 bytes".into(),
+                    ))
+                })?;
+                chunk.push((digest, value.value().to_owned()));
+            }
+            if chunk.len() == MIGRATE_CHUNK_ROWS || (done && !chunk.is_empty()) {
+                rows.write(chunk.iter().map(|(d, m)| (d, m)))
+                    .map_err(|e| EmbeddedError::storage(rows.dir(), e))?;
+                moved += chunk.len();
+                chunk.clear();
+            }
+            if done {
+                break;
+            }
+        }
+    }
+    txn.delete_table(MESSAGES).map_err(|e| storage(e.into()))?;
+    tracing::info!(
+        file = %file.display(),
+        rows = moved,
+        to = %rows.dir().display(),
+        took = ?started.elapsed(),
+        "read model rows moved out of the file (layout 1 -> 2)"
+    );
+    Ok(())
 }
 
 pub(super) fn model_unavailable(e: impl Into<redb::Error>) -> ModelError {
@@ -264,22 +349,28 @@ impl EmbeddedModel {
     ) -> Result<EmbeddedModel, EmbeddedError> {
         let (db, file) = open_database(dir, &model_file(generation), MODEL_CACHE_BYTES)?;
         let storage = |e: redb::Error| EmbeddedError::storage(&file, e);
+        let rows = Arc::new(Rows::open(dir.join(rows_dir(generation)))?);
         let txn = begin_durable(&db).map_err(storage)?;
-        {
+        let migrated = {
             let mut meta = txn.open_table(MODEL_META).map_err(|e| storage(e.into()))?;
-            check_layout(&mut meta, &file)?;
-            txn.open_table(MESSAGES).map_err(|e| storage(e.into()))?;
             txn.open_table(PROJECTION_OFFSETS)
                 .map_err(|e| storage(e.into()))?;
-        }
+            check_model_layout(&txn, &mut meta, &file, &rows)?
+        };
         txn.commit().map_err(|e| storage(e.into()))?;
+        let mut db = db;
+        if migrated {
+            // The rows' pages are free now: give them back, so that the file holds only
+            // the offsets (a million rows' 220 MB file becomes a few pages).
+            db.compact().map_err(|e| storage(e.into()))?;
+        }
         let applied = stored_applied(&db).map_err(storage)?;
         let pending = Arc::new(std::sync::Mutex::new(Pending::new(DURABLE_EVERY)));
         let unwritten = Arc::new(Unwritten::default());
-        let (kept, rows) = (pending.clone(), unwritten.clone());
+        let (kept, unwritten_rows, written) = (pending.clone(), unwritten.clone(), rows.clone());
         // Runs on a handle opened again after a failure, before anyone else uses it: the
         // rows and offsets a failed commit left unwritten (or took back) go in first.
-        let rewrite = move |db: &Database| write_kept(db, &kept, &rows);
+        let rewrite = move |db: &Database| write_kept(db, &kept, &unwritten_rows, &written);
         let store =
             Arc::new(Reopenable::new(file, MODEL_CACHE_BYTES, db).on_reopen(Box::new(rewrite)));
         Ok(EmbeddedModel {
@@ -287,12 +378,14 @@ impl EmbeddedModel {
                 store: store.clone(),
                 pending: pending.clone(),
                 unwritten: unwritten.clone(),
+                rows: rows.clone(),
             }),
             store,
             generation,
             applied: Arc::new(std::sync::RwLock::new(applied)),
             pending,
             unwritten,
+            rows,
         })
     }
 
@@ -306,9 +399,14 @@ impl EmbeddedModel {
         self
     }
 
-    /// The database file.
+    /// The database file (the applied offsets).
     pub fn path(&self) -> &Path {
         self.store.file()
+    }
+
+    /// The directory of the rows.
+    pub fn rows_path(&self) -> &Path {
+        self.rows.dir()
     }
 
     async fn blocking<T: Send + 'static>(
@@ -417,8 +515,14 @@ impl ReadModel for EmbeddedModel {
                 owned
                     .messages
                     .sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-                write_durably(db, &mut pending, &model.unwritten, Some(&owned))
-                    .map_err(model_unavailable)
+                write_durably(
+                    db,
+                    &mut pending,
+                    &model.unwritten,
+                    &model.rows,
+                    Some(&owned),
+                )
+                .map_err(model_unavailable)
             } else {
                 model.keep(&mut pending, &owned, bytes);
                 Ok(())
@@ -449,7 +553,7 @@ impl ReadModel for EmbeddedModel {
         };
         let model = self.clone();
         tokio::task::spawn_blocking(move || {
-            match write_kept(&db, &model.pending, &model.unwritten) {
+            match write_kept(&db, &model.pending, &model.unwritten, &model.rows) {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     model.store.discard(&db);
@@ -464,21 +568,16 @@ impl ReadModel for EmbeddedModel {
     async fn get(&self, digest: &Digest) -> Result<Option<String>, ModelError> {
         let digest = *digest;
         let unwritten = self.unwritten.clone();
-        // Memory first, then the file: a row leaves memory only after the commit that
-        // wrote it returned. Only with the file open (`point_read` opens it again first if
-        // need be, which writes the rows in memory): a model whose file cannot be opened
-        // again answers nothing, not a few rows from memory.
-        self.point_read(move |db| {
+        let rows = self.rows.clone();
+        // Memory first, then the rows written: a row leaves memory only after the commit
+        // that wrote it returned. Only with the file open (`point_read` opens it again
+        // first if need be, which writes the rows in memory): a model whose file cannot be
+        // opened again answers nothing, not a few rows from memory.
+        self.point_read(move |_db| {
             if let Some(message) = unwritten_row(&unwritten, &digest) {
                 return Ok(Some(message));
             }
-            let txn = db.begin_read().map_err(model_unavailable)?;
-            let messages = txn.open_table(MESSAGES).map_err(model_unavailable)?;
-            let message = messages
-                .get(digest.as_bytes())
-                .map_err(model_unavailable)?
-                .map(|v| v.value().to_owned());
-            Ok(message)
+            rows.get(&digest)
         })
         .await
     }
@@ -508,7 +607,8 @@ impl ReadModel for EmbeddedModel {
         }
         let after = after.copied();
         let unwritten = self.unwritten.clone();
-        self.blocking(move |db| {
+        let rows = self.rows.clone();
+        self.blocking(move |_db| {
             // The rows not in the file yet, looked at first: one written meanwhile is in
             // the file by the time the file is read (cleared only after its commit).
             let unwritten: Vec<Digest> = {
@@ -521,23 +621,7 @@ impl ReadModel for EmbeddedModel {
                     .take(limit)
                     .collect()
             };
-            let txn = db.begin_read().map_err(model_unavailable)?;
-            let messages = txn.open_table(MESSAGES).map_err(model_unavailable)?;
-            let start = after
-                .as_ref()
-                .map_or(Bound::Unbounded, |d| Bound::Excluded(d.as_bytes()));
-            let mut digests = Vec::with_capacity(limit.min(1024));
-            for entry in messages
-                .range::<&[u8; 32]>((start, Bound::Unbounded))
-                .map_err(model_unavailable)?
-                .take(limit)
-            {
-                let (key, _) = entry.map_err(model_unavailable)?;
-                // The key type is 32 bytes wide, so this cannot fail on an intact file.
-                let digest = Digest::from_bytes(key.value())
-                    .ok_or_else(|| ModelError::Corrupt("stored digest is not 32 bytes".into()))?;
-                digests.push(digest);
-            }
+            let mut digests = rows.list(after.as_ref(), limit)?;
             if !unwritten.is_empty() {
                 digests.extend(unwritten);
                 digests.sort_unstable();
@@ -568,12 +652,13 @@ mod tests {
         }
     }
 
-    /// What a kill -9 would leave of the model's file right now (its bytes: the page
-    /// cache; the durable commits' header points only at pages they wrote), opened as a
-    /// model of its own.
+    /// What a kill -9 would leave of the model's file and rows right now (their bytes: the
+    /// page cache; the durable commits' header points only at pages they wrote, and the
+    /// rows' journal is read up to its last whole entry), opened as a model of its own.
     fn crash_image(model: &EmbeddedModel) -> (tempfile::TempDir, EmbeddedModel) {
         let image = tempfile::tempdir().expect("tempdir");
         std::fs::copy(model.path(), image.path().join(MODEL_FILE)).expect("copy the file");
+        msghash_testkit::files::copy_tree(model.rows_path(), &image.path().join(rows_dir(0)));
         let opened = EmbeddedModel::open(image.path()).expect("open the crash image");
         (image, opened)
     }
@@ -708,6 +793,67 @@ mod tests {
         drop(clone);
         let reopened = EmbeddedModel::open(dir.path()).expect("open again");
         holds(&reopened, &["closed"], Some(5)).await;
+    }
+
+    /// A read model written by a build before layout 2 (its rows in the file's `messages`
+    /// table): the first open moves every row to the rows' directory (in more than one
+    /// chunk), keeps the applied offsets, and gives the file's pages back.
+    #[tokio::test]
+    async fn a_layout_1_file_has_its_rows_moved_out_and_keeps_its_offsets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join(MODEL_FILE);
+        let old: Vec<String> = (0..MIGRATE_CHUNK_ROWS + 1000)
+            .map(|i| format!("a row of layout 1, number {i}"))
+            .collect();
+        {
+            let db = Database::create(&file).expect("create a layout-1 file");
+            let txn = db.begin_write().expect("begin");
+            {
+                let mut meta = txn.open_table(MODEL_META).expect("meta");
+                meta.insert(META_LAYOUT, MODEL_LAYOUT_ROWS_IN_FILE)
+                    .expect("layout");
+                let mut messages = txn.open_table(MESSAGES).expect("messages");
+                for message in &old {
+                    messages
+                        .insert(Digest::of(message).as_bytes(), message.as_str())
+                        .expect("row");
+                }
+                let mut offsets = txn.open_table(PROJECTION_OFFSETS).expect("offsets");
+                offsets.insert(0, 41).expect("offset");
+            }
+            txn.commit().expect("commit");
+        }
+        let before = std::fs::metadata(&file).expect("file").len();
+
+        let model = EmbeddedModel::open(dir.path()).expect("open and move the rows");
+        let sample: Vec<&str> = old.iter().step_by(997).map(String::as_str).collect();
+        holds(&model, &sample, Some(41)).await;
+        let last = old.last().expect("rows");
+        holds(&model, &[last.as_str()], Some(41)).await;
+        let mut all: Vec<Digest> = old.iter().map(|m| Digest::of(m)).collect();
+        all.sort_unstable();
+        assert_eq!(model.list(None, old.len() + 10).await.expect("list"), all);
+        let after = std::fs::metadata(&file).expect("file").len();
+        assert!(
+            after * 4 < before,
+            "the file kept the rows' pages: {before} bytes before, {after} after"
+        );
+        drop(model);
+
+        // Layout 2 now, without the table; a second open moves nothing and finds it all.
+        {
+            let db = Database::open(&file).expect("open the file");
+            let txn = db.begin_read().expect("read");
+            let meta = txn.open_table(MODEL_META).expect("meta");
+            let layout = meta.get(META_LAYOUT).expect("get").map(|v| v.value());
+            assert_eq!(layout, Some(MODEL_LAYOUT_VERSION));
+            assert!(
+                txn.open_table(MESSAGES).is_err(),
+                "the rows' table is still in the file"
+            );
+        }
+        let reopened = EmbeddedModel::open(dir.path()).expect("open again");
+        holds(&reopened, &sample, Some(41)).await;
     }
 
     #[tokio::test]
