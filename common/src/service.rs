@@ -88,8 +88,8 @@ pub const MMAP_THRESHOLD: i32 = 16 * 1024;
 /// `GLIBC_TUNABLES` says otherwise, so that freeing them gives their pages back at once.
 /// The embedded read model's flushes and compactions (fjall) allocate and free such
 /// buffers from threads of their own, which otherwise fragments the heaps: measured after
-/// a POST load on the standalone binary, 74 MiB resident against 52-57 MiB with it, and
-/// no fewer POSTs a second (docs/performance.md, item 26). Call it first thing in
+/// a POST load on the standalone binary, 74 MiB resident against 33-50 MiB with it, and
+/// no fewer POSTs a second (docs/performance.md, items 25 and 26). Call it first thing in
 /// `main`, before any thread starts. Other platforms and allocators: nothing to do.
 pub fn map_large_allocations_apart() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
