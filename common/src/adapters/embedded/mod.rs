@@ -349,7 +349,7 @@ fn check_layout(meta: &mut redb::Table<'_, &str, u64>, file: &Path) -> Result<()
 pub(super) struct Reopenable {
     file: PathBuf,
     cache_bytes: usize,
-    db: std::sync::RwLock<Option<Arc<Database>>>,
+    db: Slot<Database>,
     /// Run on a handle opened again, before it is handed out (see `on_reopen`).
     on_reopen: Option<Box<ReopenHook>>,
 }
@@ -361,7 +361,7 @@ impl Reopenable {
         Reopenable {
             file,
             cache_bytes,
-            db: std::sync::RwLock::new(Some(Arc::new(db))),
+            db: Slot::new(db),
             on_reopen: None,
         }
     }
@@ -381,33 +381,20 @@ impl Reopenable {
 
     /// The open handle, opening the file again first if a failure closed it. Blocking.
     pub(super) fn get(&self) -> Result<Arc<Database>, redb::Error> {
-        if let Some(db) = self
-            .db
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-        {
-            return Ok(db.clone());
-        }
-        let mut slot = self
-            .db
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(db) = slot.as_ref() {
-            return Ok(db.clone());
-        }
-        // `open`, never `create`: a file deleted meanwhile (a dropped generation) stays gone.
-        let db = Arc::new(
-            Database::builder()
+        let (db, reopened) = self.db.get_or_open(|| {
+            // `open`, never `create`: a file deleted meanwhile (a dropped generation)
+            // stays gone.
+            let db = Database::builder()
                 .set_cache_size(self.cache_bytes)
-                .open(&self.file)?,
-        );
-        if let Some(hook) = &self.on_reopen {
-            hook(&db)?;
+                .open(&self.file)?;
+            if let Some(hook) = &self.on_reopen {
+                hook(&db)?;
+            }
+            Ok::<_, redb::Error>(db)
+        })?;
+        if reopened {
+            tracing::info!(file = %self.file.display(), "reopened after a storage failure");
         }
-        *slot = Some(db.clone());
-        drop(slot);
-        tracing::info!(file = %self.file.display(), "reopened after a storage failure");
         Ok(db)
     }
 
@@ -416,24 +403,14 @@ impl Reopenable {
     /// (which holds the lock while it walks the file): callers run on the async workers
     /// and go to the blocking pool on `None`, where a deadline can end their wait.
     pub(super) fn open_now(&self) -> Option<Arc<Database>> {
-        match self.db.try_read() {
-            Ok(slot) => slot.clone(),
-            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner().clone(),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
+        self.db.open_now()
     }
 
     /// Closes `failed`, the handle an operation just failed on (if it is still the open
     /// one), so that the next [`get`](Reopenable::get) opens the file again. The caller
     /// drops its own clone right after.
     pub(super) fn discard(&self, failed: &Arc<Database>) {
-        let mut slot = self
-            .db
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if slot.as_ref().is_some_and(|db| Arc::ptr_eq(db, failed)) {
-            *slot = None;
-        }
+        self.db.discard(failed);
     }
 
     /// Runs `f` on the open handle; if `f` fails, the handle is discarded so that the next
@@ -449,6 +426,64 @@ impl Reopenable {
             self.discard(&db);
         }
         result
+    }
+}
+
+/// A shared handle that a failure closes and the next use opens again: the mechanism of
+/// [`Reopenable`] (redb files) and of `rows::Rows` (the read model's fjall rows).
+pub(super) struct Slot<H>(pub(super) std::sync::RwLock<Option<Arc<H>>>);
+
+impl<H> Slot<H> {
+    pub(super) fn new(handle: H) -> Slot<H> {
+        Slot(std::sync::RwLock::new(Some(Arc::new(handle))))
+    }
+
+    /// The open handle, or the one `open` makes if a failure closed it (under the write
+    /// lock: one opener at a time, and no one gets the handle before `open` returned);
+    /// `true` with a handle just opened. Blocking.
+    pub(super) fn get_or_open<E>(
+        &self,
+        open: impl FnOnce() -> Result<H, E>,
+    ) -> Result<(Arc<H>, bool), E> {
+        if let Some(handle) = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            return Ok((handle.clone(), false));
+        }
+        let mut slot = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(handle) = slot.as_ref() {
+            return Ok((handle.clone(), false));
+        }
+        let handle = Arc::new(open()?);
+        *slot = Some(handle.clone());
+        Ok((handle, true))
+    }
+
+    /// The open handle, or `None` when it must be opened again first or is being opened
+    /// again right now: never waits.
+    pub(super) fn open_now(&self) -> Option<Arc<H>> {
+        match self.0.try_read() {
+            Ok(slot) => slot.clone(),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner().clone(),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Closes `failed` if it is still the open handle.
+    pub(super) fn discard(&self, failed: &Arc<H>) {
+        let mut slot = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.as_ref().is_some_and(|h| Arc::ptr_eq(h, failed)) {
+            *slot = None;
+        }
     }
 }
 

@@ -934,7 +934,7 @@ mod tests {
         let flag = released.clone();
         // Stands for a reopen in progress: the handle's lock, held until told (or 20 s).
         let holder = std::thread::spawn(move || {
-            let _reopening = store.db.write().expect("lock");
+            let _reopening = store.db.0.write().expect("lock");
             held_tx.send(()).expect("held");
             let _ = release_rx.recv_timeout(Duration::from_secs(20));
             flag.store(true, std::sync::atomic::Ordering::SeqCst);

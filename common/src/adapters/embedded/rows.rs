@@ -36,7 +36,7 @@ pub fn rows_dir(generation: Generation) -> String {
 /// The rows of one model generation, opened again after a failure.
 pub(super) struct Rows {
     dir: PathBuf,
-    open: std::sync::RwLock<Option<Arc<Handle>>>,
+    open: Slot<Handle>,
 }
 
 struct Handle {
@@ -93,7 +93,7 @@ impl Rows {
         }
         Ok(Rows {
             dir,
-            open: std::sync::RwLock::new(Some(Arc::new(handle))),
+            open: Slot::new(handle),
         })
     }
 
@@ -104,44 +104,19 @@ impl Rows {
     /// The open handle, opening the directory again first if a failure closed it. Never
     /// creates it: the rows of a dropped generation stay gone.
     fn handle(&self) -> Result<Arc<Handle>, fjall::Error> {
-        if let Some(handle) = self
-            .open
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-        {
-            return Ok(handle.clone());
+        let (handle, reopened) = self.open.get_or_open(|| {
+            if !self.dir.is_dir() {
+                return Err(fjall::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the rows' directory is gone",
+                )));
+            }
+            Handle::open(&self.dir)
+        })?;
+        if reopened {
+            tracing::info!(dir = %self.dir.display(), "rows reopened after a storage failure");
         }
-        let mut slot = self
-            .open
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(handle) = slot.as_ref() {
-            return Ok(handle.clone());
-        }
-        if !self.dir.is_dir() {
-            return Err(fjall::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "the rows' directory is gone",
-            )));
-        }
-        let handle = Arc::new(Handle::open(&self.dir)?);
-        *slot = Some(handle.clone());
-        drop(slot);
-        tracing::info!(dir = %self.dir.display(), "rows reopened after a storage failure");
         Ok(handle)
-    }
-
-    /// Closes `failed` (if it is still the open handle): the next use opens the directory
-    /// again, which recovers it from its journal.
-    fn discard(&self, failed: &Arc<Handle>) {
-        let mut slot = self
-            .open
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if slot.as_ref().is_some_and(|h| Arc::ptr_eq(h, failed)) {
-            *slot = None;
-        }
     }
 
     /// Runs `f` on the open handle, closing it if `f` fails.
@@ -152,7 +127,7 @@ impl Rows {
         let handle = self.handle()?;
         let result = f(&handle);
         if result.is_err() {
-            self.discard(&handle);
+            self.open.discard(&handle);
         }
         result
     }
