@@ -337,6 +337,16 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not an ip:port address (e.g. 0.0.0.0:8443)"))
 }
 
+/// A log filter that tracing's `EnvFilter` takes: a typo is refused at start, not read as
+/// `info`.
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| {
+            format!("{s:?} is not a log filter ({e}); e.g. info or warn,msghash_common=debug")
+        })
+}
+
 /// Log output.
 #[derive(Args, Debug, Clone)]
 pub struct LogArgs {
@@ -344,7 +354,8 @@ pub struct LogArgs {
     #[arg(long, global = true, env = "MSGHASH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
     /// Log filter, in tracing's EnvFilter syntax (e.g. info,msghash_common=debug).
-    #[arg(long, global = true, env = "MSGHASH_LOG", default_value = "info")]
+    #[arg(long, global = true, env = "MSGHASH_LOG", default_value = "info",
+          value_parser = parse_log_filter)]
     pub log: String,
     /// Log 1 in N routine `request` lines (2xx, 3xx, 404); other 4xx and 5xx lines are
     /// not sampled, and the HTTP metrics count every request. 1: every line.

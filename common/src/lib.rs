@@ -11,10 +11,12 @@
 //!   server; [`tls`]: certificates; [`config`]: flags and `MSGHASH_*` variables;
 //!   [`telemetry`]: logging; [`metrics`]: Prometheus metrics, `/metrics`, the request
 //!   observer; [`shutdown`]: the signal-driven cancellation token; [`service`]: the
-//!   `Application` shape every service has, its `main` and exit code.
+//!   `Application` shape every service has, its `main` and exit code; [`console`]: what the
+//!   binaries print, without a panic when it cannot be written.
 
 pub mod adapters;
 pub mod config;
+pub mod console;
 pub mod digest;
 pub mod event;
 pub mod generation;

@@ -62,7 +62,9 @@ pub fn block_on(service: &str, main: impl Future<Output = ExitCode>) -> ExitCode
     match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime.block_on(main),
         Err(e) => {
-            eprintln!("{service}: cannot start the async runtime: {e}");
+            crate::console::err(format_args!(
+                "{service}: cannot start the async runtime: {e}"
+            ));
             ExitCode::FAILURE
         }
     }
@@ -137,7 +139,7 @@ pub fn exit_code(service: &str, result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "{service} stopped");
-            eprintln!("{service}: {e:#}");
+            crate::console::err(format_args!("{service}: {e:#}"));
             if e.downcast_ref::<crate::http::guard::KeyFileError>()
                 .is_some()
             {

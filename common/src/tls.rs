@@ -40,6 +40,8 @@ pub enum TlsError {
     Generate(String),
     #[error("certificate and key do not form a valid TLS configuration: {0}")]
     Config(String),
+    #[error("the private key {key} does not belong to the certificate {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
 }
 
 /// File names used for a generated certificate.
@@ -66,7 +68,15 @@ pub fn server_config(source: &CertSource) -> Result<Arc<ServerConfig>, TlsError>
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                TlsError::KeyMismatch {
+                    cert: cert_path.clone(),
+                    key: key_path.clone(),
+                }
+            }
+            other => TlsError::Config(other.to_string()),
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

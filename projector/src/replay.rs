@@ -385,17 +385,17 @@ impl ProgressPrinter {
     pub fn show(&mut self, progress: &Progress) {
         if self.terminal {
             // Carriage return, then erase the line: the new report replaces the old one.
-            eprint!("\r\x1b[2K{progress}");
+            msghash_common::console::err_partial(format_args!("\r\x1b[2K{progress}"));
             self.pending_newline = true;
         } else {
-            eprintln!("{progress}");
+            msghash_common::console::err(format_args!("{progress}"));
         }
     }
 
     /// Ends the status line, so what follows starts on a line of its own.
     pub fn finish(&mut self) {
         if std::mem::take(&mut self.pending_newline) {
-            eprintln!();
+            msghash_common::console::err(format_args!(""));
         }
     }
 }

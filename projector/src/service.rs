@@ -104,7 +104,8 @@ pub async fn print_status(cli: &Cli) -> anyhow::Result<Status> {
     let log = KafkaLog::connect(cli.kafka.settings()).await?;
     let generations = ScyllaGenerations::connect(&cli.scylla.settings()).await?;
     let status = Status::read(&log, &generations).await?;
-    println!("{status}");
+    msghash_common::console::out(format_args!("{status}"))
+        .map_err(|e| anyhow::anyhow!("cannot write to stdout: {e}"))?;
     Ok(status)
 }
 
@@ -131,8 +132,11 @@ pub async fn run_replay(
     printer.finish();
     let report = report?;
     match &report {
-        Some(r) => println!("{r}"),
-        None => eprintln!("replay stopped before the switch; run it again to resume"),
+        Some(r) => msghash_common::console::out(format_args!("{r}"))
+            .map_err(|e| anyhow::anyhow!("cannot write to stdout: {e}"))?,
+        None => msghash_common::console::err(format_args!(
+            "replay stopped before the switch; run it again to resume"
+        )),
     }
     Ok(report)
 }

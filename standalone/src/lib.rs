@@ -113,9 +113,10 @@ pub struct ReplayArgs {
 /// `msghash cert`.
 #[derive(clap::Args, Debug)]
 pub struct CertArgs {
-    /// Directory of localhost.crt and localhost.key (created if missing).
-    #[arg(long, env = "MSGHASH_CERT_DIR", default_value = "certs")]
-    pub dir: PathBuf,
+    /// Directory of localhost.crt and localhost.key (created if missing); the same as
+    /// --cert-dir (MSGHASH_CERT_DIR, default certs), which it overrides.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
     /// A name the certificate is also valid for, besides localhost, 127.0.0.1 and ::1: a
     /// DNS name or an IP address. Repeatable. Only used when the certificate is generated.
     #[arg(long = "san", value_name = "NAME", value_parser = parse_san)]
@@ -141,9 +142,20 @@ pub fn new_api_key() -> (String, String) {
     (key, line)
 }
 
-/// `msghash cert`: the certificate's path, once it is in place.
-pub fn cert(args: &CertArgs) -> Result<PathBuf, msghash_common::tls::TlsError> {
-    let (cert, _key) = msghash_common::tls::ensure_generated_with(&args.dir, &args.sans)?;
+impl CertArgs {
+    /// Where `msghash cert` writes: `--dir`, or else the server's `--cert-dir`, so that
+    /// the certificate it makes is the one `msghash` serves with the same settings.
+    pub fn dir<'a>(&'a self, cli: &'a Cli) -> &'a std::path::Path {
+        self.dir.as_deref().unwrap_or(&cli.tls.cert_dir)
+    }
+}
+
+/// `msghash cert`: the certificate's path, once it is in place in `dir`.
+pub fn cert(
+    dir: &std::path::Path,
+    args: &CertArgs,
+) -> Result<PathBuf, msghash_common::tls::TlsError> {
+    let (cert, _key) = msghash_common::tls::ensure_generated_with(dir, &args.sans)?;
     Ok(cert)
 }
 
@@ -161,21 +173,54 @@ impl Cli {
 
     /// Parses the command line; a new user reads text logs, so that is the default here.
     pub fn try_parse_args() -> Result<Cli, clap::Error> {
-        let command = Cli::command().mut_arg("log_format", |a| a.default_value("text"));
-        Cli::from_arg_matches(&command.try_get_matches()?)
+        Cli::from_arg_matches(&Cli::parser().try_get_matches()?)
+    }
+
+    /// The parser [`Cli::try_parse_args`] uses: text logs by default, and `-1` read as a
+    /// flag's value (which its parser then refuses, naming the flag), not as a flag.
+    pub fn parser() -> clap::Command {
+        fn negative_values(a: clap::Arg) -> clap::Arg {
+            let takes = a.get_action().takes_values();
+            a.allow_negative_numbers(takes)
+        }
+        Cli::command()
+            .mut_arg("log_format", |a| a.default_value("text"))
+            .mut_args(negative_values)
+            .mut_subcommands(|c| c.mut_args(negative_values))
     }
 }
 
-/// ` (MSGHASH_X)` when a clap error line names a flag that has an environment variable.
+/// clap's error `text` as one line: its first, and when that ends in a colon ("the
+/// following required arguments were not provided:"), the indented lines it introduces.
+pub fn error_line(text: &str) -> String {
+    let mut lines = text.lines();
+    let first = lines
+        .next()
+        .unwrap_or("invalid configuration")
+        .trim_start_matches("error: ");
+    if !first.ends_with(':') {
+        return first.to_owned();
+    }
+    let listed: Vec<&str> = lines
+        .take_while(|l| l.starts_with(' '))
+        .map(str::trim)
+        .collect();
+    format!("{first} {}", listed.join(", "))
+}
+
+/// ` (environment: MSGHASH_X)` when a clap error line names a flag, of `msghash` or of one
+/// of its commands, that has an environment variable.
 pub fn env_hint(error_line: &str) -> String {
-    Cli::command()
+    let command = Cli::parser();
+    let hint = command
         .get_arguments()
+        .chain(command.get_subcommands().flat_map(|c| c.get_arguments()))
         .filter_map(|a| Some((a.get_long()?, a.get_env()?)))
         .find(|(long, _)| {
             error_line.contains(&format!("--{long} ")) || error_line.contains(&format!("--{long}'"))
         })
-        .map(|(_, env)| format!(" (environment: {})", env.to_string_lossy()))
-        .unwrap_or_default()
+        .map(|(_, env)| format!(" (environment: {})", env.to_string_lossy()));
+    hint.unwrap_or_default()
 }
 
 /// Everything `msghash` serves on its port: ingest's and query's routes over `log` and
@@ -236,6 +281,9 @@ pub struct Application {
     server: http::Server,
     data: PathBuf,
     tls_source: msghash_common::tls::CertSource,
+    /// Text logs: print the banner a person reads (its first line says the port). JSON
+    /// logs: only the `listening` event, so that stdout stays JSON lines.
+    banner: bool,
     log: Arc<dyn EventLog>,
     generations: Arc<dyn ModelGenerations>,
     live: Arc<LiveModel>,
@@ -252,6 +300,7 @@ impl Application {
     /// error here is a setting or a resource it names: [`RunError::Config`].
     pub async fn build(cli: Cli) -> Result<Application, RunError> {
         let tls_source = cli.tls.source();
+        let banner = cli.log.log_format == msghash_common::telemetry::LogFormat::Text;
         let tls = msghash_common::tls::server_config(&tls_source).map_err(|e| {
             RunError::Config(format!(
                 "TLS (MSGHASH_TLS_CERT/MSGHASH_TLS_KEY/MSGHASH_CERT_DIR): {e}"
@@ -320,6 +369,7 @@ impl Application {
             server,
             data,
             tls_source,
+            banner,
             log,
             generations,
             live,
@@ -358,7 +408,12 @@ impl Application {
             Arc::default(),
             stop.clone(),
         ));
-        announce(self.server.address().port(), &self.data, &self.tls_source);
+        let address = self.server.address();
+        if self.banner {
+            announce(address.port(), &self.data, &self.tls_source);
+        } else {
+            tracing::info!(%address, data_dir = %self.data.display(), "listening");
+        }
         let served = self.server.serve(stop.clone()).await;
         stop.cancel();
         on_shutdown.abort();
@@ -385,13 +440,15 @@ fn announce(port: u16, data: &std::path::Path, tls: &msghash_common::tls::CertSo
     };
     let base = format!("https://localhost:{port}");
     let c = cacert.display();
-    println!(
-        "msghash is listening on {base} (data in {})",
+    // A stdout that cannot be written (a closed pipe) stops neither the server nor its
+    // logs: the same lines are logged.
+    let _ = msghash_common::console::out(format_args!(
+        "msghash is listening on {base} (data in {})\n  \
+         curl --cacert {c} -X POST {base}/messages -H 'Content-Type: application/json' -d '{{\"message\":\"foo\"}}'\n  \
+         curl --cacert {c} {base}/messages/2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\n  \
+         curl --cacert {c} '{base}/messages?limit=10'\n  \
+         curl --cacert {c} {base}/metrics\n\
+         Stop with Ctrl-C.",
         data.display()
-    );
-    println!("  curl --cacert {c} -X POST {base}/messages -H 'Content-Type: application/json' -d '{{\"message\":\"foo\"}}'");
-    println!("  curl --cacert {c} {base}/messages/2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae");
-    println!("  curl --cacert {c} '{base}/messages?limit=10'");
-    println!("  curl --cacert {c} {base}/metrics");
-    println!("Stop with Ctrl-C.");
+    ));
 }

@@ -1,4 +1,5 @@
 //! The standalone `msghash` binary: see [`msghash::Cli`] for its commands.
+use msghash_common::console::{err, out, output_failed};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -14,28 +15,24 @@ fn main() -> ExitCode {
             }
             // One line, naming the setting: clap's first line says which flag, and every
             // flag has its MSGHASH_* variable beside it in --help.
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid configuration");
-            eprintln!(
-                "msghash: {}{}",
-                first.trim_start_matches("error: "),
-                msghash::env_hint(first)
-            );
+            let line = msghash::error_line(&e.to_string());
+            err(format_args!("msghash: {line}{}", msghash::env_hint(&line)));
             return ExitCode::from(2);
         }
     };
     match &cli.command {
-        Some(msghash::Command::Cert(args)) => return cert(args),
+        Some(msghash::Command::Cert(args)) => return cert(args.dir(&cli), args),
         Some(msghash::Command::Replay(args)) => return replay(&cli.data_dir, args),
         Some(msghash::Command::Status) => return status(&cli.data_dir),
         Some(msghash::Command::ApiKey) => {
             let (key, line) = msghash::new_api_key();
-            println!("key:  {key}");
-            println!("line: {line}");
-            eprintln!(
+            if let Err(e) = out(format_args!("key:  {key}\nline: {line}")) {
+                return output_failed("msghash api-key", &e);
+            }
+            err(format_args!(
                 "Give the key to the client (Authorization: Bearer <key>); append the line to \
                  the MSGHASH_API_KEYS_FILE, then send the server SIGHUP."
-            );
+            ));
             return ExitCode::SUCCESS;
         }
         None => {}
@@ -48,7 +45,7 @@ fn main() -> ExitCode {
     ) {
         Ok(guard) => guard,
         Err(e) => {
-            eprintln!("msghash: MSGHASH_LOG_DIR: {e}");
+            err(format_args!("msghash: MSGHASH_LOG_DIR: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -65,11 +62,11 @@ fn main() -> ExitCode {
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(msghash::RunError::Config(e)) => {
-                eprintln!("msghash: {e}");
+                err(format_args!("msghash: {e}"));
                 ExitCode::from(2)
             }
             Err(msghash::RunError::Other(e)) => {
-                eprintln!("msghash: {e:#}");
+                err(format_args!("msghash: {e:#}"));
                 ExitCode::FAILURE
             }
         }
@@ -78,21 +75,27 @@ fn main() -> ExitCode {
 
 /// `msghash cert`: the certificate's path on stdout (nothing else there, for scripts), what
 /// happened on stderr.
-fn cert(args: &msghash::CertArgs) -> ExitCode {
-    let existed = args.dir.join(msghash_common::tls::CERT_FILE).exists()
-        && args.dir.join(msghash_common::tls::KEY_FILE).exists();
-    match msghash::cert(args) {
+fn cert(dir: &std::path::Path, args: &msghash::CertArgs) -> ExitCode {
+    let existed = dir.join(msghash_common::tls::CERT_FILE).exists()
+        && dir.join(msghash_common::tls::KEY_FILE).exists();
+    match msghash::cert(dir, args) {
         Ok(path) => {
             if existed {
-                eprintln!("msghash: kept the existing certificate (delete it to generate another)");
+                err(format_args!(
+                    "msghash: kept the existing certificate (delete it to generate another)"
+                ));
             } else {
-                eprintln!("msghash: generated a self-signed certificate and its key");
+                err(format_args!(
+                    "msghash: generated a self-signed certificate and its key"
+                ));
             }
-            println!("{}", path.display());
-            ExitCode::SUCCESS
+            match out(format_args!("{}", path.display())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => output_failed("msghash cert", &e),
+            }
         }
         Err(e) => {
-            eprintln!("msghash cert: {e}");
+            err(format_args!("msghash cert: {e}"));
             ExitCode::FAILURE
         }
     }
@@ -105,7 +108,7 @@ fn client_runtime() -> Option<tokio::runtime::Runtime> {
     {
         Ok(r) => Some(r),
         Err(e) => {
-            eprintln!("msghash: cannot start the async runtime: {e}");
+            err(format_args!("msghash: cannot start the async runtime: {e}"));
             None
         }
     }
@@ -116,31 +119,31 @@ fn replay(dir: &std::path::Path, args: &msghash::ReplayArgs) -> ExitCode {
     let Some(runtime) = client_runtime() else {
         return ExitCode::FAILURE;
     };
-    eprintln!(
+    err(format_args!(
         "msghash replay: asking the msghash serving {} to rebuild its read model",
         dir.display()
-    );
+    ));
     let mut printer = projector::replay::ProgressPrinter::stderr();
     let result = runtime.block_on(msghash::admin::run_replay(
         dir,
         args,
         &mut |event| match event {
             msghash::admin::ReplayEvent::Progress(p) => printer.show(p),
-            msghash::admin::ReplayEvent::Attached => eprintln!(
+            msghash::admin::ReplayEvent::Attached => err(format_args!(
                 "msghash replay: a replay is already running; following it (its own \
                  --drop-old and --max-rate stay)"
-            ),
+            )),
             _ => {}
         },
     ));
     printer.finish();
     match result {
-        Ok(report) => {
-            println!("{report}");
-            ExitCode::SUCCESS
-        }
+        Ok(report) => match out(format_args!("{report}")) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => output_failed("msghash replay", &e),
+        },
         Err(e) => {
-            eprintln!("msghash replay: {e}");
+            err(format_args!("msghash replay: {e}"));
             ExitCode::FAILURE
         }
     }
@@ -152,12 +155,12 @@ fn status(dir: &std::path::Path) -> ExitCode {
         return ExitCode::FAILURE;
     };
     match runtime.block_on(msghash::admin::fetch_status(dir)) {
-        Ok(status) => {
-            println!("{status}");
-            ExitCode::SUCCESS
-        }
+        Ok(status) => match out(format_args!("{status}")) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => output_failed("msghash status", &e),
+        },
         Err(e) => {
-            eprintln!("msghash status: {e}");
+            err(format_args!("msghash status: {e}"));
             ExitCode::FAILURE
         }
     }

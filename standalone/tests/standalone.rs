@@ -72,6 +72,17 @@ impl Msghash {
                 {
                     let _ = tx.send(rest.split(' ').next().and_then(|p| p.parse::<u16>().ok()));
                 }
+                // With JSON logs, the `listening` event instead.
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if event["message"] == "listening" {
+                        let _ = tx.send(
+                            event["address"]
+                                .as_str()
+                                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                                .map(|a| a.port()),
+                        );
+                    }
+                }
                 all.push_str(&line);
                 all.push('\n');
             }
@@ -317,6 +328,27 @@ fn run_to_end(mut c: Command) -> Output {
     child.wait_with_output().expect("output")
 }
 
+/// [`run_to_end`] for a command that should stop on its own: killed after 30 s (a bad
+/// setting that was taken would leave a server running), and then a failure.
+fn run_to_exit(mut c: Command) -> Output {
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = c.spawn().expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.expect("output"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let out = rx.recv().expect("exits").expect("output");
+            panic!(
+                "still running after 30 s: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_on_the_same_data_dir_fails_fast_and_ctrl_c_is_graceful() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -364,6 +396,56 @@ fn bad_configuration_is_one_line_naming_the_setting_and_exit_2() {
             "{var}: one line, got {err:?}"
         );
         assert!(err.contains(named), "{var}: {err}");
+    }
+    // Flags, a filter, a pair of files that do not match: each error is one line naming
+    // its setting, with no Rust debug text.
+    let certs = |name: &str| {
+        let mut c = command(dir.path());
+        c.args(["cert", "--dir", name]);
+        assert!(run_to_end(c).status.success());
+        dir.path().join(name)
+    };
+    let (a, b) = (certs("a"), certs("b"));
+    let cert_a = a.join(msghash_common::tls::CERT_FILE);
+    let key_b = b.join(msghash_common::tls::KEY_FILE);
+    for (env, args, named) in [
+        (vec![("MSGHASH_LOG", "[[[bad")], vec![], "MSGHASH_LOG"),
+        (
+            vec![("MSGHASH_TLS_CERT", "/nonexistent/cert.pem")],
+            vec![],
+            "MSGHASH_TLS_KEY",
+        ),
+        (vec![], vec!["--cache-bytes", "-1"], "MSGHASH_CACHE_BYTES"),
+        (vec![], vec!["--partitions", "-3"], "MSGHASH_PARTITIONS"),
+        (
+            vec![],
+            vec!["replay", "--max-rate", "0"],
+            "MSGHASH_REPLAY_MAX_RATE",
+        ),
+        (
+            vec![],
+            vec![
+                "--tls-cert",
+                cert_a.to_str().expect("utf-8"),
+                "--tls-key",
+                key_b.to_str().expect("utf-8"),
+            ],
+            "MSGHASH_TLS_KEY",
+        ),
+    ] {
+        let mut c = command(dir.path());
+        c.envs(env.iter().copied()).args(&args);
+        let out = run_to_exit(c);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let case = format!("{env:?} {args:?}");
+        assert_eq!(out.status.code(), Some(2), "{case}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{case}: one line, got {err:?}"
+        );
+        assert!(err.contains(named), "{case} names {named}: {err}");
+        assert!(!err.contains("Mismatch"), "{case}: no debug text: {err}");
     }
     let help = run_to_end({
         let mut c = Command::new(env!("CARGO_BIN_EXE_msghash"));
@@ -644,6 +726,27 @@ async fn cert_command_adds_names_and_log_dir_gets_the_logs() {
     let again = cert_cmd(&["--san", "other"]);
     assert!(again.status.success());
     assert_eq!(std::fs::read(&cert_path).expect("cert"), pem);
+    // `--cert-dir` (the server's flag) and MSGHASH_CERT_DIR say where, as `--dir` does.
+    let other = dir.path().join("other");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_msghash"));
+    c.current_dir(dir.path())
+        .env_remove("MSGHASH_CERT_DIR")
+        .arg("cert")
+        .arg("--cert-dir")
+        .arg(&other);
+    let out = run_to_end(c);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        other.join(msghash_common::tls::CERT_FILE).exists(),
+        "{out:?}"
+    );
+    let from_env = dir.path().join("from-env");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_msghash"));
+    c.current_dir(dir.path())
+        .env("MSGHASH_CERT_DIR", &from_env)
+        .arg("cert");
+    assert!(run_to_end(c).status.success());
+    assert!(from_env.join(msghash_common::tls::CERT_FILE).exists());
     let bad = cert_cmd(&["--san", "not a name"]);
     assert_eq!(bad.status.code(), Some(2), "{bad:?}");
 
@@ -1015,5 +1118,101 @@ async fn only_tls_1_2_and_1_3_are_spoken() {
     for current in ["-tls1_2", "-tls1_3"] {
         let (agreed, text) = tls_handshake(m.port, current);
         assert!(agreed, "{current} refused: {text}");
+    }
+}
+
+/// `cmd` with its stdout a pipe whose reader is already gone (`msghash status | head -0`),
+/// or `/dev/full` (a full disk): it must fail cleanly, exit 1, never panic (exit 101).
+fn run_with_unwritable_stdout(mut make: impl FnMut() -> Command) {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    for (name, stdout) in [
+        ("a closed pipe", Stdio::from(writer)),
+        ("/dev/full", Stdio::from(full)),
+    ] {
+        let mut c = make();
+        c.stdout(stdout).stderr(Stdio::piped());
+        let out = c.spawn().expect("spawn").wait_with_output().expect("exits");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        if name == "/dev/full" {
+            assert!(err.contains("cannot write"), "{name} is said: {err}");
+        }
+    }
+}
+
+#[test]
+fn a_command_whose_output_cannot_be_written_exits_1_without_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_with_unwritable_stdout(|| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_msghash"));
+        c.arg("api-key");
+        c
+    });
+    run_with_unwritable_stdout(|| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_msghash"));
+        c.current_dir(dir.path())
+            .env_remove("MSGHASH_CERT_DIR")
+            .args(["cert", "--dir", "certs"]);
+        c
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_serves_when_its_stdout_is_a_closed_pipe() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let mut c = command(dir.path());
+    c.env("MSGHASH_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn");
+    // It cannot print its port: `msghash status` answering says it is up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("msghash exited with {status}: {err}");
+        }
+        let status = run_to_end(admin_command(dir.path(), &["status"]));
+        if status.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "msghash never answered status");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("exits");
+    assert!(status.success(), "graceful stop: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_json_logs_stdout_is_only_json_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = command(dir.path());
+    c.env("MSGHASH_LOG_FORMAT", "json");
+    let (m, client) = Msghash::spawn(c, dir.path()).await;
+    post(&client, &m.base, "json").await.expect("201");
+    m.signal("INT");
+    let mut m = m;
+    assert!(m.child.wait().expect("exits").success());
+    let stdout = m.stdout_to_end();
+    assert!(stdout.contains("\"listening\""), "{stdout}");
+    for line in stdout.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| v.is_object()),
+            "not a JSON line: {line}"
+        );
     }
 }
