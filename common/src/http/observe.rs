@@ -199,33 +199,52 @@ fn assign_request_id(request: &mut Request) -> HeaderValue {
     }
 }
 
-/// Makes the id of a request that came without a valid one: formatted as a version-4 UUID,
-/// but only its first 60 bits are random (once per process); the last 62 count the
-/// requests. So ids are unique in a process and, with overwhelming odds, across processes,
-/// without a `getrandom` call per request (tower-http's `MakeRequestUuid` makes one each
-/// time). An id identifies a request in the logs; nothing relies on it being
-/// unpredictable (it tells a client roughly how many requests its replica answered).
+/// Makes the id of a request that came without a valid one: formatted as a version-4 UUID
+/// whose first 60 bits are random (once per process) and whose last 62 are the process's
+/// request count put through [`scramble`], a bijection keyed once per process. So ids are
+/// unique in a process and, with overwhelming odds, across processes, without a
+/// `getrandom` call per request (tower-http's `MakeRequestUuid` makes one each time), and
+/// consecutive ids do not tell a client how many requests its replica answered. An id
+/// identifies a request in the logs; nothing relies on it being secret.
 #[derive(Clone, Copy)]
 struct MakeRequestUuidV4;
 
 impl MakeRequestId for MakeRequestUuidV4 {
     fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
-        static PREFIX: OnceLock<[u8; 8]> = OnceLock::new();
+        static PROCESS: OnceLock<([u8; 8], u64)> = OnceLock::new();
         static COUNT: AtomicU64 = AtomicU64::new(0);
-        let prefix = PREFIX.get_or_init(|| {
+        let (prefix, key) = PROCESS.get_or_init(|| {
             let random = uuid::Uuid::new_v4().into_bytes();
             let mut prefix = [0; 8];
             prefix.copy_from_slice(&random[..8]);
-            prefix
+            let mut key = [0; 8];
+            key.copy_from_slice(&random[8..]);
+            (prefix, u64::from_le_bytes(key))
         });
+        let tail = scramble(COUNT.fetch_add(1, Ordering::Relaxed), *key);
         let mut bytes = [0u8; 16];
         bytes[..8].copy_from_slice(prefix);
-        bytes[8..].copy_from_slice(&COUNT.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        bytes[8..].copy_from_slice(&tail.to_be_bytes());
         let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
         let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let text = id.hyphenated().encode_lower(&mut text);
         HeaderValue::from_str(text).ok().map(RequestId::new)
     }
+}
+
+/// A bijection of the 62-bit numbers, keyed by `key` (the low 62 bits of `n`; its top two
+/// stay 0, for the UUID's variant bits): adding the key, then xor-shifts and
+/// multiplications by odd numbers modulo 2^62 (splitmix64's finaliser, cut to 62 bits),
+/// each of which has an inverse. So distinct counts give distinct results, which look
+/// unrelated to each other.
+fn scramble(n: u64, key: u64) -> u64 {
+    const MASK: u64 = u64::MAX >> 2;
+    let mut x = n.wrapping_add(key) & MASK;
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9) & MASK;
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb) & MASK;
+    x ^ (x >> 31)
 }
 
 /// The handles of the HTTP metrics of one service, route and method, with the counters of
@@ -981,18 +1000,17 @@ mod tests {
         );
     }
 
+    fn generated_id() -> String {
+        let id = MakeRequestUuidV4
+            .make_request_id(&axum::http::Request::new(()))
+            .expect("an id")
+            .into_header_value();
+        id.to_str().expect("ascii").to_owned()
+    }
+
     #[test]
     fn generated_request_ids_are_distinct_v4_uuids() {
-        let request = axum::http::Request::new(());
-        let ids: Vec<String> = (0..3)
-            .map(|_| {
-                let id = MakeRequestUuidV4
-                    .make_request_id(&request)
-                    .expect("an id")
-                    .into_header_value();
-                id.to_str().expect("ascii").to_owned()
-            })
-            .collect();
+        let ids: Vec<String> = (0..3).map(|_| generated_id()).collect();
         for id in &ids {
             let uuid = uuid::Uuid::parse_str(id).expect("a UUID");
             assert_eq!(uuid.get_version_num(), 4, "{id}");
@@ -1001,6 +1019,26 @@ mod tests {
             ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
             "{ids:?}"
         );
+    }
+
+    #[test]
+    fn generated_request_ids_do_not_count_the_requests() {
+        // Their last 62 bits: distinct, and not a counter a client could read the
+        // replica's traffic from (consecutive ids are not a step apart).
+        let tails: Vec<u64> = (0..10_000)
+            .map(|_| {
+                let uuid = uuid::Uuid::parse_str(&generated_id()).expect("a UUID");
+                u64::from_be_bytes(uuid.as_bytes()[8..].try_into().expect("8 bytes"))
+                    & (u64::MAX >> 2)
+            })
+            .collect();
+        let distinct: std::collections::HashSet<u64> = tails.iter().copied().collect();
+        assert_eq!(distinct.len(), tails.len());
+        let small_steps = tails
+            .windows(2)
+            .filter(|w| w[1].abs_diff(w[0]) < 1 << 32)
+            .count();
+        assert!(small_steps < 10, "{small_steps} of 9,999 steps are small");
     }
 
     #[test]
