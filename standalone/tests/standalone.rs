@@ -1216,3 +1216,54 @@ async fn with_json_logs_stdout_is_only_json_lines() {
         );
     }
 }
+
+/// A request refused before its body is read (415, 405, 404) reaches curl over HTTP/2 as
+/// its status. When the server dropped the unread body, the stream was reset (CANCEL)
+/// beside the answer, and curl 7.88 (Debian 12) reported "Stream error in the HTTP/2
+/// framing layer" in most tries instead of the status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_http2_gets_the_status_of_a_request_refused_before_its_body() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (m, _) = Msghash::start(dir.path()).await;
+    let cacert = dir.path().join("certs/localhost.crt");
+    for (args, path, want) in [
+        (
+            vec!["-X", "POST", "-H", "Content-Type: text/plain"],
+            "/messages",
+            "415",
+        ),
+        (
+            vec!["-X", "PUT", "-H", "Content-Type: application/json"],
+            "/messages",
+            "405",
+        ),
+        (
+            vec!["-X", "POST", "-H", "Content-Type: application/json"],
+            "/nowhere",
+            "404",
+        ),
+    ] {
+        for attempt in 0..20 {
+            let out = tokio::process::Command::new("curl")
+                .args(["-sS", "--http2", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg("--cacert")
+                .arg(&cacert)
+                .args(&args)
+                .args(["-d", r#"{"message":"x"}"#])
+                .arg(format!("{}{path}", m.base))
+                .output()
+                .await
+                .expect("curl (scripts/install-test-tools installs it)");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success(),
+                "{args:?} {path}, try {attempt}: curl failed: {err}"
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                want,
+                "{args:?} {path}"
+            );
+        }
+    }
+}

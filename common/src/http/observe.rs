@@ -495,7 +495,7 @@ pub struct Fronted {
 
 impl<B> tower::Service<axum::http::Request<B>> for Fronted
 where
-    B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
+    B: axum::body::HttpBody<Data = axum::body::Bytes> + Unpin + Send + 'static,
     B::Error: Into<axum::BoxError>,
 {
     type Response = Response;
@@ -510,7 +510,15 @@ where
     }
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
-        let mut request = request.map(axum::body::Body::new);
+        // Whoever answers without reading the body, the stream still ends as the client
+        // sent it (see `FinishOnDrop`), within the body timeout from now (the head).
+        let deadline = tokio::time::Instant::now()
+            + request
+                .extensions()
+                .get::<super::BodyTimeout>()
+                .map_or(BODY_TIMEOUT, |t| t.0);
+        let mut request = request
+            .map(|body| axum::body::Body::new(super::body::FinishOnDrop::new(body, deadline)));
         if let Some(front) = &self.front {
             if let Some((route, handle)) = &front.handle {
                 if let Some(route) = route(&request) {
