@@ -201,10 +201,10 @@ fn assign_request_id(request: &mut Request) -> HeaderValue {
 
 /// Makes the id of a request that came without a valid one: formatted as a version-4 UUID
 /// whose first 60 bits are random (once per process) and whose last 62 are the process's
-/// request count put through [`scramble`], a bijection keyed once per process. So ids are
-/// unique in a process and, with overwhelming odds, across processes, without a
+/// request count put through [`scramble`], a permutation keyed once per process. So ids
+/// are unique in a process and, with overwhelming odds, across processes, without a
 /// `getrandom` call per request (tower-http's `MakeRequestUuid` makes one each time), and
-/// consecutive ids do not tell a client how many requests its replica answered. An id
+/// ids do not tell a client how many requests its replica answered. An id
 /// identifies a request in the logs; nothing relies on it being secret.
 #[derive(Clone, Copy)]
 struct MakeRequestUuidV4;
@@ -232,19 +232,25 @@ impl MakeRequestId for MakeRequestUuidV4 {
     }
 }
 
-/// A bijection of the 62-bit numbers, keyed by `key` (the low 62 bits of `n`; its top two
-/// stay 0, for the UUID's variant bits): adding the key, then xor-shifts and
-/// multiplications by odd numbers modulo 2^62 (splitmix64's finaliser, cut to 62 bits),
-/// each of which has an inverse. So distinct counts give distinct results, which look
-/// unrelated to each other.
+/// A keyed permutation of the 62-bit numbers (`n`'s low 62 bits; the result's top two bits
+/// are 0, for the UUID's variant bits): four Feistel rounds on two 31-bit halves, each
+/// round's function being splitmix64's finaliser of the half and a round key drawn from
+/// `key`. A Feistel network is a bijection whatever its round function, so distinct counts
+/// give distinct results; without the key they cannot be undone, so two ids do not tell
+/// how many requests came between them.
 fn scramble(n: u64, key: u64) -> u64 {
-    const MASK: u64 = u64::MAX >> 2;
-    let mut x = n.wrapping_add(key) & MASK;
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9) & MASK;
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb) & MASK;
-    x ^ (x >> 31)
+    const HALF: u64 = (1 << 31) - 1;
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    let (mut left, mut right) = ((n >> 31) & HALF, n & HALF);
+    for round in 1..=4u64 {
+        let round_key = mix(key.wrapping_add(round.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        (left, right) = (right, left ^ (mix(right ^ round_key) & HALF));
+    }
+    (left << 31) | right
 }
 
 /// The handles of the HTTP metrics of one service, route and method, with the counters of
@@ -1027,6 +1033,25 @@ mod tests {
             ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
             "{ids:?}"
         );
+    }
+
+    #[test]
+    fn the_key_of_the_ids_is_not_an_offset_of_the_count() {
+        // Were the key only added to the count before a public mixing, two processes'
+        // ids would be one sequence shifted by the keys' difference, and that mixing,
+        // undone, would give any id's count up to a constant: the number of requests
+        // between two ids.
+        let (k1, k2) = (0x1234_5678_9abc_def0_u64, 0x0fed_cba9_8765_4321_u64);
+        let shift = k1.wrapping_sub(k2);
+        let shifted = (0..1000u64)
+            .filter(|&n| scramble(n, k1) == scramble(n.wrapping_add(shift), k2))
+            .count();
+        assert_eq!(shifted, 0);
+        // Still a bijection: no two counts share an id (a sample, and a small full range).
+        let ids: std::collections::HashSet<u64> =
+            (0..100_000u64).map(|n| scramble(n, k1)).collect();
+        assert_eq!(ids.len(), 100_000);
+        assert!(ids.iter().all(|&id| id >> 62 == 0));
     }
 
     #[test]
