@@ -90,10 +90,13 @@ pub const FINISH_LIMIT: usize = 1024 * 1024;
 /// the body timeout: a body already late is not waited for again), instead of being
 /// dropped with the request.
 ///
-/// Dropped unread, an HTTP/2 stream is reset (`CANCEL`) beside its answer, and some clients
-/// (curl 7.88, Debian 12's) then report a framing error instead of the status. Read to its
-/// end, the stream ends as the client sent it. A body read to its end by its handler, and
-/// a request without a body (every GET), cost nothing more.
+/// Dropped unread, an HTTP/2 stream is reset (`RST_STREAM`) beside its answer, and some
+/// clients (curl 7.88, Debian 12's) then report a framing error instead of the status. Read
+/// to its end, the stream ends as the client sent it. A body read to its end by its
+/// handler, and a request without a body (every GET), cost nothing more. Not for an
+/// HTTP/1.1 request that expects `100 Continue`: its client waits for that before it sends
+/// the body, so hyper's own handling (no `100 Continue`, the connection closed after the
+/// answer) stays (see `Fronted::call`).
 pub struct FinishOnDrop<B: http_body::Body<Data = axum::body::Bytes> + Unpin + Send + 'static> {
     body: Option<B>,
     deadline: tokio::time::Instant,
@@ -119,10 +122,17 @@ impl<B: http_body::Body<Data = axum::body::Bytes> + Unpin + Send + 'static> http
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        match self.get_mut().body.as_mut() {
-            Some(body) => std::pin::Pin::new(body).poll_frame(cx),
-            None => std::task::Poll::Ready(None),
+        let this = self.get_mut();
+        let Some(body) = this.body.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let frame = std::pin::Pin::new(body).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = frame {
+            // Read to its end: nothing left to finish (a chunked HTTP/1.1 body never says
+            // so through `is_end_stream`).
+            this.body = None;
         }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -143,7 +153,8 @@ impl<B: http_body::Body<Data = axum::body::Bytes> + Unpin + Send + 'static> Drop
         let Some(mut body) = self.body.take() else {
             return;
         };
-        if body.is_end_stream() {
+        if body.is_end_stream() || tokio::time::Instant::now() >= self.deadline {
+            // At its end, or already late (a 408): nothing to finish.
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -286,6 +297,105 @@ mod tests {
     #[derive(Deserialize, Debug, PartialEq)]
     struct Body1 {
         message: String,
+    }
+
+    /// A request body whose chunks a test sends one at a time: a send waits until the
+    /// body has taken the chunk before (capacity 1), and fails once the body is dropped.
+    struct Sent(tokio::sync::mpsc::Receiver<axum::body::Bytes>);
+
+    impl http_body::Body for Sent {
+        type Data = axum::body::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+        }
+    }
+
+    fn sent(
+        deadline: tokio::time::Instant,
+    ) -> (
+        tokio::sync::mpsc::Sender<axum::body::Bytes>,
+        FinishOnDrop<Sent>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        (tx, FinishOnDrop::new(Sent(rx), deadline))
+    }
+
+    /// Sends 64 KiB chunks until the body is gone; how many bytes it took.
+    async fn send_until_dropped(tx: &tokio::sync::mpsc::Sender<axum::body::Bytes>) -> usize {
+        let chunk = axum::body::Bytes::from(vec![b'x'; 64 * 1024]);
+        let mut taken = 0;
+        while tokio::time::timeout(Duration::from_secs(10), tx.send(chunk.clone()))
+            .await
+            .expect("the body takes a chunk or is dropped")
+            .is_ok()
+        {
+            taken += chunk.len();
+            assert!(taken <= 4 * FINISH_LIMIT, "never dropped");
+        }
+        taken
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_unread_is_read_to_its_end_by_a_task_of_its_own() {
+        let in_a_minute = tokio::time::Instant::now() + Duration::from_secs(60);
+        let (tx, body) = sent(in_a_minute);
+        drop(body);
+        for _ in 0..4 {
+            tx.send(axum::body::Bytes::from_static(b"rest"))
+                .await
+                .expect("the body is still read after its drop");
+        }
+        drop(tx);
+
+        // Not past `FINISH_LIMIT`: then it is dropped (what was taken, within a chunk and
+        // the channel's one).
+        let (tx, body) = sent(in_a_minute);
+        drop(body);
+        let taken = send_until_dropped(&tx).await;
+        assert!(
+            (FINISH_LIMIT..=FINISH_LIMIT + 2 * 64 * 1024).contains(&taken),
+            "{taken} bytes"
+        );
+
+        // Past its deadline (a body already late): dropped at once.
+        let (tx, body) = sent(tokio::time::Instant::now());
+        drop(body);
+        assert!(send_until_dropped(&tx).await <= 64 * 1024);
+    }
+
+    #[tokio::test]
+    async fn a_body_read_to_its_end_leaves_nothing_to_finish() {
+        let (tx, mut body) = sent(tokio::time::Instant::now() + Duration::from_secs(60));
+        tx.send(axum::body::Bytes::from_static(b"all"))
+            .await
+            .expect("send");
+        drop(tx);
+        assert!(body.frame().await.is_some());
+        assert!(body.frame().await.is_none());
+        assert!(
+            http_body::Body::is_end_stream(&body),
+            "a body read to its end is at its end"
+        );
+        drop(body);
+    }
+
+    #[test]
+    fn a_body_dropped_outside_a_runtime_is_dropped() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (tx, body) =
+            runtime.block_on(async { sent(tokio::time::Instant::now() + Duration::from_secs(60)) });
+        drop(body);
+        assert!(tx.is_closed(), "no runtime to read it: dropped, no panic");
     }
 
     fn request(content_type: Option<&str>, body: Body) -> Request {

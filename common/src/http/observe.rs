@@ -517,14 +517,19 @@ where
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
         // Whoever answers without reading the body, the stream still ends as the client
-        // sent it (see `FinishOnDrop`), within the body timeout from now (the head).
-        let deadline = tokio::time::Instant::now()
-            + request
-                .extensions()
-                .get::<super::BodyTimeout>()
-                .map_or(BODY_TIMEOUT, |t| t.0);
-        let mut request = request
-            .map(|body| axum::body::Body::new(super::body::FinishOnDrop::new(body, deadline)));
+        // sent it (see `FinishOnDrop`), within the body timeout from now (the head); not a
+        // body its client sends only after a `100 Continue`.
+        let mut request = if request.headers().contains_key(header::EXPECT) {
+            request.map(axum::body::Body::new)
+        } else {
+            let deadline = tokio::time::Instant::now()
+                + request
+                    .extensions()
+                    .get::<super::BodyTimeout>()
+                    .map_or(BODY_TIMEOUT, |t| t.0);
+            request
+                .map(|body| axum::body::Body::new(super::body::FinishOnDrop::new(body, deadline)))
+        };
         if let Some(front) = &self.front {
             if let Some((route, handle)) = &front.handle {
                 if let Some(route) = route(&request) {
