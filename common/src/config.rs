@@ -337,14 +337,49 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not an ip:port address (e.g. 0.0.0.0:8443)"))
 }
 
-/// A log filter that tracing's `EnvFilter` takes: a typo is refused at start, not read as
-/// `info`.
+/// A log filter that tracing's `EnvFilter` takes, refused at start otherwise rather than
+/// read as `info`. A bare word that is not a level is a target to `EnvFilter` (all its
+/// events, nothing else's), so a misspelt level (`inof`, `warning`) would silence the log:
+/// a word that close to a level is refused too.
 fn parse_log_filter(s: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    const EXAMPLE: &str = "e.g. info or warn,msghash_common=debug";
     tracing_subscriber::EnvFilter::try_new(s)
-        .map(|_| s.to_owned())
-        .map_err(|e| {
-            format!("{s:?} is not a log filter ({e}); e.g. info or warn,msghash_common=debug")
-        })
+        .map_err(|e| format!("{s:?} is not a log filter ({e}); {EXAMPLE}"))?;
+    for word in s.split(',').map(str::trim) {
+        if word.contains(['=', '[', ':']) || LEVELS.iter().any(|l| word.eq_ignore_ascii_case(l)) {
+            continue;
+        }
+        let lower = word.to_ascii_lowercase();
+        if let Some(level) = LEVELS
+            .iter()
+            .find(|l| lower.starts_with(*l) || edit_distance(&lower, l) <= 2)
+        {
+            return Err(format!(
+                "{word:?} is not a level (did you mean {level}?): a bare word is a target, which \
+                 would log only its events (write {word}=trace to mean that); {EXAMPLE}"
+            ));
+        }
+    }
+    Ok(s.to_owned())
+}
+
+/// Levenshtein distance of two short words.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// Log output.
@@ -380,6 +415,34 @@ pub const DEFAULT_LOG_RATE: u32 = 1000;
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn a_log_filter_that_would_silence_the_log_by_a_typo_is_refused() {
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "warn,msghash_common=debug",
+            "fjall",
+            "mio",
+            "tracing",
+            "h2=trace",
+            "hyper::proto=debug",
+            "warning=trace",
+        ] {
+            assert_eq!(parse_log_filter(good).as_deref(), Ok(good), "{good}");
+        }
+        for (bad, named) in [
+            ("inof", "info"),
+            ("warning", "warn"),
+            ("debgu", "debug"),
+            ("info,errror", "error"),
+            ("[[[bad", "not a log filter"),
+        ] {
+            let err = parse_log_filter(bad).expect_err(bad);
+            assert!(err.contains(named), "{bad}: {err}");
+        }
+    }
 
     #[derive(Parser, Debug)]
     struct Cli {

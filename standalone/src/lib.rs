@@ -281,8 +281,8 @@ pub struct Application {
     server: http::Server,
     data: PathBuf,
     tls_source: msghash_common::tls::CertSource,
-    /// Text logs: print the banner a person reads (its first line says the port). JSON
-    /// logs: only the `listening` event, so that stdout stays JSON lines.
+    /// Text logs: print the banner a person reads (its first line says the port) before
+    /// the `listening` event. JSON logs: only the event, so that stdout stays JSON lines.
     banner: bool,
     log: Arc<dyn EventLog>,
     generations: Arc<dyn ModelGenerations>,
@@ -411,9 +411,8 @@ impl Application {
         let address = self.server.address();
         if self.banner {
             announce(address.port(), &self.data, &self.tls_source);
-        } else {
-            tracing::info!(%address, data_dir = %self.data.display(), "listening");
         }
+        tracing::info!(%address, data_dir = %self.data.display(), "listening");
         let served = self.server.serve(stop.clone()).await;
         stop.cancel();
         on_shutdown.abort();
@@ -441,7 +440,7 @@ fn announce(port: u16, data: &std::path::Path, tls: &msghash_common::tls::CertSo
     let base = format!("https://localhost:{port}");
     let c = cacert.display();
     // A stdout that cannot be written (a closed pipe) stops neither the server nor its
-    // logs: the same lines are logged.
+    // logs, where the `listening` event has the address.
     let _ = msghash_common::console::out(format_args!(
         "msghash is listening on {base} (data in {})\n  \
          curl --cacert {c} -X POST {base}/messages -H 'Content-Type: application/json' -d '{{\"message\":\"foo\"}}'\n  \

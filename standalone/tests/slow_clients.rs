@@ -38,6 +38,7 @@ async fn slow_clients_are_cut_off_at_their_timeout_while_a_normal_client_is_serv
         .env_remove("MSGHASH_TLS_CERT")
         .env_remove("MSGHASH_TLS_KEY")
         .env_remove("MSGHASH_LOG_DIR")
+        .env_remove("MSGHASH_LOG_FORMAT")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)

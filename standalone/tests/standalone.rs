@@ -25,6 +25,8 @@ fn command(dir: &Path) -> Command {
         .env_remove("MSGHASH_TLS_KEY")
         .env_remove("MSGHASH_LOG_DIR")
         .env_remove("MSGHASH_LOG_RETENTION")
+        .env_remove("MSGHASH_LOG_FORMAT")
+        .env_remove("MSGHASH_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     c
@@ -1201,7 +1203,8 @@ async fn the_server_serves_when_its_stdout_is_a_closed_pipe() {
 async fn with_json_logs_stdout_is_only_json_lines() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut c = command(dir.path());
-    c.env("MSGHASH_LOG_FORMAT", "json");
+    c.env("MSGHASH_LOG_FORMAT", "json")
+        .env("MSGHASH_LOG", "info");
     let (m, client) = Msghash::spawn(c, dir.path()).await;
     post(&client, &m.base, "json").await.expect("201");
     m.signal("INT");

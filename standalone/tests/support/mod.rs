@@ -30,6 +30,7 @@ impl Msghash {
             .env_remove("MSGHASH_TLS_CERT")
             .env_remove("MSGHASH_TLS_KEY")
             .env_remove("MSGHASH_LOG_DIR")
+            .env_remove("MSGHASH_LOG_FORMAT")
             .env_remove("MSGHASH_WRITE_QUEUE")
             .env_remove("MSGHASH_REQUEST_TIMEOUT_MS")
             .env("MSGHASH_LOG", "warn")
