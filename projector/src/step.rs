@@ -140,15 +140,16 @@ pub fn build_batch<'r>(
     (batch, poison)
 }
 
-/// How long one batch keeps trying to write a dead letter before it holds the poison's
-/// partition back (and goes on with the others).
+/// How many times one batch tries to write a dead letter before it holds the poison's
+/// partition back (and goes on with the others): the first try and its retries.
 const DEAD_LETTER_ATTEMPTS: usize = 5;
 
 fn dead_letter_backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(2))
-        .with_max_times(DEAD_LETTER_ATTEMPTS)
+        // backon counts the retries, after the first try.
+        .with_max_times(DEAD_LETTER_ATTEMPTS - 1)
         .with_jitter()
 }
 
@@ -249,4 +250,31 @@ pub(crate) async fn project_batch(
     metrics::histogram!(names::PROJECTOR_BATCH_DURATION_SECONDS)
         .record(started.elapsed().as_secs_f64());
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// "Tried 5 times per turn" (docs/operations.md): the first try and four retries.
+    #[tokio::test]
+    async fn a_failing_dead_letter_is_tried_dead_letter_attempts_times() {
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let result: Result<(), &str> = (|| async {
+            tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err("the dead-letter store refuses")
+        })
+        // The same policy without its waits.
+        .retry(
+            dead_letter_backoff()
+                .with_min_delay(Duration::ZERO)
+                .with_max_delay(Duration::ZERO),
+        )
+        .await;
+        assert!(result.is_err());
+        assert_eq!(
+            tries.load(std::sync::atomic::Ordering::Relaxed),
+            DEAD_LETTER_ATTEMPTS
+        );
+    }
 }
