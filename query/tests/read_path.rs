@@ -28,7 +28,9 @@ struct Fixture {
     log: Arc<KafkaLog>,
     /// The read model itself, for the test playing the projector.
     model: Arc<ScyllaModel>,
-    /// The same model as query sees it, telling when query asks for applied offsets.
+    /// The same model as `patient` sees it, telling when that query asks for applied
+    /// offsets. Its own: the reads `app`'s barrier may still be making (for a GET that has
+    /// already had its 503) must not pass for the patient GET's.
     watched: Arc<Watched>,
     keyspace: msghash_common::adapters::scylla::Keyspace,
 }
@@ -85,22 +87,25 @@ async fn fixture() -> Fixture {
     );
     let settings = servers::scylla_settings("read_path");
     let model = Arc::new(ScyllaModel::connect(&settings).await.expect("scylla"));
-    let watched = Arc::new(Watched {
-        inner: model.clone(),
-        asked: tokio::sync::watch::Sender::new(0),
-    });
-    let app_with = |deadline| {
+    let watched_model = || {
+        Arc::new(Watched {
+            inner: model.clone(),
+            asked: tokio::sync::watch::Sender::new(0),
+        })
+    };
+    let watched = watched_model();
+    let app_with = |deadline, model: Arc<Watched>| {
         query::app(
             log.clone(),
-            watched.clone(),
+            model,
             QuerySettings {
                 read_your_writes_timeout: deadline,
                 ..Default::default()
             },
         )
     };
-    let app = app_with(Duration::from_millis(500));
-    let patient = app_with(Duration::from_secs(30));
+    let app = app_with(Duration::from_millis(500), watched_model());
+    let patient = app_with(Duration::from_secs(30), watched.clone());
     Fixture {
         app,
         patient,
