@@ -353,7 +353,7 @@ fn parse_log_filter(s: &str) -> Result<String, String> {
         let lower = word.to_ascii_lowercase();
         if let Some(level) = LEVELS
             .iter()
-            .find(|l| lower.starts_with(*l) || edit_distance(&lower, l) <= 2)
+            .find(|l| lower.starts_with(*l) || strsim::levenshtein(&lower, l) <= 2)
         {
             return Err(format!(
                 "{word:?} is not a level (did you mean {level}?): a bare word is a target, which \
@@ -362,24 +362,6 @@ fn parse_log_filter(s: &str) -> Result<String, String> {
         }
     }
     Ok(s.to_owned())
-}
-
-/// Levenshtein distance of two short words.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let above = row[j + 1];
-            row[j + 1] = (above + 1)
-                .min(row[j] + 1)
-                .min(diagonal + usize::from(ca != *cb));
-            diagonal = above;
-        }
-    }
-    row[b.len()]
 }
 
 /// Log output.
